@@ -1,0 +1,85 @@
+"""`r4b-edge chat IMAGE [PROMPT]`: one-shot reply, or a multi-turn REPL."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TextIO
+
+from .common import add_generation_args, add_model_args, generation_options, load_model
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat about an image", description=__doc__)
+    p.add_argument("image", help="image file (PNG/JPEG/WebP/BMP); 'none' for a text-only chat")
+    p.add_argument("prompt", nargs="?", default=None, help="question; without it, an interactive session starts")
+    add_model_args(p)
+    add_generation_args(p)
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the stats line after each reply")
+    p.add_argument("--json", action="store_true", help="print the result object as JSON (one-shot)")
+    p.set_defaults(func=run)
+
+
+def _render(events, args: argparse.Namespace, out: TextIO) -> object:
+    """Print a reply as it streams; returns the Result."""
+    from r4b_edge import AnswerDelta, Decision, Done, ReasoningDelta
+
+    color = out.isatty()
+    dim, reset = (DIM, RESET) if color else ("", "")
+    result, in_reasoning = None, False
+    for ev in events:
+        if isinstance(ev, Decision):
+            tag = "forced, " if ev.forced else ""
+            label = f"thinking… p={ev.p_think:.2f}" if ev.think else f"answering directly (p_think={ev.p_think:.2f})"
+            print(f"{dim}[{tag}{label}]{reset}", file=out, flush=True)
+        elif isinstance(ev, ReasoningDelta):
+            if not args.hide_thinking:
+                out.write(f"{dim}{ev.text}{reset}")
+                out.flush()
+                in_reasoning = True
+        elif isinstance(ev, AnswerDelta):
+            if in_reasoning:
+                out.write("\n\n")
+                in_reasoning = False
+            out.write(ev.text)
+            out.flush()
+        elif isinstance(ev, Done):
+            result = ev.result
+            out.write("\n")
+            if args.verbose:
+                print(f"{dim}{result.stats.line()}{reset}", file=out)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    opts = generation_options(args)
+    try:
+        image = None if args.image.lower() == "none" else args.image
+        conv = model.conversation(image)
+        if args.prompt is not None:
+            if args.json:
+                r = conv.ask(args.prompt, **opts)
+                print(json.dumps(r.to_dict(), indent=2, ensure_ascii=False))
+            else:
+                _render(conv.stream(args.prompt, **opts), args, sys.stdout)
+            return 0
+        print(f"r4b-edge chat on {args.image} ({model.info()['backend']}/{model.info()['device']}); "
+              "empty line or Ctrl-D to quit, /reset to forget the conversation")
+        while True:
+            try:
+                line = input(">>> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            if line == "/reset":
+                conv.reset()
+                continue
+            _render(conv.stream(line, **opts), args, sys.stdout)
+        return 0
+    finally:
+        model.close()

@@ -1,0 +1,34 @@
+"""Options shared by the verbs that load a model and generate."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model path: R-4B folder, .gguf file/folder or ONNX export folder (default: the bundled model)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama", "onnx"], help="inference backend (default: by the model's files)")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS/Metal, then CPU), cpu, cuda, mps, metal")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="auto", choices=["auto", "think", "no-think"], help="auto: the model decides; think / no-think: forced")
+    p.add_argument("--think-threshold", type=float, default=None, metavar="P", help="think iff p_think >= P (auto mode)")
+    p.add_argument("--max-think-tokens", type=int, default=None, metavar="N", help="thinking budget: close the reasoning after N tokens")
+    p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="bound on the whole reply (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(mode=args.mode, think_threshold=args.think_threshold, max_think_tokens=args.max_think_tokens,
+                max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed)
+
+
+def load_model(args: argparse.Namespace):
+    import r4b_edge
+
+    return r4b_edge.load(args.model, backend=args.backend, device=args.device)

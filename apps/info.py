@@ -1,0 +1,65 @@
+"""`r4b-edge info`: the model, its size, the backends and devices here."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="show the model, its size, available backends and devices", description=__doc__)
+    p.add_argument("--model", default=None, help="model path (default: the bundled model)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def _dir_size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def collect(model: str | None) -> dict:
+    from r4b_edge import __version__
+    from r4b_edge.api import default_model_path
+    from r4b_edge.backends import BACKENDS, available_backends, backend_devices, detect_format
+    from r4b_edge.errors import R4BError
+
+    info: dict = {"version": __version__, "backends": {}}
+    for name, ok in available_backends().items():
+        info["backends"][name] = {"installed": ok, "extra": BACKENDS[name][1],
+                                  "devices": backend_devices(name) if ok else []}
+    try:
+        path = Path(model) if model else default_model_path()
+        fmt = detect_format(path)
+        m: dict = {"path": str(path), "format": fmt, "size_mb": round(_dir_size(path) / 2**20, 2)}
+        cfg_file = path / "config.json" if path.is_dir() else None
+        if cfg_file is not None and cfg_file.exists():
+            from r4b_edge.model.config import RConfig
+
+            cfg = RConfig.from_file(cfg_file)
+            m.update(text_hidden=cfg.hidden_size, vocab=cfg.vocab_size, context=cfg.max_position_embeddings,
+                     image_size=cfg.image_size, image_tokens_per_view=cfg.tokens_per_view, anyres=cfg.anyres)
+        info["model"] = m
+    except R4BError as e:
+        info["model"] = {"error": str(e)}
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"r4b-edge {info['version']}")
+    m = info["model"]
+    if "error" in m:
+        print(f"model: {m['error']}")
+    else:
+        print(f"model: {m['path']} ({m['format']}, {m['size_mb']} MB)")
+        for k in ("text_hidden", "vocab", "context", "image_size", "image_tokens_per_view", "anyres"):
+            if k in m:
+                print(f"  {k}: {m[k]}")
+    print("backends:")
+    for name, b in info["backends"].items():
+        state = ", ".join(b["devices"]) if b["installed"] else f"not installed (pip install '{b['extra']}')"
+        print(f"  {name}: {state}")
+    return 0

@@ -1,0 +1,1 @@
+"""r4b-edge benchmarks (installed as r4b_edge.benchmarks)."""

@@ -1,0 +1,32 @@
+"""r4b-edge: run an auto-thinking R-4B-family vision-language model locally.
+
+Importing this package imports no torch; the torch backend loads it on use.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .engine.events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
+from .errors import (
+    BackendUnavailableError, ContextLengthError, ExportError, GenerationOptionError, ImageError,
+    ModelFormatError, ModelNotFoundError, R4BError, TrainingError,
+)
+
+__all__ = [
+    "load", "Model", "Conversation", "GenerationOptions",
+    "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
+    "R4BError", "ImageError", "ModelFormatError", "ModelNotFoundError", "BackendUnavailableError",
+    "ContextLengthError", "GenerationOptionError", "ExportError", "TrainingError",
+]
+
+
+def __getattr__(name: str):
+    if name in ("load", "Model", "Conversation"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "GenerationOptions":
+        from .engine.generate import GenerationOptions
+
+        return GenerationOptions
+    raise AttributeError(f"module 'r4b_edge' has no attribute {name!r}")

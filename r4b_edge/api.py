@@ -1,0 +1,140 @@
+"""The public Python API: `load()`, `Model.chat/stream/conversation`.
+
+    import r4b_edge
+    model = r4b_edge.load()                      # the bundled model, best backend
+    r = model.chat("photo.png", "What is the sum of the digits?")
+    print(r.thought, r.p_think, r.answer)
+    for ev in model.stream("photo.png", "Which colour?", mode="no-think"):
+        ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .backends import create_backend
+from .backends.base import Backend
+from .engine.events import Done, Event, Result
+from .engine.generate import Engine, GenerationOptions
+from .errors import ModelNotFoundError
+from .model.processing import DEFAULT_MAX_PIXELS, PreparedImage, load_image, prepare_image
+from .model.template import Message
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_MODEL = ASSETS / "model"
+EXAMPLE_IMAGE = ASSETS / "example.png"
+
+ImageInput = Any  # path, bytes, PIL.Image, numpy array
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package."""
+    if not (BUNDLED_MODEL / "config.json").exists():
+        raise ModelNotFoundError(
+            f"no bundled model at {BUNDLED_MODEL}: pass a model path (load(path=...) / --model), "
+            "or build it with `r4b-edge train reproduce`"
+        )
+    return BUNDLED_MODEL
+
+
+def _options(kw: dict) -> GenerationOptions:
+    allowed = set(GenerationOptions.__dataclass_fields__)
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    return GenerationOptions(**kw).validate()
+
+
+@dataclass
+class Conversation:
+    """A multi-turn chat about (optionally) one image. Earlier turns' answers
+    stay in the prompt; their reasoning is dropped, as the template does."""
+
+    model: "Model"
+    image: Optional[PreparedImage] = None
+    system: Optional[str] = None
+    messages: list[Message] = field(default_factory=list)
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[Event]:
+        """Ask the next question; yields events; the turn is recorded at Done."""
+        opts = _options(options)
+        first = not self.messages
+        turn = Message("user", prompt, images=1 if (first and self.image is not None) else 0)
+        msgs = self.messages + [turn]
+        images = [self.image] if self.image is not None else []
+        for ev in self.model.engine.stream(msgs, images, opts, system=self.system):
+            if isinstance(ev, Done):
+                r = ev.result
+                self.messages = msgs + [Message("assistant", r.answer, reasoning=r.reasoning)]
+            yield ev
+
+    def ask(self, prompt: str, **options: Any) -> Result:
+        """Blocking version of `stream`."""
+        for ev in self.stream(prompt, **options):
+            if isinstance(ev, Done):
+                return ev.result
+        raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+
+class Model:
+    """A loaded model with its backend and engine."""
+
+    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.backend = backend
+        self.engine = Engine(backend)
+        self.max_pixels = max_pixels
+
+    @property
+    def config(self):
+        return self.backend.config
+
+    @property
+    def tokenizer(self):
+        return self.backend.tokenizer
+
+    def prepare(self, image: ImageInput) -> PreparedImage:
+        """Load and preprocess an image (path, bytes, PIL image or array)."""
+        if isinstance(image, PreparedImage):
+            return image
+        return prepare_image(load_image(image, max_pixels=self.max_pixels), self.config)
+
+    def conversation(self, image: ImageInput | None = None, system: str | None = None) -> Conversation:
+        """Start a multi-turn conversation about `image`."""
+        return Conversation(self, self.prepare(image) if image is not None else None, system)
+
+    def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> Iterator[Event]:
+        """One question; yields Decision, ReasoningDelta/AnswerDelta, Done.
+        Options: mode ('auto'|'think'|'no-think'), think_threshold,
+        max_think_tokens, max_tokens, temperature, top_p, top_k, seed."""
+        _options(options)  # fail now, not at the first next()
+        return self.conversation(image).stream(prompt, **options)
+
+    def chat(self, image: ImageInput | None, prompt: str, **options: Any) -> Result:
+        """Blocking one-shot reply; see `stream` for the options."""
+        return self.conversation(image).ask(prompt, **options)
+
+    def info(self) -> dict:
+        i = self.backend.info()
+        return {"backend": i.name, "device": i.device, "model": i.model_path, "precision": i.precision, **i.extra}
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load(path: str | Path | None = None, backend: str = "auto", device: str = "auto", **kwargs: Any) -> Model:
+    """Load a model: an R-4B folder (torch), a .gguf file or folder (llama),
+    or an ONNX export folder (onnx). `path=None` loads the bundled model.
+    `device`: auto (CUDA, then Apple MPS/Metal, then CPU), cpu, cuda, mps."""
+    if path is None:
+        path = default_model_path()
+    return Model(create_backend(path, backend=backend, device=device, **kwargs))

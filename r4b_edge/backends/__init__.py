@@ -1,0 +1,103 @@
+"""Backend registry: which backends exist, which are installed, and which one
+a model path needs. Importing this module imports no backend library."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from ..errors import BackendUnavailableError, ModelFormatError, ModelNotFoundError
+from .base import Backend
+
+# name -> (module that must be importable, extra that installs it, implementation)
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "torch": ("torch", "r4b-edge[torch]", "r4b_edge.backends.torch_backend:TorchBackend"),
+    "llama": ("llama_cpp", "r4b-edge[llama]", "r4b_edge.backends.llama_backend:LlamaBackend"),
+    "onnx": ("onnxruntime", "r4b-edge[onnx]", "r4b_edge.backends.onnx_backend:OnnxBackend"),
+}
+
+
+def is_installed(name: str) -> bool:
+    """True when the library behind backend `name` can be imported."""
+    module = BACKENDS[name][0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_backends() -> dict[str, bool]:
+    return {name: is_installed(name) for name in BACKENDS}
+
+
+def detect_format(path: str | Path) -> str:
+    """The backend a model path needs: a .gguf file or a folder of them ->
+    llama; a folder with genai_config.json -> onnx; an R-4B folder -> torch."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"model path {str(p)!r} does not exist: pass a model folder or a .gguf file")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "llama"
+        if p.suffix == ".onnx" or p.name == "genai_config.json":
+            return "onnx"
+        raise ModelFormatError(f"{p} is not a model: pass an R-4B folder, a .gguf file or an ONNX export folder")
+    if (p / "config.json").exists():
+        return "torch"
+    if (p / "genai_config.json").exists():
+        return "onnx"
+    if any(p.glob("*.gguf")):
+        return "llama"
+    raise ModelFormatError(
+        f"{p} holds no config.json (R-4B checkpoint), genai_config.json (ONNX export) or .gguf file"
+    )
+
+
+def create_backend(path: str | Path, backend: str = "auto", device: str = "auto", **kwargs) -> Backend:
+    """Load the model at `path` with `backend` (auto: by the files found)."""
+    fmt = detect_format(path)
+    name = fmt if backend in ("auto", None) else backend
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}: use one of auto, {', '.join(BACKENDS)}")
+    if name != fmt:
+        raise ModelFormatError(
+            f"backend {name!r} cannot run {path}: that is a {fmt!r} model "
+            f"(export it first with `r4b-edge export --format {'gguf' if name == 'llama' else 'onnx'}`)"
+        )
+    module, extra, target = BACKENDS[name]
+    if not is_installed(name):
+        raise BackendUnavailableError(
+            f"backend {name!r} needs the Python package {module!r}, which is not installed: "
+            f"pip install '{extra}'"
+        )
+    mod_name, cls_name = target.split(":")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except ModuleNotFoundError as e:
+        raise BackendUnavailableError(f"backend {name!r} is not available in this build: {e}") from None
+    return cls(path, device=device, **kwargs)
+
+
+def backend_devices(name: str) -> list[str]:
+    """Devices backend `name` can use here (imports the backend's library)."""
+    if not is_installed(name):
+        return []
+    if name == "torch":
+        import torch
+
+        devs = ["cpu"]
+        if torch.cuda.is_available():
+            devs.insert(0, f"cuda ({torch.cuda.get_device_name(0)})")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            devs.insert(0, "mps")
+        return devs
+    if name == "llama":
+        import llama_cpp
+
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        return (["gpu offload (CUDA/Metal build)"] if gpu else []) + ["cpu"]
+    if name == "onnx":
+        import onnxruntime as ort
+
+        return list(ort.get_available_providers())
+    return []

@@ -1,0 +1,145 @@
+"""The torch backend: the reference path and parity oracle for the fast ones.
+
+`use_cache=False` gives the naive path (every step recomputes the whole
+sequence from its embeddings); it exists only to check the cached path.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError
+from ..model.checkpoint import load_checkpoint
+from ..model.processing import PreparedImage
+from .base import Backend, BackendInfo, PrefillTimings
+
+_IMAGE_CACHE_SIZE = 8
+
+
+def resolve_torch_device(device: str = "auto") -> str:
+    """auto -> cuda, then mps, then cpu; an explicit device must exist."""
+    if device in ("auto", None):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "metal":
+        device = "mps"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "device 'cuda' was asked for but this torch has no CUDA device: "
+            "install a CUDA build of torch or use --device cpu"
+        )
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BackendUnavailableError("device 'mps' is not available here: use --device cpu")
+    if device not in ("cpu", "cuda", "mps"):
+        raise BackendUnavailableError(f"unknown device {device!r} for the torch backend: use auto, cpu, cuda or mps")
+    return device
+
+
+class TorchBackend(Backend):
+    """R-4B in torch from a checkpoint folder in the R-4B layout."""
+
+    name = "torch"
+
+    def __init__(self, model_path: str | Path, device: str = "auto", dtype: str | None = None,
+                 use_cache: bool = True):
+        self.device = resolve_torch_device(device)
+        torch_dtype = {None: None, "float32": torch.float32, "float16": torch.float16,
+                       "bfloat16": torch.bfloat16}[dtype]
+        if torch_dtype is None:
+            torch_dtype = torch.float32 if self.device == "cpu" else torch.float16
+        self.model, self.config, self.tokenizer = load_checkpoint(model_path, device=self.device, dtype=torch_dtype)
+        self.model.eval()
+        self.dtype = torch_dtype
+        self.model_path = Path(model_path)
+        self.use_cache = use_cache
+        self._cache = None
+        self._embeds: torch.Tensor | None = None  # naive path: the whole sequence
+        self._n = 0
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.timings = PrefillTimings()
+
+    @property
+    def n_past(self) -> int:
+        return self._n
+
+    def image_token_count(self, image: PreparedImage) -> int:
+        return image.n_tokens
+
+    @torch.inference_mode()
+    def _image_embeds(self, image: PreparedImage) -> tuple[torch.Tensor, bool]:
+        hit = self._images.get(image.key)
+        if hit is not None:
+            self._images.move_to_end(image.key)
+            return hit, True
+        pv = torch.from_numpy(image.pixel_values).to(self.device, self.dtype)
+        feats = self.model.image_features(pv, image.grid, image.orig_size)
+        self._images[image.key] = feats
+        if len(self._images) > _IMAGE_CACHE_SIZE:
+            self._images.popitem(last=False)
+        return feats, False
+
+    def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return self.model.embed_tokens(t)
+
+    def _run(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Evaluate new embeddings at positions n.., return float32 logits [k, V]."""
+        k = embeds.shape[1]
+        if self.use_cache:
+            pos = torch.arange(self._n, self._n + k, device=self.device)[None]
+            logits, self._cache = self.model(inputs_embeds=embeds, past_key_values=self._cache,
+                                             position_ids=pos, use_cache=True)
+            self._n += k
+            return logits[0].float()
+        self._embeds = embeds if self._embeds is None else torch.cat([self._embeds, embeds], dim=1)
+        self._n += k
+        logits, _ = self.model(inputs_embeds=self._embeds, use_cache=False)
+        return logits[0, -k:].float()
+
+    @torch.inference_mode()
+    def prefill(self, segments) -> np.ndarray:
+        self._cache, self._embeds, self._n = None, None, 0
+        t0 = time.perf_counter()
+        parts, n_img, vision_s, hits = [], 0, 0.0, 0
+        for seg in segments:
+            if isinstance(seg, PreparedImage):
+                tv = time.perf_counter()
+                feats, hit = self._image_embeds(seg)
+                vision_s += time.perf_counter() - tv
+                hits += hit
+                n_img += feats.shape[0]
+                parts.append(feats[None].to(self.dtype))
+            else:
+                parts.append(self._embed_ids(seg))
+        logits = self._run(torch.cat(parts, dim=1))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        self.timings = PrefillTimings(n_img, vision_s * 1000.0, (total - vision_s) * 1000.0, hits)
+        return logits[-1].cpu().numpy()
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run(self._embed_ids(token_ids)).cpu().numpy()
+
+    def truncate(self, n_past: int) -> None:
+        if n_past >= self._n:
+            return
+        if self.use_cache and self._cache is not None:
+            self._cache.crop(n_past - self._n)
+        if self._embeds is not None:
+            self._embeds = self._embeds[:, :n_past]
+        self._n = n_past
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.dtype).replace("torch.", ""),
+                           extra={"parameters": sum(p.numel() for p in self.model.parameters()),
+                                  "kv_cache": self.use_cache})

@@ -1,0 +1,89 @@
+"""Typed events of a generation stream and the final result with its stats.
+
+A stream yields exactly one `Decision` first, then any number of
+`ReasoningDelta` / `AnswerDelta`, then one `Done` carrying the `Result`.
+Benchmarks read the same `Stats` the API returns.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the reply thinks. `p_think` = 1 - P(empty think block | prompt)."""
+
+    think: bool
+    p_think: float
+    forced: bool
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDelta:
+    text: str
+
+
+@dataclass
+class Stats:
+    """Per-call measurements; times in milliseconds, memory in MiB."""
+
+    image_tokens: int = 0
+    prompt_tokens: int = 0
+    vision_encode_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decision_ms: float = 0.0
+    ttft_ms: float = 0.0
+    time_to_answer_ms: float = 0.0
+    think_tokens: int = 0
+    answer_tokens: int = 0
+    decode_tokens: int = 0
+    decode_ms: float = 0.0
+    decode_tps: float = 0.0
+    total_ms: float = 0.0
+    peak_rss_mb: float = 0.0
+    budget_hit: bool = False
+    finish_reason: str = ""  # "stop" | "length"
+    backend: str = ""
+    device: str = ""
+
+    def line(self) -> str:
+        """One human-readable line (the CLI's --verbose output)."""
+        return (
+            f"image {self.image_tokens} tok | prompt {self.prompt_tokens} tok | "
+            f"vision {self.vision_encode_ms:.0f} ms | prefill {self.prefill_ms:.0f} ms | "
+            f"ttft {self.ttft_ms:.0f} ms | answer after {self.time_to_answer_ms:.0f} ms | "
+            f"think {self.think_tokens} + answer {self.answer_tokens} tok | "
+            f"{self.decode_tps:.1f} tok/s | total {self.total_ms:.0f} ms | "
+            f"peak RSS {self.peak_rss_mb:.0f} MiB | {self.backend}/{self.device}"
+        )
+
+
+@dataclass
+class Result:
+    """The outcome of one reply."""
+
+    answer: str
+    reasoning: str
+    thought: bool
+    p_think: float
+    mode: str
+    forced: bool
+    stats: Stats = field(default_factory=Stats)
+    token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Done:
+    result: Result
+
+
+Event = Union[Decision, ReasoningDelta, AnswerDelta, Done]

@@ -1,0 +1,344 @@
+"""The generation engine: think-or-not decision, budget, events, stats.
+
+Three layers, each on top of the one below:
+- `Engine.step(state)`: sample one token from the current logits, file it as
+  reasoning or answer, feed it to the backend; returns the text events.
+- `Engine.stream(...)`: prefill, decide, then step until done, yielding typed
+  events (`Decision` first, deltas, `Done` last).
+- `Engine.generate(...)`: the blocking call, which drains `stream`.
+
+The engine sees only numpy logits through the `Backend` contract, so every
+backend gets the same decision, budget and reasoning/answer split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..errors import ContextLengthError, GenerationOptionError
+from ..model.processing import PreparedImage
+from ..model.template import (
+    EMPTY_THINK_CONTINUATION, IMAGE_PLACEHOLDER, MODE_SUFFIX, Message, phase_after,
+    render_prompt, template_mode,
+)
+from ..model.tokenizer import StreamDecoder
+from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
+from .memory import peak_rss_mb
+from .sampling import Sampler, SamplingParams, log_softmax
+
+DEFAULT_BUDGET_CLOSING = "\n\nThe thinking budget is used up, so I answer now.\n"
+
+
+@dataclass
+class GenerationOptions:
+    """How to reply. `mode`: auto | think | no-think. `think_threshold`: think
+    iff p_think >= threshold (auto mode only). `max_think_tokens`: close the
+    reasoning at this many tokens. `max_tokens`: bound on the whole reply."""
+
+    mode: str = "auto"
+    think_threshold: float | None = None
+    max_think_tokens: int | None = None
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    budget_closing: str = DEFAULT_BUDGET_CLOSING
+
+    def validate(self) -> "GenerationOptions":
+        template_mode(self.mode)
+        t = self.think_threshold
+        if t is not None and (not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0):
+            raise GenerationOptionError(f"think_threshold must be within [0, 1], got {t!r}")
+        if self.max_think_tokens is not None and self.max_think_tokens < 0:
+            raise GenerationOptionError(f"max_think_tokens must be >= 0, got {self.max_think_tokens}")
+        if self.max_tokens < 1:
+            raise GenerationOptionError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.sampling.validate()
+        return self
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+
+
+class _TrimmedText:
+    """Streams text with leading and trailing whitespace held back, so the
+    concatenated deltas equal the final `.strip()`ped text."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+        self.parts: list[str] = []
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        body = self.pending + text
+        stripped = body.rstrip()
+        self.pending = body[len(stripped):]
+        self.parts.append(stripped)
+        return stripped
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass
+class _State:
+    """Everything one reply carries between steps."""
+
+    logits: np.ndarray
+    phase: str
+    sampler: Sampler
+    options: GenerationOptions
+    n_ctx: int
+    t0: float
+    stats: Stats
+    decoders: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)
+    reply_ids: list[int] = field(default_factory=list)
+    n_reply: int = 0
+    done: bool = False
+    finish_reason: str = ""
+    first_answer_at: float | None = None
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Runs R-4B's think-or-not decision and generation on any backend."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.tok = backend.tokenizer
+        self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
+        self._long_rest = self.tok.encode(MODE_SUFFIX["long"][len("<think>"):])
+        self._after_close = self.tok.encode("\n\n")
+
+    # ---- prompt ---------------------------------------------------------
+    def _segments(self, prompt: str, images: Sequence[PreparedImage]) -> list:
+        parts = prompt.split(IMAGE_PLACEHOLDER)
+        if len(parts) - 1 != len(images):
+            raise GenerationOptionError(
+                f"the prompt has {len(parts) - 1} image placeholders but {len(images)} images were given"
+            )
+        segs: list = []
+        for i, text in enumerate(parts):
+            if text:
+                segs.append(self.tok.encode(text))
+            if i < len(images):
+                segs.append(images[i])
+        return segs
+
+    def _check_context(self, segs: list) -> tuple[int, int]:
+        n_img = sum(self.backend.image_token_count(s) for s in segs if isinstance(s, PreparedImage))
+        n_txt = sum(len(s) for s in segs if not isinstance(s, PreparedImage))
+        n_ctx = self.backend.n_ctx
+        if n_img + n_txt + 1 > n_ctx:
+            raise ContextLengthError(
+                f"the prompt needs {n_txt} text + {n_img} image = {n_txt + n_img} tokens but the "
+                f"model's context is {n_ctx} tokens: shorten the conversation or use a smaller image"
+            )
+        return n_txt, n_img
+
+    # ---- decision --------------------------------------------------------
+    def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions,
+                sampler: Sampler) -> tuple[Decision, np.ndarray, list[int], str]:
+        """At a prompt ending in `<think>`: teacher-force the empty-think
+        continuation to get p_think, then settle the mode. Returns the decision,
+        the logits to continue from, reply tokens already in the cache, and the
+        phase to continue in."""
+        be, sfx = self.backend, self._suffix_ids
+        n0 = be.n_past
+        sfx_logits = be.forward(sfx)
+        rows = np.vstack([logits[None, :], sfx_logits[:-1]])
+        lp = log_softmax(rows)[np.arange(len(sfx)), sfx]
+        p_think = float(min(1.0, max(0.0, 1.0 - math.exp(float(lp.sum())))))
+
+        if mode == "auto" and opts.think_threshold is None:
+            for i, want in enumerate(sfx):  # the model's own sampled choice
+                got = sampler(rows[i])
+                if got != want:
+                    be.truncate(n0 + i)
+                    drawn = list(sfx[:i]) + [got]
+                    return Decision(True, p_think, False), rows[i], drawn, "reasoning"
+            return Decision(False, p_think, False), sfx_logits[-1], [], "answer"
+
+        if mode == "auto":
+            think, forced = p_think >= float(opts.think_threshold), True
+        else:
+            think, forced = mode == "long", True
+        if not think:
+            return Decision(False, p_think, forced), sfx_logits[-1], [], "answer"
+        be.truncate(n0)
+        out = be.forward(self._long_rest)
+        return Decision(True, p_think, forced), out[-1], [], "reasoning"
+
+    # ---- step ------------------------------------------------------------
+    def _emit(self, st: _State, phase: str, token_ids: Sequence[int]) -> list[Event]:
+        events: list[Event] = []
+        for t in token_ids:
+            piece = st.decoders[phase].push(t)
+            if piece:
+                delta = st.texts[phase].push(piece)
+                if delta:
+                    events.append(ReasoningDelta(delta) if phase == "reasoning" else AnswerDelta(delta))
+        return events
+
+    def _feed(self, st: _State, ids: Sequence[int]) -> None:
+        st.reply_ids.extend(ids)
+        st.n_reply += len(ids)
+        st.logits = self.backend.forward(ids)[-1]
+
+    def _close_reasoning(self, st: _State) -> list[Event]:
+        """Budget reached: write the closing line and `</think>`, go on to the answer."""
+        closing = self.tok.encode(st.options.budget_closing) if st.options.budget_closing else []
+        events = self._emit(st, "reasoning", closing)
+        self._feed(st, closing + [self.tok.end_think] + self._after_close)
+        st.stats.budget_hit = True
+        st.phase = "answer"
+        return events
+
+    def _accept(self, st: _State, t: int) -> list[Event]:
+        """File a sampled token (not yet in the cache) as reasoning or answer."""
+        tok, now = self.tok, time.perf_counter()
+        if st.first_token_at is None:
+            st.first_token_at = now
+        st.reply_ids.append(t)
+        st.n_reply += 1
+        if t in tok.eos_ids:
+            st.done, st.finish_reason = True, "stop"
+            return []
+        events: list[Event] = []
+        if st.phase == "reasoning" and t == tok.end_think:
+            st.phase = "answer"
+        elif st.phase == "answer" and t == tok.think:
+            st.phase = "reasoning"  # the model opened a think block itself
+        else:
+            if st.phase == "reasoning":
+                st.stats.think_tokens += 1
+            else:
+                st.stats.answer_tokens += 1
+                if st.first_answer_at is None:
+                    st.first_answer_at = now
+            events = self._emit(st, st.phase, [t])
+        if st.n_reply >= st.options.max_tokens or self.backend.n_past + 1 >= st.n_ctx:
+            st.done, st.finish_reason = True, "length"
+        return events
+
+    def step(self, st: _State) -> list[Event]:
+        """Sample one token and advance the reply; returns its text events."""
+        opts = st.options
+        if st.phase == "reasoning" and opts.max_think_tokens is not None \
+                and st.stats.think_tokens >= opts.max_think_tokens:
+            return self._close_reasoning(st)
+        t = st.sampler(st.logits)
+        events = self._accept(st, t)
+        if not st.done:
+            st.logits = self.backend.forward([t])[-1]
+        return events
+
+    # ---- stream / generate -----------------------------------------------
+    def stream(self, messages: Sequence[Message], images: Sequence[PreparedImage],
+               options: GenerationOptions | None = None, system: str | None = None) -> Iterator[Event]:
+        """Render the conversation in the options' mode and stream the reply."""
+        options = (options or GenerationOptions()).validate()
+        prompt = render_prompt(messages, options.mode, system=system)
+        return self.stream_prompt(prompt, images, options)
+
+    def stream_prompt(self, prompt: str, images: Sequence[PreparedImage],
+                      options: GenerationOptions | None = None) -> Iterator[Event]:
+        """Stream a reply to an already rendered prompt. The reasoning/answer
+        split starts from what the prompt itself opened or closed."""
+        opts = (options or GenerationOptions()).validate()
+        t0 = time.perf_counter()
+        mode = template_mode(opts.mode)
+        tail_mode = next((m for m in ("short", "long", "auto") if prompt.endswith(MODE_SUFFIX[m])), None)
+        if tail_mode is not None:
+            mode = tail_mode if tail_mode != "auto" or mode == "auto" else mode
+            base = prompt[: len(prompt) - len(MODE_SUFFIX[tail_mode])] + MODE_SUFFIX["auto"]
+        else:
+            base = prompt
+        segs = self._segments(base, images)
+        n_txt, n_img = self._check_context(segs)
+        stats = Stats(backend=self.backend.name, device=self.backend.device)
+        logits = self.backend.prefill(segs)
+        tm = self.backend.timings
+        stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
+        stats.prompt_tokens = self.backend.n_past
+        sampler = Sampler(opts.sampling)
+        t_dec = time.perf_counter()
+        if tail_mode is not None:
+            decision, logits, drawn, phase = self._decide(logits, mode, opts, sampler)
+        else:
+            phase = phase_after(prompt)
+            decision, drawn = Decision(phase == "reasoning", float(phase == "reasoning"), True), []
+        stats.decision_ms = (time.perf_counter() - t_dec) * 1000.0
+        st = _State(logits=logits, phase=phase, sampler=sampler, options=opts, n_ctx=self.backend.n_ctx,
+                    t0=t0, stats=stats)
+        st.decoders = {p: StreamDecoder(self.tok) for p in ("reasoning", "answer")}
+        st.texts = {p: _TrimmedText() for p in ("reasoning", "answer")}
+        yield decision
+        budget = opts.max_think_tokens
+        if budget is not None and len(drawn) > budget:
+            # The decision drew more reasoning than the budget allows: keep the
+            # first `budget` tokens (all already in the cache), drop the rest.
+            self.backend.truncate(self.backend.n_past - (len(drawn) - 1 - budget))
+            drawn = drawn[:budget]
+            pending = False
+        else:
+            pending = bool(drawn)  # the last drawn token is not in the cache yet
+        for t in drawn:  # tokens the decision already sampled: file them like any other
+            yield from self._accept(st, t)
+            if st.done:
+                break
+        if pending and not st.done:
+            st.logits = self.backend.forward(drawn[-1:])[-1]
+        t_loop = time.perf_counter()
+        n_loop0 = st.n_reply
+        while not st.done:
+            yield from self.step(st)
+        t_end = time.perf_counter()
+        for p in ("reasoning", "answer"):
+            rest = st.decoders[p].flush()
+            if rest:
+                delta = st.texts[p].push(rest)
+                if delta:
+                    yield ReasoningDelta(delta) if p == "reasoning" else AnswerDelta(delta)
+        stats.finish_reason = st.finish_reason
+        stats.ttft_ms = ((st.first_token_at or t_end) - t0) * 1000.0
+        stats.time_to_answer_ms = ((st.first_answer_at or t_end) - t0) * 1000.0
+        stats.decode_tokens = st.n_reply - n_loop0
+        stats.decode_ms = (t_end - t_loop) * 1000.0
+        stats.decode_tps = stats.decode_tokens / (t_end - t_loop) if t_end > t_loop and stats.decode_tokens else 0.0
+        stats.total_ms = (t_end - t0) * 1000.0
+        stats.peak_rss_mb = peak_rss_mb()
+        reasoning, answer = st.texts["reasoning"].text, st.texts["answer"].text
+        result = Result(answer=answer, reasoning=reasoning, thought=decision.think, p_think=decision.p_think,
+                        mode=opts.mode, forced=decision.forced, stats=stats, token_ids=st.reply_ids)
+        yield Done(result)
+
+    def generate(self, messages: Sequence[Message], images: Sequence[PreparedImage],
+                 options: GenerationOptions | None = None, system: str | None = None) -> Result:
+        """Blocking call: drain `stream` and return its result."""
+        return _drain(self.stream(messages, images, options, system))
+
+    def generate_prompt(self, prompt: str, images: Sequence[PreparedImage],
+                        options: GenerationOptions | None = None) -> Result:
+        return _drain(self.stream_prompt(prompt, images, options))
+
+
+def _drain(events: Iterator[Event]) -> Result:
+    for ev in events:
+        if isinstance(ev, Done):
+            return ev.result
+    raise RuntimeError("generation stream ended without a Done event")  # pragma: no cover

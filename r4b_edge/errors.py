@@ -1,0 +1,39 @@
+"""Project exception types. Every user-facing failure is one of these, with a
+message that names the problem and the fix; the CLI prints it on one line."""
+from __future__ import annotations
+
+
+class R4BError(Exception):
+    """Base class of every r4b-edge error."""
+
+
+class ImageError(R4BError, ValueError):
+    """An image could not be read, is not an image, or is too large."""
+
+
+class ModelFormatError(R4BError):
+    """A model folder or file is missing, incomplete, or inconsistent."""
+
+
+class ModelNotFoundError(ModelFormatError, FileNotFoundError):
+    """No model was found where one was expected."""
+
+
+class BackendUnavailableError(R4BError, ImportError):
+    """A backend (or device) was requested that is not installed here."""
+
+
+class ContextLengthError(R4BError, ValueError):
+    """Prompt plus image tokens do not fit the model's context."""
+
+
+class GenerationOptionError(R4BError, ValueError):
+    """A generation option (mode, threshold, budget, sampling) is invalid."""
+
+
+class ExportError(R4BError):
+    """An export (GGUF/ONNX) cannot be done with the given inputs."""
+
+
+class TrainingError(R4BError):
+    """Training data, config or checkpoint problem."""

@@ -1,0 +1,258 @@
+"""Image loading and AnyRes preprocessing (PIL + numpy, no torch).
+
+The arithmetic follows transformers' LLaVA-OneVision image processor / processor
+(select_best_resolution, resize-and-pad to the best pinpoint, S x S tiles, unpad_image),
+without the `anyres_max_N` feature downsampling unless `vision_aspect_ratio` names it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import RConfig
+
+#: Largest image accepted by default (width * height); pass `max_pixels=` to raise it.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+
+
+@dataclass
+class PreparedImage:
+    """An image ready for the vision tower (see docs/design.md)."""
+
+    pixel_values: np.ndarray      # float32 [n_views, 3, S, S]; view 0 = base view, then tiles row-major
+    grid: tuple[int, int]         # (rows, cols) of AnyRes tiles, (0, 0) for base-only
+    orig_size: tuple[int, int]    # (height, width) of the RGB image
+    n_tokens: int                 # sequence positions the image takes (incl. image_newline tokens)
+    key: str                      # sha256 of the RGB pixels (+ size): cache key for embeddings
+    image: Image.Image            # the RGB image
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _bomb(w: int, h: int, max_pixels: int, what: str) -> ImageError:
+    return ImageError(
+        f"{what}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels "
+        f"(decompression-bomb guard); pass max_pixels={w * h} (or larger) to load_image to allow it"
+    )
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """RGB image; any transparency is composited onto white."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"numpy image must be HxW, HxWx3 or HxWx4 (got shape {tuple(arr.shape)})")
+    h, w = arr.shape[:2]
+    if h == 0 or w == 0:
+        raise ImageError(f"numpy image is empty (shape {tuple(arr.shape)})")
+    if h * w > max_pixels:
+        raise _bomb(w, h, max_pixels, "numpy array")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.dtype == np.uint8:
+        a8 = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise ImageError("numpy image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(f"float numpy image must hold values in [0, 1] (got range [{lo:g}, {hi:g}])")
+        a8 = np.round(arr * 255.0).astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        a8 = arr.astype(np.uint8) * 255
+    else:
+        raise ImageError(f"numpy image must be uint8 or float in [0, 1] (got dtype {arr.dtype})")
+    mode = "L" if a8.ndim == 2 else ("RGBA" if a8.shape[2] == 4 else "RGB")
+    return _flatten_alpha(Image.fromarray(np.ascontiguousarray(a8), mode))
+
+
+def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            w, h = img.size  # header only: nothing decoded yet
+            if w * h > max_pixels:
+                raise _bomb(w, h, max_pixels, what)
+            if w == 0 or h == 0:
+                raise ImageError(f"{what}: image has zero size ({w}x{h})")
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _flatten_alpha(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{what}: {e}; pass a larger max_pixels to load_image to allow it") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{what}: not an image (format not recognised; use PNG, JPEG, WebP or BMP)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as e:
+        raise ImageError(f"{what}: image is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from a path, bytes, PIL image or numpy array; EXIF-rotated, alpha on white.
+
+    Raises ImageError (naming the path and the problem) for anything that is not a readable image.
+    """
+    if isinstance(src, Image.Image):
+        w, h = src.size
+        if w * h > max_pixels:
+            raise _bomb(w, h, max_pixels, "PIL image")
+        try:
+            img = ImageOps.exif_transpose(src) or src
+            return _flatten_alpha(img)
+        except (OSError, ValueError) as e:
+            raise ImageError(f"PIL image cannot be converted to RGB ({e})") from None
+    if isinstance(src, np.ndarray):
+        return _from_array(src, max_pixels)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageError("image bytes are empty")
+        return _open(io.BytesIO(bytes(src)), f"image bytes ({len(src)} bytes)", max_pixels)
+    if isinstance(src, (str, Path)):
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise ImageError(f"{p}: image file not found")
+        if p.is_dir():
+            raise ImageError(f"{p}: is a directory, not an image file")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{p}: cannot be read ({e.strerror or e})") from None
+        if not data:
+            raise ImageError(f"{p}: file is empty")
+        return _open(io.BytesIO(data), str(p), max_pixels)
+    raise ImageError(
+        f"unsupported image input of type {type(src).__name__}: "
+        "pass a path, bytes, a PIL image or a numpy array"
+    )
+
+
+# ---- AnyRes arithmetic (LLaVA-NeXT / OneVision) ----------------------------------------------
+def select_best_resolution(orig_size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
+    """The (height, width) pinpoint that keeps the most resolution and wastes the least."""
+    oh, ow = orig_size
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / ow, h / oh)
+        dw, dh = int(ow * scale), int(oh * scale)
+        eff = min(dw * dh, ow * oh)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (h, w), eff, waste
+    return best  # type: ignore[return-value]
+
+
+def _resized_size(orig_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Aspect-keeping size inside `target` (transformers' get_patch_output_size)."""
+    oh, ow = orig_size
+    th, tw = target
+    sw, sh = tw / ow, th / oh
+    if sw < sh:
+        return min(math.ceil(oh * sw), th), tw
+    return th, min(math.ceil(ow * sh), tw)
+
+
+def unpadded_feature_size(orig_size: tuple[int, int], feat_hw: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) left of a (H, W) tile feature map after removing the padding (unpad_image)."""
+    oh, ow = orig_size
+    ch, cw = feat_hw
+    if ow / oh > cw / ch:
+        new_h = int(round(oh * (cw / ow), 7))
+        pad = (ch - new_h) // 2
+        return ch - 2 * pad, cw
+    new_w = int(round(ow * (ch / oh), 7))
+    pad = (cw - new_w) // 2
+    return ch, cw - 2 * pad
+
+
+def anyres_layout(orig_size: tuple[int, int], config: "RConfig") -> dict:
+    """Grid and feature sizes of an image: grid (rows, cols), best (h, w), unpadded (rows, cols),
+    downsampled (rows, cols) after `anyres_max_N` (equal to unpadded when not applied)."""
+    if not config.anyres:
+        return {"grid": (0, 0)}
+    S, P = config.image_size, config.image_size // config.patch_size
+    bh, bw = select_best_resolution(orig_size, config.image_grid_pinpoints)
+    rows, cols = bh // S, bw // S
+    uh, uw = unpadded_feature_size(orig_size, (rows * P, cols * P))
+    dh, dw = uh, uw
+    n_max = config.anyres_max_patches
+    if n_max is not None:
+        ratio = math.sqrt(uh * uw / (n_max * P * P))
+        if ratio > 1.1:
+            dh, dw = int(uh // ratio), int(uw // ratio)
+    return {"grid": (rows, cols), "best": (bh, bw), "unpadded": (uh, uw), "feature": (dh, dw)}
+
+
+def count_image_tokens(orig_size: tuple[int, int], config: "RConfig") -> int:
+    """Positions an image of (height, width) takes: base view + unpadded tile features + newlines.
+
+    Base-only configs (no AnyRes) take exactly `tokens_per_view` positions (no newline).
+    """
+    lay = anyres_layout(orig_size, config)
+    if lay["grid"] == (0, 0):
+        return config.tokens_per_view
+    fh, fw = lay["feature"]
+    return config.tokens_per_view + fh * fw + fh
+
+
+# ---- preprocessing ---------------------------------------------------------------------------
+def _normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return ((a - mean) / std).transpose(2, 0, 1)
+
+
+def prepare_image(img: ImageSource, config: "RConfig") -> PreparedImage:
+    """Base view (resized to S x S) + AnyRes tiles, SigLIP-normalised, as float32 [V, 3, S, S]."""
+    if not (isinstance(img, Image.Image) and img.mode == "RGB"):
+        img = load_image(img)
+    w, h = img.size
+    S = config.image_size
+    mean = np.asarray(config.image_mean, dtype=np.float32)
+    std = np.asarray(config.image_std, dtype=np.float32)
+    views = [_normalize(img.resize((S, S), Image.BICUBIC), mean, std)]
+    lay = anyres_layout((h, w), config)
+    if lay["grid"] != (0, 0):
+        bh, bw = lay["best"]
+        nh, nw = _resized_size((h, w), (bh, bw))
+        canvas = Image.new("RGB", (bw, bh), (0, 0, 0))
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((bw - nw) // 2, (bh - nh) // 2))
+        padded = _normalize(canvas, mean, std)
+        rows, cols = lay["grid"]
+        for r in range(rows):
+            for c in range(cols):
+                views.append(padded[:, r * S:(r + 1) * S, c * S:(c + 1) * S])
+    pv = np.ascontiguousarray(np.stack(views).astype(np.float32, copy=False))
+    digest = hashlib.sha256(f"{w}x{h}:".encode() + img.tobytes()).hexdigest()
+    return PreparedImage(pixel_values=pv, grid=tuple(lay["grid"]), orig_size=(h, w),
+                         n_tokens=count_image_tokens((h, w), config), key=digest, image=img)

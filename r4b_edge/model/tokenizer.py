@@ -1,0 +1,152 @@
+"""Tokenizer: a thin wrapper over `tokenizers.Tokenizer` (tokenizer.json), no torch/transformers.
+
+Works on the project's own tokenizer (train/tokenizer.py) and on real Qwen tokenizer.json files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from ..errors import ModelFormatError, ModelNotFoundError
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+THINK, END_THINK = "<think>", "</think>"
+IMAGE = "<image>"
+ENDOFTEXT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with the ChatML / thinking / image special ids."""
+
+    def __init__(self, tok: _HFTokenizer, chat_template: str | None = None,
+                 eos_token: str | None = None, source: str = "tokenizer.json") -> None:
+        self._tok = tok
+        self.chat_template = chat_template
+        self.source = source
+        self.im_start = self._required(IM_START)
+        self.im_end = self._required(IM_END)
+        self.think = self._required(THINK)
+        self.end_think = self._required(END_THINK)
+        self.image = self._required(IMAGE)
+        eos = {self.im_end}
+        for t in (ENDOFTEXT, eos_token):
+            if t and tok.token_to_id(t) is not None:
+                eos.add(tok.token_to_id(t))
+        self.eos_ids: set[int] = eos
+        self.special_ids: set[int] = {
+            tid for tid, at in tok.get_added_tokens_decoder().items() if at.special
+        } | {self.im_start, self.im_end, self.think, self.end_think, self.image}
+
+    def _required(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise ModelFormatError(f"{self.source}: special token {token!r} is missing from the vocabulary")
+        return int(tid)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Load tokenizer.json (+ tokenizer_config.json / chat_template.jinja if present) from a folder."""
+        d = Path(path)
+        if not d.is_dir():
+            raise ModelNotFoundError(f"tokenizer folder not found: {d}")
+        tj = d / "tokenizer.json"
+        if not tj.is_file():
+            raise ModelFormatError(f"tokenizer.json missing in {d}")
+        try:
+            tok = _HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises plain Exception on bad files
+            raise ModelFormatError(f"{tj}: cannot be parsed as a tokenizer ({e})") from None
+        template, eos = None, None
+        tc = d / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                cfg = json.loads(tc.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelFormatError(f"{tc}: cannot be read as JSON ({e})") from None
+            template = cfg.get("chat_template")
+            e = cfg.get("eos_token")
+            eos = e.get("content") if isinstance(e, dict) else e
+            if isinstance(template, list):  # named templates: take "default"
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jinja = d / "chat_template.jinja"
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        return cls(tok, chat_template=template, eos_token=eos, source=str(tj))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (regular + added tokens)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens in the text are parsed; no BOS is added."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of `ids`; `skip_special` drops special tokens."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self._tok.id_to_token(tid)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json (with chat_template) into out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(out / "tokenizer.json"))
+        added = {
+            str(tid): {"content": at.content, "lstrip": at.lstrip, "normalized": at.normalized,
+                       "rstrip": at.rstrip, "single_word": at.single_word, "special": at.special}
+            for tid, at in sorted(self._tok.get_added_tokens_decoder().items())
+        }
+        cfg = {
+            "added_tokens_decoder": added, "bos_token": None, "eos_token": IM_END,
+            "pad_token": ENDOFTEXT if self._tok.token_to_id(ENDOFTEXT) is not None else None,
+            "unk_token": None, "tokenizer_class": "Qwen2Tokenizer", "chat_template": self.chat_template,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False),
+                                                   encoding="utf-8")
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns only newly stable text.
+
+    Text ending in U+FFFD (an incomplete UTF-8 sequence) is held back until completed.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special
+        self._ids: list[int] = []
+        self._emitted = 0  # chars of decode(self._ids) already returned
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became stable."""
+        self._ids.append(int(token_id))
+        text = self._tok.decode(self._ids, skip_special=self._skip)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[self._emitted:]
+        self._emitted = len(text)
+        # keep the window short: restart from the current token boundary
+        if len(self._ids) > 64:
+            self._ids, self._emitted = [], 0
+        return new
+
+    def flush(self) -> str:
+        """Return whatever is left (incomplete bytes become U+FFFD)."""
+        text = self._tok.decode(self._ids, skip_special=self._skip)
+        new = text[self._emitted:]
+        self._ids, self._emitted = [], 0
+        return new

@@ -1,0 +1,84 @@
+"""`r4b-edge chat` and `r4b-edge info`: output, flags, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from r4b_edge.apps.cli import main
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_chat_one_shot_json(tiny_ckpt, png, capsys):
+    rc = main(["chat", str(png), "what?", "--model", str(tiny_ckpt), "--max-tokens", "6", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r) >= {"answer", "reasoning", "thought", "p_think", "stats"}
+    assert r["stats"]["image_tokens"] > 0
+
+
+def test_chat_stream_shows_decision_and_stats(tiny_ckpt, png, capsys):
+    rc = main(["chat", str(png), "what?", "--model", str(tiny_ckpt), "--max-tokens", "6", "--mode", "think",
+               "--verbose"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[forced, thinking… p=" in out
+    assert "tok/s" in out and "peak RSS" in out
+
+
+def test_chat_no_think_and_hidden(tiny_ckpt, png, capsys):
+    main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "4", "--mode", "no-think",
+          "--hide-thinking"])
+    assert "answering directly" in capsys.readouterr().out
+
+
+def test_repl_multi_turn(tiny_ckpt, png):
+    env = dict(os.environ)
+    p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model", str(tiny_ckpt),
+                        "--max-tokens", "4"], input="first?\nsecond?\n\n", capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(">>> ") == 3
+    assert p.stdout.count("p_think=") + p.stdout.count("thinking… p=") == 2
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["chat", "missing.png", "q"], "missing.png"),
+    (["chat", "{png}", "q", "--think-threshold", "1.5"], "within [0, 1]"),
+    (["chat", "{png}", "q", "--model", "/nonexistent/model"], "does not exist"),
+])
+def test_errors_are_one_line_no_traceback(tiny_ckpt, png, argv, needle):
+    argv = [a.replace("{png}", str(png)) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny_ckpt)]
+    p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", *argv], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    assert needle in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_mode_is_a_usage_error(png, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["chat", str(png), "q", "--mode", "sometimes"])
+    assert e.value.code == 2
+
+
+def test_info(tiny_ckpt, capsys):
+    assert main(["info", "--model", str(tiny_ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["format"] == "torch" and info["model"]["size_mb"] > 0
+    assert info["backends"]["torch"]["installed"] is True
+    assert "cpu" in info["backends"]["torch"]["devices"]

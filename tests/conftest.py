@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny trained tokenizer and tiny random R-4B checkpoints (exact layout)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_corpus() -> list[str]:
+    """Chat-like text with digits, punctuation and some non-ASCII, for tokenizer training."""
+    words = ("the cat sat on a red mat; what colour is the square? count the dots. "
+             "answer: 42. think step by step, then reply briefly. café naïve 東京 ñ €").split()
+    lines = []
+    for i in range(400):
+        q = " ".join(words[(i * 7 + j) % len(words)] for j in range(8))
+        lines.append(f"<|im_start|>user\n<image>\n{q} {i} + {i * 3 % 97} = ?<|im_end|>\n"
+                     f"<|im_start|>assistant\n<think>\n{i} plus {i * 3 % 97} is {i + i * 3 % 97}.\n</think>\n\n"
+                     f"The answer is {i + i * 3 % 97}.<|im_end|>\n")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with tokenizer.json + tokenizer_config.json of a small byte-level BPE."""
+    from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = train_tokenizer(tiny_corpus(), vocab_size=512)
+    save_tokenizer(tok, out, CHAT_TEMPLATE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path):
+    from r4b_edge.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tiny_tokenizer_dir)
+
+
+def _tiny_config(tokenizer, anyres: bool):
+    from r4b_edge.model.config import tiny_config
+
+    return tiny_config(anyres=anyres, vocab_size=tokenizer.vocab_size, image_token_index=tokenizer.image)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path, tiny_tokenizer) -> Path:
+    """Tiny random R-4B folder: AnyRes config, SHARDED safetensors + index."""
+    from r4b_edge.model.checkpoint import write_random_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-r4b"
+    return write_random_checkpoint(out, _tiny_config(tiny_tokenizer, True), tiny_tokenizer_dir,
+                                   seed=0, max_shard_bytes=400_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_base(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path, tiny_tokenizer) -> Path:
+    """Tiny random R-4B folder: base view only (no AnyRes), single model.safetensors."""
+    from r4b_edge.model.checkpoint import write_random_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-r4b-base"
+    return write_random_checkpoint(out, _tiny_config(tiny_tokenizer, False), tiny_tokenizer_dir, seed=1)

@@ -1,0 +1,97 @@
+"""A backend whose 'model' is a script, to test the engine's logic exactly.
+
+After the prompt, the reply follows one of two continuations of the think
+block: empty (`\\n\\n</think>\\n\\n`) with probability 1 - p_think, or a
+reasoning text with probability p_think; once `</think>` is written it
+answers `ANSWER` and stops. Off-script histories keep emitting FILLER (to test
+budgets and max_tokens).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from r4b_edge.backends.base import Backend, PrefillTimings
+from r4b_edge.model.processing import PreparedImage
+
+REASONING = "\nfirst two plus two is four\n"
+ANSWER = "four"
+FILLER = " step"
+
+
+class ScriptedBackend(Backend):
+    name = "scripted"
+
+    def __init__(self, tokenizer, p_think: float, n_ctx: int = 4096):
+        self.tokenizer = tokenizer
+        self.config = SimpleNamespace(max_position_embeddings=n_ctx)
+        self.p_think = p_think
+        tok = tokenizer
+        self.empty = tok.encode("\n\n") + [tok.end_think]
+        self.think = tok.encode(REASONING) + [tok.end_think]
+        self.answer = tok.encode("\n\n" + ANSWER) + [tok.im_end]
+        self.filler = tok.encode(FILLER)[0]
+        self.seq: list[int] = []
+        self.n_prompt = 0
+        self.calls = 0
+        self.timings = PrefillTimings()
+        self.model_path = "scripted"
+
+    @property
+    def n_past(self) -> int:
+        return len(self.seq)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.config.max_position_embeddings
+
+    def image_token_count(self, image: PreparedImage) -> int:
+        return 4
+
+    def _probs(self, hist: list[int]) -> np.ndarray:
+        V = self.tokenizer.vocab_size
+        p = np.full(V, 1e-12)
+        tok = self.tokenizer
+        if tok.end_think in hist:
+            rest = hist[len(hist) - hist[::-1].index(tok.end_think):]
+            if rest == self.answer[: len(rest)] and len(rest) < len(self.answer):
+                p[self.answer[len(rest)]] = 1.0
+            else:
+                p[tok.im_end] = 1.0
+        else:
+            for cand, w in ((self.empty, 1.0 - self.p_think), (self.think, self.p_think)):
+                if hist == cand[: len(hist)] and len(hist) < len(cand):
+                    p[cand[len(hist)]] += w
+            if p.max() < 1e-6:
+                p[self.filler] = 1.0
+        return p / p.sum()
+
+    def _logits(self) -> np.ndarray:
+        # The script starts after the prompt's final `<think>`.
+        hist = self.seq[self.n_prompt:]
+        return np.log(self._probs(hist)).astype(np.float32)
+
+    def prefill(self, segments) -> np.ndarray:
+        self.seq = []
+        n_img = 0
+        for s in segments:
+            if isinstance(s, PreparedImage):
+                self.seq += [-1] * 4
+                n_img += 4
+            else:
+                self.seq += list(s)
+        self.n_prompt = len(self.seq)
+        self.timings = PrefillTimings(image_tokens=n_img)
+        return self._logits()
+
+    def forward(self, token_ids) -> np.ndarray:
+        self.calls += 1
+        out = []
+        for t in token_ids:
+            self.seq.append(int(t))
+            out.append(self._logits())
+        return np.stack(out)
+
+    def truncate(self, n_past: int) -> None:
+        self.seq = self.seq[:n_past]

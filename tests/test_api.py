@@ -1,0 +1,151 @@
+"""The public API: load, chat, stream, conversation, and its errors."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import r4b_edge
+from r4b_edge import (
+    AnswerDelta, BackendUnavailableError, ContextLengthError, Decision, Done, GenerationOptionError,
+    ImageError, ModelFormatError, ModelNotFoundError, ReasoningDelta,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    m = r4b_edge.load(tiny_ckpt, backend="torch", device="cpu")
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_chat_and_stream_agree(model, png):
+    r = model.chat(png, "what colour?", max_tokens=10)
+    events = list(model.stream(png, "what colour?", max_tokens=10))
+    assert isinstance(events[0], Decision) and isinstance(events[-1], Done)
+    s = events[-1].result
+    assert (s.answer, s.reasoning, s.token_ids) == (r.answer, r.reasoning, r.token_ids)
+    assert "".join(e.text for e in events if isinstance(e, AnswerDelta)) == r.answer
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == r.reasoning
+    assert r.to_dict()["stats"]["image_tokens"] > 0
+
+
+def test_inputs_kinds(model, png):
+    arr = np.asarray(Image.open(png))
+    a = model.chat(png, "q", max_tokens=5)
+    b = model.chat(png.read_bytes(), "q", max_tokens=5)
+    c = model.chat(Image.open(png), "q", max_tokens=5)
+    d = model.chat(arr, "q", max_tokens=5)
+    assert a.token_ids == b.token_ids == c.token_ids == d.token_ids
+    t = model.chat(None, "text only", max_tokens=5)
+    assert t.stats.image_tokens == 0
+
+
+def test_conversation_multi_turn_drops_reasoning(model, png):
+    conv = model.conversation(png)
+    r1 = conv.ask("first?", mode="think", max_tokens=8)
+    r2 = conv.ask("second?", max_tokens=8)
+    assert [m.role for m in conv.messages] == ["user", "assistant", "user", "assistant"]
+    assert conv.messages[0].images == 1 and conv.messages[2].images == 0
+    assert conv.messages[1].content == r1.answer
+    assert r2.stats.prompt_tokens > r1.stats.prompt_tokens
+    conv.reset()
+    assert conv.messages == []
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(mode="maybe"), GenerationOptionError, "unknown mode 'maybe'"),
+    (dict(think_threshold=2.0), GenerationOptionError, "within [0, 1], got 2.0"),
+])
+def test_option_errors(model, png, kw, err, msg):
+    with pytest.raises(err, match=None) as e:
+        model.chat(png, "q", **kw)
+    assert msg in str(e.value)
+    with pytest.raises(err):
+        model.stream(png, "q", **kw)  # raised at the call, not at first next()
+
+
+def test_image_errors(model, tmp_path):
+    with pytest.raises(ImageError, match="missing.png"):
+        model.chat(tmp_path / "missing.png", "q")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ImageError, match="bad.png"):
+        model.chat(bad, "q")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(ImageError, match="notes.txt"):
+        model.chat(txt, "q")
+
+
+def test_pixel_limit(tiny_ckpt, tmp_path):
+    m = r4b_edge.api.Model(r4b_edge.api.create_backend(tiny_ckpt, "torch", "cpu"), max_pixels=100)
+    p = tmp_path / "big.png"
+    Image.new("RGB", (20, 20)).save(p)
+    with pytest.raises(ImageError) as e:
+        m.chat(p, "q")
+    assert "400" in str(e.value) and "100" in str(e.value)
+
+
+def test_context_error(model):
+    with pytest.raises(ContextLengthError) as e:
+        model.chat(None, "word " * 3000)
+    assert "2048" in str(e.value)
+
+
+def test_model_folder_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="nowhere"):
+        r4b_edge.load(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ModelFormatError, match="tokenizer.json"):
+        r4b_edge.load(broken, backend="torch")
+    with pytest.raises(ModelFormatError, match="holds no config.json"):
+        r4b_edge.load(tmp_path)
+
+
+def test_backend_not_installed_names_extra(tiny_ckpt, monkeypatch):
+    import r4b_edge.backends as b
+
+    monkeypatch.setattr(b, "is_installed", lambda name: name != "torch")
+    with pytest.raises(BackendUnavailableError) as e:
+        r4b_edge.load(tiny_ckpt, backend="torch")
+    assert "pip install 'r4b-edge[torch]'" in str(e.value)
+
+
+def test_wrong_backend_for_files(tiny_ckpt):
+    with pytest.raises(ModelFormatError, match="export it first"):
+        r4b_edge.load(tiny_ckpt, backend="llama")
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, r4b_edge, r4b_edge.api, r4b_edge.engine.generate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_layering_core_imports_no_upper_floor():
+    """r4b_edge/ (the ground floor) never imports train/export/apps/benchmarks."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(r4b_edge.__file__).parent
+    bad = []
+    for f in root.rglob("*.py"):
+        for line in f.read_text().splitlines():
+            if re.match(r"\s*(from|import)\s+(r4b_edge\.)?(train|export|apps|benchmarks)\b", line) or \
+               re.match(r"\s*from\s+\.+(train|export|apps|benchmarks)\b", line):
+                bad.append(f"{f.name}: {line.strip()}")
+    assert not bad, bad

@@ -1,0 +1,1 @@
+"""r4b-edge train (installed as r4b_edge.train)."""

@@ -1,0 +1,69 @@
+"""Train the project's byte-level BPE tokenizer with `tokenizers`.
+
+Qwen2's pre-tokenizer regex + ByteLevel, so the file exports to GGUF as
+`tokenizer.ggml.model = "gpt2"`, `tokenizer.ggml.pre = "qwen2"` unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Qwen2's pre-tokenizer split pattern (as in Qwen2/Qwen3 tokenizer.json).
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Order fixes the ids: they follow the regular vocabulary.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<think>", "</think>"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; special tokens get the last ids."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    n_special = len(SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - n_special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str) -> None:
+    """Write tokenizer.json + tokenizer_config.json (HF layout) into out_dir."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    cfg = {
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 4096,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "chat_template": chat_template,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
