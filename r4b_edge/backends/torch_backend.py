@@ -15,6 +15,7 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..model.checkpoint import load_checkpoint
+from ..model.modeling import truncate_cache
 from ..model.processing import PreparedImage
 from .base import Backend, BackendInfo, PrefillTimings
 
@@ -134,7 +135,7 @@ class TorchBackend(Backend):
         if n_past >= self._n:
             return
         if self.use_cache and self._cache is not None:
-            self._cache.crop(n_past - self._n)
+            truncate_cache(self._cache, n_past)
         if self._embeds is not None:
             self._embeds = self._embeds[:, :n_past]
         self._n = n_past
