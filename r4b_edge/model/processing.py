@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,11 +98,27 @@ def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
     return _flatten_alpha(Image.fromarray(np.ascontiguousarray(a8), mode))
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _pil_open(fp: Any, max_pixels: int) -> Image.Image:
+    """Image.open (header only); PIL's own bomb limit is lifted to `max_pixels` when that is larger."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is None or max_pixels < 2 * pil_limit:
+        return Image.open(fp)
+    with _PIL_LIMIT_LOCK:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+
+
 def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = _pil_open(fp, max_pixels)
             w, h = img.size  # header only: nothing decoded yet
             if w * h > max_pixels:
                 raise _bomb(w, h, max_pixels, what)
@@ -112,7 +130,10 @@ def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{what}: {e}; pass a larger max_pixels to load_image to allow it") from None
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = m.group(1) if m else "too many"
+        raise ImageError(f"{what}: image is {n} pixels, over the limit of {max_pixels} pixels "
+                         f"(decompression-bomb guard); pass a larger max_pixels to load_image to allow it") from None
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not an image (format not recognised; use PNG, JPEG, WebP or BMP)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as e:

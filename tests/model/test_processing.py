@@ -89,8 +89,10 @@ def test_bomb_header_only() -> None:
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
-    with pytest.raises(ImageError, match="10000000000 pixels"):
+    with pytest.raises(ImageError, match="10000000000 pixels, over the limit of 64000000 pixels"):
         load_image(png + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="over the limit of 2000000000 pixels"):
+        load_image(png + chunk(b"IEND", b""), max_pixels=2_000_000_000)
 
 
 def test_errors(tmp_path: Path) -> None:
