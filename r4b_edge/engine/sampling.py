@@ -24,6 +24,8 @@ class SamplingParams:
             raise GenerationOptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise GenerationOptionError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise GenerationOptionError(f"seed must be a non-negative integer, got {self.seed!r}")
         return self
 
 

@@ -138,6 +138,7 @@ def test_stream_equals_blocking(tiny_tokenizer):
     (dict(max_tokens=0), "max_tokens must be >= 1"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(seed=-3), "seed must be a non-negative integer, got -3"),
 ])
 def test_bad_options(tiny_tokenizer, opts, msg):
     with pytest.raises(GenerationOptionError) as e:

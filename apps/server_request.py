@@ -1,0 +1,309 @@
+"""Parse and check an OpenAI chat-completions request (no web framework here).
+
+`parse_chat_request(body, limits)` turns the JSON body into the conversation
+the engine renders (`r4b_edge.model.template.Message` turns), the raw image
+bytes of the first user turn that carries images, and the generation options.
+Anything malformed raises `APIError` with an OpenAI-style body and status 400.
+Images come only as `data:` URIs: http(s) URLs and local paths are refused,
+so the server never fetches a URL or opens a file a client names.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from r4b_edge.model.template import Message
+
+#: reasoning_effort -> engine mode. `none`/`minimal` never think, `high` always
+#: thinks, `low`/`medium`/`auto` let the model decide (as when it is unset).
+EFFORT_MODES = {"none": "no-think", "minimal": "no-think", "low": "auto", "medium": "auto",
+                "auto": "auto", "high": "think"}
+#: chat_template_kwargs.thinking_mode (vLLM's R-4B names, plus the API's) -> engine mode.
+THINKING_MODES = {"auto": "auto", "long": "think", "short": "no-think",
+                  "think": "think", "no-think": "no-think"}
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class APIError(Exception):
+    """An HTTP error with an OpenAI-style body: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = "invalid_value") -> APIError:
+    return APIError(400, message, param, code)
+
+
+@dataclass
+class Limits:
+    """What one request may carry."""
+
+    max_request_bytes: int = 20 * 2**20
+    max_image_pixels: int = 25_000_000
+    max_images: int = 8
+    max_messages: int = 256
+    default_max_tokens: int = 1024
+
+
+@dataclass
+class ChatRequest:
+    """A checked request, ready for the engine."""
+
+    messages: list[Message]
+    images: list[bytes]
+    image_params: list[str]
+    options: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    model: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---- field checkers ----------------------------------------------------------------------------
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> Optional[float]:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_num(v):
+        raise bad(f"'{name}' must be a number, got {type(v).__name__}", name, "invalid_type")
+    if v < lo or v > hi or (lo_open and v == lo):
+        left = "(" if lo_open else "["
+        raise bad(f"'{name}' must be in {left}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int = 2**31 - 1) -> Optional[int]:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise bad(f"'{name}' must be an integer, got {type(v).__name__}", name, "invalid_type")
+    if not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    return v
+
+
+def _mode(body: dict) -> str:
+    effort = body.get("reasoning_effort")
+    kwargs = body.get("chat_template_kwargs")
+    mode_effort = mode_kwargs = None
+    if effort is not None:
+        if not isinstance(effort, str) or effort not in EFFORT_MODES:
+            raise bad(f"'reasoning_effort' must be one of {', '.join(EFFORT_MODES)}, got {effort!r}",
+                      "reasoning_effort")
+        mode_effort = EFFORT_MODES[effort]
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+        tm = kwargs.get("thinking_mode")
+        if tm is not None:
+            if not isinstance(tm, str) or tm not in THINKING_MODES:
+                raise bad(f"'chat_template_kwargs.thinking_mode' must be one of auto, long, short, got {tm!r}",
+                          "chat_template_kwargs.thinking_mode")
+            mode_kwargs = THINKING_MODES[tm]
+        elif kwargs.get("enable_thinking") is not None:  # Qwen3-style switch
+            et = kwargs["enable_thinking"]
+            if not isinstance(et, bool):
+                raise bad("'chat_template_kwargs.enable_thinking' must be a boolean",
+                          "chat_template_kwargs.enable_thinking", "invalid_type")
+            mode_kwargs = "think" if et else "no-think"
+    if mode_effort and mode_kwargs and mode_effort != mode_kwargs:
+        raise bad(f"'reasoning_effort' ({effort!r} -> {mode_effort}) contradicts "
+                  f"'chat_template_kwargs' ({mode_kwargs}): send one of them", "reasoning_effort")
+    return mode_kwargs or mode_effort or "auto"
+
+
+def _options(body: dict, limits: Limits) -> dict[str, Any]:
+    opts: dict[str, Any] = {"mode": _mode(body)}
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    mt = _integer(body, "max_tokens", 1)
+    opts["max_tokens"] = max_tokens or mt or limits.default_max_tokens
+    opts["max_think_tokens"] = _integer(body, "max_thinking_tokens", 0)
+    t = _number(body, "temperature", 0.0, 2.0)
+    opts["temperature"] = 0.0 if t is None else t
+    p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
+    opts["top_p"] = 1.0 if p is None else p
+    k = _integer(body, "top_k", -1)
+    opts["top_k"] = 0 if k is None or k < 0 else k  # vLLM: -1 = off
+    opts["seed"] = _integer(body, "seed", 0, 2**63 - 1)
+    opts["think_threshold"] = _number(body, "think_threshold", 0.0, 1.0)
+    n = _integer(body, "n", 1)
+    if n not in (None, 1):
+        raise bad(f"'n' must be 1: one model instance answers one choice per request, got {n}", "n")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    if body.get("stop") not in (None, [], ""):
+        raise bad("'stop' sequences are not supported by this server", "stop", "unsupported_parameter")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise bad("'logprobs' are not returned by this server", "logprobs", "unsupported_parameter")
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise bad("'response_format' other than {\"type\": \"text\"} is not supported", "response_format",
+                  "unsupported_parameter")
+    return opts
+
+
+# ---- images ------------------------------------------------------------------------------------
+def decode_data_uri(url: Any, param: str) -> bytes:
+    """The bytes of a `data:[mime][;base64],...` URI; every other scheme is refused."""
+    if not isinstance(url, str) or not url:
+        raise bad("image_url.url must be a non-empty string", param, "invalid_type")
+    low = url[:16].lower()
+    if low.startswith(("http://", "https://")):
+        raise bad("image URLs are not fetched by this server: send the image inline as a data URI "
+                  "(data:image/png;base64,...)", param, "unsupported_image_url")
+    if not low.startswith("data:"):
+        raise bad("image_url.url must be a data URI (data:image/png;base64,...); local files and other "
+                  "URL schemes are never read", param, "unsupported_image_url")
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise bad("malformed data URI: no ',' before the image data", param)
+    meta = head[5:].split(";")
+    if meta[0] and not meta[0].lower().startswith("image/"):
+        raise bad(f"data URI media type must be image/*, got {meta[0]!r}", param)
+    if "base64" not in (m.strip().lower() for m in meta[1:]):
+        raise bad("data URI must be base64-encoded (data:image/png;base64,...)", param)
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("data URI holds invalid base64", param) from None
+    if not data:
+        raise bad("data URI holds no image data", param)
+    return data
+
+
+def check_image(data: bytes, param: str, limits: Limits):
+    """Decode one image (bytes only, never a path) under the pixel limit -> RGB PIL image."""
+    from PIL import Image
+
+    from r4b_edge.errors import ImageError
+    from r4b_edge.model.processing import load_image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:  # unreadable header: load_image names the problem below
+        w = h = 0
+    if w * h > limits.max_image_pixels:
+        raise bad(f"image is {w}x{h} = {w * h} pixels, over this server's limit of {limits.max_image_pixels} "
+                  "pixels: send a smaller image (or start the server with a larger --max-image-pixels)",
+                  param, "image_too_large")
+    try:
+        return load_image(bytes(data), max_pixels=limits.max_image_pixels)
+    except ImageError as e:
+        raise bad(f"invalid image: {e}", param, "invalid_image") from None
+
+
+# ---- messages ----------------------------------------------------------------------------------
+def _text_of(content: Any, param: str, allow_images: bool) -> tuple[str, list[tuple[Any, str]]]:
+    """Text and (image url, param) list of one message's content."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise bad("message content must be a string or a list of content parts", param, "invalid_type")
+    texts: list[str] = []
+    images: list[tuple[Any, str]] = []
+    for j, part in enumerate(content):
+        pp = f"{param}[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise bad("each content part must be an object with a 'type'", pp, "invalid_type")
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad("a text part needs a string 'text'", f"{pp}.text", "invalid_type")
+            texts.append(part["text"])
+        elif kind == "image_url" and allow_images:
+            iu = part.get("image_url")
+            url = iu.get("url") if isinstance(iu, dict) else iu
+            images.append((url, f"{pp}.image_url.url"))
+        else:
+            where = "user messages" if kind == "image_url" else "this server"
+            raise bad(f"content part type {kind!r} is not supported in {where}", f"{pp}.type")
+    return "".join(texts), images
+
+
+def _assistant_text(text: str) -> str:
+    """Earlier answers only: a reasoning block sent back by a client is dropped (as the template does)."""
+    return text.split("</think>")[-1].lstrip() if "</think>" in text else text
+
+
+def _messages(body: dict, limits: Limits) -> tuple[list[Message], list[bytes], list[str]]:
+    raw = body.get("messages")
+    if raw is None:
+        raise bad("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list", "messages", "invalid_type")
+    if len(raw) > limits.max_messages:
+        raise bad(f"too many messages ({len(raw)} > {limits.max_messages})", "messages")
+    out: list[Message] = []
+    images: list[bytes] = []
+    params: list[str] = []
+    for i, m in enumerate(raw):
+        pm = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad("each message must be an object", pm, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"unsupported role {role!r}: use system, developer, user or assistant", f"{pm}.role")
+        content = m.get("content")
+        if role == "assistant" and m.get("tool_calls"):
+            raise bad("tool calls are not supported by this server", f"{pm}.tool_calls", "unsupported_parameter")
+        if content is None and role == "assistant":
+            content = ""
+        if content is None:
+            raise bad("message content is required", f"{pm}.content", "missing_required_parameter")
+        text, urls = _text_of(content, f"{pm}.content", allow_images=role == "user")
+        if urls:
+            if images:
+                raise bad("only one user turn may carry images (the first one that has them): "
+                          "start a new conversation for another image", urls[0][1])
+            if len(urls) > limits.max_images:
+                raise bad(f"too many images ({len(urls)} > {limits.max_images})", f"{pm}.content")
+            for url, pp in urls:
+                images.append(decode_data_uri(url, pp))
+                params.append(pp)
+        if role == "assistant":
+            out.append(Message("assistant", _assistant_text(text)))
+        elif role == "user":
+            out.append(Message("user", text, images=len(urls)))
+        else:
+            out.append(Message("system", text))
+    if out[-1].role != "user":
+        raise bad("the last message must be a user message", f"messages[{len(raw) - 1}].role")
+    return out, images, params
+
+
+def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
+    """Check a decoded JSON body; raises APIError(400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("'model' must be a string", "model", "invalid_type")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad("'stream' must be a boolean", "stream", "invalid_type")
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = bool(so and so.get("include_usage"))
+    options = _options(body, limits)
+    messages, images, params = _messages(body, limits)
+    return ChatRequest(messages, images, params, options, stream, include_usage, model)

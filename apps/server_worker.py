@@ -1,0 +1,141 @@
+"""One worker thread owns the model; requests wait in a bounded queue.
+
+The model holds one KV cache, so replies are produced one at a time. A request
+becomes a `Job`; `ModelWorker.submit` puts it in a `queue.Queue(maxsize)` and
+raises `QueueFull` at once when the queue is full (the server answers 503).
+The worker streams each job's events back to the asyncio loop that waits for
+them; a cancelled job (client gone) stops at the next event and the engine's
+generator is closed, so the next prefill starts from a clean sequence.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any
+
+from r4b_edge.engine.generate import GenerationOptions
+
+log = logging.getLogger("r4b_edge.serve")
+
+END = object()  # last item a job ever yields
+
+
+class QueueFull(Exception):
+    """The bounded request queue has no room."""
+
+
+class Job:
+    """One request: what to generate and where its events go."""
+
+    def __init__(self, messages: list, images: list, options: GenerationOptions,
+                 loop: asyncio.AbstractEventLoop):
+        self.messages, self.images, self.options = messages, images, options
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def emit(self, item: Any) -> None:
+        """Hand an event (or an exception, or END) to the waiting coroutine."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            self.cancelled.set()
+
+    async def next(self) -> Any:
+        """The next event, an exception instance, or END."""
+        return await self.events.get()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class ModelWorker:
+    """A daemon thread serving `Job`s from a bounded queue, one at a time."""
+
+    def __init__(self, model: Any, max_queue: int = 16):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.model = model
+        self.max_queue = max_queue
+        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self.busy = False
+        self.served = 0
+        self._thread = threading.Thread(target=self._run, name="r4b-model-worker", daemon=True)
+
+    def start(self) -> "ModelWorker":
+        self._thread.start()
+        return self
+
+    def full(self) -> bool:
+        return self._q.full()
+
+    def pending(self) -> int:
+        return self._q.qsize()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull without waiting."""
+        if self._stop.is_set():
+            raise QueueFull("server is shutting down")
+        try:
+            self._q.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"all {self.max_queue} queue places are taken") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current reply; jobs still queued are cancelled."""
+        self._stop.set()
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            job.emit(RuntimeError("server is shutting down"))
+            job.emit(END)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if job.cancelled.is_set():
+                continue
+            self.busy = True
+            try:
+                self._serve(job)
+            finally:
+                self.busy = False
+                self.served += 1
+                job.emit(END)
+
+    def _serve(self, job: Job) -> None:
+        gen = None
+        try:
+            gen = self.model.engine.stream(job.messages, job.images, job.options)
+            for ev in gen:
+                if job.cancelled.is_set() or self._stop.is_set():
+                    break
+                job.emit(ev)
+        except Exception as e:  # reported to the client; the worker lives on
+            if not _is_project_error(e):  # a bug, not a bad request: keep the traceback in the log
+                log.exception("generation failed")
+            job.emit(e)
+        finally:
+            if gen is not None:
+                gen.close()  # a stopped reply leaves nothing behind: the next prefill resets the cache
+
+
+def _is_project_error(e: BaseException) -> bool:
+    from r4b_edge.errors import R4BError
+
+    return isinstance(e, R4BError)
+
+
+def make_options(opts: dict) -> GenerationOptions:
+    """GenerationOptions from checked request fields (raises GenerationOptionError)."""
+    return GenerationOptions(**opts).validate()
