@@ -57,6 +57,8 @@ def create_backend(path: str | Path, backend: str = "auto", device: str = "auto"
     """Load the model at `path` with `backend` (auto: by the files found)."""
     fmt = detect_format(path)
     name = fmt if backend in ("auto", None) else backend
+    if name == "llama" and Path(path).is_dir() and any(Path(path).glob("*.gguf")):
+        fmt = "llama"  # a checkpoint folder that also holds a GGUF export
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}: use one of auto, {', '.join(BACKENDS)}")
     if name != fmt:
@@ -92,10 +94,11 @@ def backend_devices(name: str) -> list[str]:
             devs.insert(0, "mps")
         return devs
     if name == "llama":
-        import llama_cpp
+        from .llama_backend import build_info
 
-        gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        return (["gpu offload (CUDA/Metal build)"] if gpu else []) + ["cpu"]
+        b = build_info()
+        return ([f"gpu offload ({b['build']} build)"] if b["gpu_offload"] else []) + [
+            f"cpu (llama-cpp-python {b['llama_cpp_python']}, {b['build']} build)"]
     if name == "onnx":
         import onnxruntime as ort
 
