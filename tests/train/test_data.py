@@ -1,0 +1,183 @@
+"""Record format round trip, LLaVA conversion, exact training rendering and loss masks."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from r4b_edge.errors import TrainingError
+from r4b_edge.train import data as D
+from r4b_edge.train.pretrain import tokenizer_texts
+from r4b_edge.train.tokenizer import train_tokenizer
+
+IMG_N = 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(tokenizer_texts(1, n=20), vocab_size=400)
+
+
+def rec(mode=None, trace="3+4=7"):
+    return D.make_record("r1", "a.png", "What is the sum of all the digits?", "7", trace,
+                         {"tier": "reasoning"}, mode)
+
+
+def test_jsonl_round_trip_and_validation(tmp_path):
+    recs = [rec(), rec("think"), D.make_record("t", None, "hi", None)]
+    p = D.write_jsonl(tmp_path / "x.jsonl", recs)
+    assert D.read_jsonl(p) == recs
+    assert not list(tmp_path.glob("*.tmp"))
+    bad = rec()
+    bad["images"] = []
+    with pytest.raises(TrainingError, match="1 <image> placeholders but 0 images"):
+        D.validate_record(bad)
+    with pytest.raises(TrainingError, match="needs a non-empty trace"):
+        D.validate_record(rec("think", trace=None))
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\nnot json\n')
+    with pytest.raises(TrainingError, match=r"bad.jsonl:1\) lacks field .images."):
+        D.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_llava_conversion():
+    entries = [{"id": "x1", "image": "coco/1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Black."}]},
+        {"id": "x2", "image": "2.jpg", "conversations": [
+            {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A dog."}]}]
+    out = D.convert_llava(entries, image_root="imgs")
+    assert out[0]["images"] == ["imgs/coco/1.jpg"] and out[0]["answer"] is None
+    assert [m["role"] for m in out[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert out[1]["messages"][0]["content"] == "<image>\nDescribe."
+    with pytest.raises(TrainingError, match="unknown speaker 'bot'"):
+        D.convert_llava([{"id": 1, "conversations": [{"from": "bot", "value": "x"}]}])
+    text = "".join(t for t, _ in D.record_pieces(out[0]))
+    assert text == ("<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
+                    "<think>\n\n</think>\n\nA cat.<|im_end|>\n<|im_start|>user\nColour?<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\nBlack.<|im_end|>")
+
+
+def test_rendered_text_is_the_design_format():
+    from r4b_edge.model.template import render_target
+
+    head = "<|im_start|>user\n<image>\nWhat is the sum of all the digits?<|im_end|>\n<|im_start|>assistant\n"
+    think = "".join(t for t, _ in D.record_pieces(rec(), "think"))
+    direct = "".join(t for t, _ in D.record_pieces(rec(), "direct"))
+    assert think == head + "<think>\n3+4=7\n</think>\n\n7<|im_end|>" == head + render_target("7", "3+4=7")
+    assert direct == head + "<think>\n\n</think>\n\n7<|im_end|>" == head + render_target("7", None)
+    assert D.prompt_text("Q?") + D.MODE_SUFFIX["no-think"] == head.replace(
+        "What is the sum of all the digits?", "Q?") + "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("mode,mask", [("think", False), ("direct", False), ("direct", True)])
+def test_piecewise_encoding_equals_whole_text(tok, mode, mask):
+    pieces = D.record_pieces(rec(), mode, mask)
+    whole = tok.encode("".join(t for t, _ in pieces), add_special_tokens=False).ids
+    ids, labels = D.encode_pieces(tok, pieces, image_id=-1, n_image_tokens=1)
+    assert ids == whole and len(labels) == len(ids)
+
+
+def labelled_text(tok, enc):
+    return tok.decode([t for t, l in zip(enc.ids, enc.labels) if l != D.IGNORE], skip_special_tokens=False)
+
+
+def test_loss_masks(tok):
+    img = tok.token_to_id("<image>")
+    think = D.encode_record(tok, rec(), img, IMG_N, "think")
+    assert labelled_text(tok, think) == "\n3+4=7\n</think>\n\n7<|im_end|>"
+    direct = D.encode_record(tok, rec(), img, IMG_N, "direct")
+    assert labelled_text(tok, direct) == "\n\n</think>\n\n7<|im_end|>"
+    masked = D.encode_record(tok, rec(), img, IMG_N, "direct", mask_empty_think=True)
+    assert labelled_text(tok, masked) == "7<|im_end|>"  # non-thinking loss masking
+    for e in (think, direct, masked):
+        assert e.ids.count(img) == IMG_N  # placeholder expanded
+        assert all(l == D.IGNORE for t, l in zip(e.ids, e.labels) if t in (img, tok.token_to_id("<think>")))
+        assert all(l in (D.IGNORE, t) for t, l in zip(e.ids, e.labels))
+    with pytest.raises(TrainingError, match="over max_len 5"):
+        D.encode_record(tok, rec(), img, IMG_N, "think", max_len=5)
+
+
+def test_pixels_match_model_preprocessing(tmp_path):
+    from r4b_edge.model.processing import prepare_image
+    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.world import make_example, render
+
+    cfg = model_config(Recipe.preset("micro"), 400, 396)
+    p = tmp_path / "w.png"
+    render(make_example(1, 0, "sum")[0]).save(p)
+    mine = D.PixelCache(cfg.image_size, cfg.image_mean, cfg.image_std).get(p)
+    ref = prepare_image(str(p), cfg)
+    assert ref.n_tokens == cfg.tokens_per_view and ref.grid == (0, 0)
+    np.testing.assert_allclose(mine, ref.pixel_values[0], atol=1e-6)
+
+
+def test_collate_right_pads(tok, tmp_path):
+    from r4b_edge.train.world import make_example, render
+
+    render(make_example(1, 0, "sum")[0]).save(tmp_path / "a.png")
+    img = tok.token_to_id("<image>")
+    es = [D.encode_record(tok, rec(), img, IMG_N, "think"), D.encode_record(tok, rec(), img, IMG_N, "direct")]
+    b = D.collate(es, D.PixelCache(64, [0.5] * 3, [0.5] * 3), tmp_path, pad_id=0)
+    assert b["input_ids"].shape[0] == 2 and b["pixel_values"].shape == (2, 3, 64, 64)
+    n1 = len(es[1].ids)
+    assert int(b["attention_mask"][1].sum()) == n1 and (b["labels"][1, n1:] == D.IGNORE).all()
+
+
+def test_stage1_grounding_labels(tok):
+    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.world import make_example
+
+    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
+    think = tok.token_to_id("<think>")
+
+    def enc(family, response_slots=True):
+        scene, q = make_example(1, 0, family)
+        r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
+                          {"family": family, "tier": q.tier, "scene": scene.key(), **q.meta})
+        e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
+        before = list(e.labels)
+        return scene, q, add_grounding_labels(tok, e, r, cfg, response_slots), before
+
+    scene, q, e, before = enc("digit")
+    img = [i for i, t in enumerate(e.ids) if t == cfg.image_token_index]
+    assert len(img) == cfg.tokens_per_view == 4
+    assert [e.labels[i + 1] for i in img] == [tok.encode(str(it.value)).ids[0] for it in scene.items]
+    a0 = tok.encode(q.answer).ids[0]
+    w = tok.encode(" " + q.meta["pos"]).ids
+    start = next(i for i in range(len(e.ids)) if e.ids[i:i + len(w)] == w) + len(w)
+    answer_at = len(e.ids) - 2
+    assert all(e.labels[i] == a0 for i in range(start, answer_at))  # carried slot by slot
+    assert all(e.labels[i] == before[i] for i in range(answer_at, len(e.ids)))  # real targets unchanged
+    _, _, e2, before2 = enc("digit", response_slots=False)
+    t = e2.ids.index(think)
+    assert all(e2.labels[i] == before2[i] for i in range(t + 1, len(e2.ids)))  # annealing: response untouched
+    q0 = img[-1] + 2  # the slots of the 4 tokens after the image's newline: colours of cells 0..3
+    assert [e.labels[q0 + k + 1] for k in range(4)] == [tok.encode(" " + it.colour).ids[0] for it in scene.items]
+    _, q3, e3, before3 = enc("sum")
+    n_img = sum(1 for a, b in zip(e3.labels, before3) if a != b)
+    assert n_img == 8  # reasoning: image grounding only (4 values + 4 colours), no answer in the prompt
+
+
+def test_sft_loss_uses_labels_not_inputs(tok):
+    import torch
+
+    from r4b_edge.model.modeling import RForConditionalGeneration
+    from r4b_edge.train.common import Recipe, model_config, sft_loss_sum, token_logprobs
+
+    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
+    torch.manual_seed(0)
+    m = RForConditionalGeneration(cfg)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    att = torch.ones_like(ids)
+    same = {"input_ids": ids, "labels": ids.clone(), "attention_mask": att, "pixel_values": None}
+    ls, n = sft_loss_sum(m, same)
+    assert n == 4 and torch.allclose(ls, -token_logprobs(m, ids, att, None).sum())
+    other = dict(same, labels=torch.tensor([[-100, 11, -100, 12, -100]]))
+    lo, n2 = sft_loss_sum(m, other)
+    lp = token_logprobs(m, ids, att, None, targets=other["labels"])
+    assert n2 == 2 and torch.allclose(lo, -(lp[0, 0] + lp[0, 2]))
+    emb = m.embed_tokens(ids)
+    logits, _ = m.forward(emb, attention_mask=att, use_cache=False)
+    ref = torch.log_softmax(logits[0, 0], -1)[11] + torch.log_softmax(logits[0, 2], -1)[12]
+    assert torch.allclose(lo, -ref, atol=1e-5)

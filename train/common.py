@@ -1,0 +1,313 @@
+"""Shared training machinery: recipe config, model build, torch.distributed, batched
+embedding/loss, atomic train-state checkpoints, JSONL metrics."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r4b_edge.errors import TrainingError
+from r4b_edge.model.config import RConfig
+
+
+# ---- recipe ------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    """Every knob of the three stages + eval (presets: shipped, micro)."""
+
+    seed: int = 1234
+    threads: int = 1  # torch threads per process (0: leave default)
+    # model
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_head_dim: int = 64
+    text_intermediate: int = 768
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 512
+    image_size: int = 64
+    patch_size: int = 32
+    vocab_size: int = 1024
+    # stage 1: alignment / pre-training (captions + perception, empty think masked)
+    pt_per_family: int = 3000
+    pt_steps: int = 1500
+    pt_batch: int = 32
+    pt_lr: float = 3e-3
+    pt_ground: int = 1  # stage-1 auxiliary grounding targets (docs/training.md)
+    # stage 2: bi-mode annealing
+    an_pool_perception: int = 400  # per perception family
+    an_pool_reasoning: int = 1500  # per reasoning family
+    an_samples: int = 8  # N no-think samples per objective item
+    an_temperature: float = 1.0
+    an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
+    an_perception_trace_frac: float = 0.1  # direct items also taught with their trace (think mode)
+    an_steps: int = 1200
+    an_batch: int = 32
+    an_lr: float = 1e-3
+    an_ground: int = 1  # keep the grounding targets (image + perception prompt slots)
+    # stage 3: BPO / GRPO
+    rl_steps: int = 40
+    rl_prompts: int = 16  # prompts per step (global)
+    rl_group: int = 4  # g rollouts per mode (BPO) ; GRPO uses 2g free rollouts
+    rl_lr: float = 2e-5
+    rl_beta: float = 0.02
+    rl_clip: float = 0.2
+    rl_temperature: float = 1.0
+    rl_max_new: int = 64
+    rl_reasoning_frac: float = 0.5
+    rl_ppo_epochs: int = 1
+    # eval
+    ev_per_family: int = 200
+    ev_time_items: int = 20  # unbatched timing items per tier x mode
+    ev_batch: int = 256
+    ev_max_new: int = 80
+    micro_batch: int = 64  # rows per forward/backward chunk inside a rank
+    save_every: int = 50
+    log_every: int = 10
+
+    @classmethod
+    def preset(cls, name: str) -> "Recipe":
+        """'shipped' (the default checkpoint) or 'micro' (CI: seconds per stage)."""
+        if name == "shipped":
+            return cls()
+        if name == "micro":
+            return cls(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_head_dim=32,
+                       text_intermediate=128, vision_hidden=32, vision_layers=1, vision_heads=1,
+                       vision_intermediate=64, vocab_size=400, pt_per_family=40, pt_steps=12, pt_batch=8,
+                       pt_lr=3e-3, an_pool_perception=6, an_pool_reasoning=10, an_samples=4, an_steps=10,
+                       an_batch=8, an_lr=3e-3, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
+                       rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,
+                       save_every=4, log_every=2, micro_batch=16)
+        raise TrainingError(f"unknown recipe preset {name!r}; use 'shipped' or 'micro'")
+
+    def with_overrides(self, items: Sequence[str]) -> "Recipe":
+        """Apply 'key=value' overrides (types follow the field)."""
+        d = asdict(self)
+        types = {f.name: f.type for f in fields(self)}
+        for it in items:
+            if "=" not in it:
+                raise TrainingError(f"override {it!r} must look like key=value")
+            k, v = it.split("=", 1)
+            if k not in d:
+                raise TrainingError(f"unknown recipe field {k!r}")
+            t = types[k]
+            d[k] = float(v) if t in ("float", float) else int(v)
+        return Recipe(**d)
+
+
+def load_recipe(run: Path, preset: str | None, overrides: Sequence[str] = ()) -> Recipe:
+    """The run's recipe.json if present (a run keeps its recipe), else the preset; written back."""
+    p = run / "recipe.json"
+    if p.exists():
+        rec = Recipe(**json.loads(p.read_text()))
+        if overrides:
+            rec = rec.with_overrides(overrides)
+    else:
+        rec = Recipe.preset(preset or "shipped").with_overrides(overrides)
+    if is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(asdict(rec), indent=2))
+    barrier()
+    return rec
+
+
+def model_config(r: Recipe, vocab_size: int, image_token_index: int) -> RConfig:
+    """The R-4B-layout config of the recipe's small model (base view only, no AnyRes)."""
+    tc = {
+        "model_type": "qwen3", "vocab_size": vocab_size, "hidden_size": r.text_hidden,
+        "intermediate_size": r.text_intermediate, "num_hidden_layers": r.text_layers,
+        "num_attention_heads": r.text_heads, "num_key_value_heads": r.text_kv_heads,
+        "head_dim": r.text_head_dim, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "hidden_act": "silu", "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "attention_bias": False, "tie_word_embeddings": False,
+    }
+    vc = {
+        "model_type": "siglip_vision_model", "image_size": r.image_size, "patch_size": r.patch_size,
+        "hidden_size": r.vision_hidden, "intermediate_size": r.vision_intermediate,
+        "num_hidden_layers": r.vision_layers, "num_attention_heads": r.vision_heads, "num_channels": 3,
+        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    }
+    return RConfig.from_dict({
+        "architectures": ["RForConditionalGeneration"], "model_type": "R", "text_config": tc,
+        "vision_config": vc, "image_token_index": image_token_index, "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "image_grid_pinpoints": None,
+        "vision_aspect_ratio": "base", "projector_hidden_act": "gelu", "tie_word_embeddings": False,
+    })
+
+
+# ---- distributed -------------------------------------------------------------------------------
+def setup_dist() -> tuple[int, int, torch.device]:
+    """Init torch.distributed from torchrun's env (gloo on CPU, NCCL on GPU); (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = torch.device("cpu")
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def world_size() -> int:
+    """1 without torch.distributed."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """0 without torch.distributed."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """dist.barrier when distributed."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """In-place SUM all-reduce (no-op on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_grads(model: torch.nn.Module) -> None:
+    """Sum gradients over ranks (losses are already divided by the global count)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        o = 0
+        for g in grads:
+            g.copy_(flat[o:o + g.numel()].view_as(g))
+            o += g.numel()
+
+
+def shard(items: Sequence[Any]) -> list[Any]:
+    """This rank's slice (strided) of a global batch."""
+    return list(items[rank()::world_size()])
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- model inputs ------------------------------------------------------------------------------
+def embed_inputs(model: Any, ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with every image token run of ids replaced by that image's base-view features."""
+    emb = model.embed_tokens(ids)
+    mask = ids == model.config.image_token_index
+    n = int(mask.sum())
+    if pixel_values is None or pixel_values.shape[0] == 0:
+        if n:
+            raise TrainingError(f"batch has {n} image tokens but no images")
+        return emb
+    feats = model.model.multi_modal_projector(model.vision_hidden_states(pixel_values.to(emb.device)))
+    if feats.shape[0] * feats.shape[1] != n:
+        raise TrainingError(f"batch has {n} image tokens but {feats.shape[0]} images x {feats.shape[1]} features")
+    return emb.masked_scatter(mask[..., None], feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
+
+
+def token_logprobs(model: Any, ids: torch.Tensor, att: torch.Tensor, pv: torch.Tensor | None,
+                   position_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(targets[:, t+1] | ids[:, :t+1]) for every position: [B, T-1]; targets default to ids.
+
+    Positions whose target is -100 get log-prob 0 (they are masked by the caller anyway)."""
+    emb = embed_inputs(model, ids, pv)
+    logits, _ = model.forward(emb, attention_mask=att, position_ids=position_ids, use_cache=False)
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tgt = (ids if targets is None else targets)[:, 1:]
+    return lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1) * (tgt >= 0)
+
+
+def sft_loss_sum(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy of the labels (not the inputs) and the labelled count."""
+    lab = batch["labels"]
+    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], targets=lab)
+    m = lab[:, 1:] != -100
+    return -(lp * m).sum(), int(m.sum())
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int | None = None) -> float:
+    """Linear warm-up then cosine decay to 10% of peak."""
+    w = warmup if warmup is not None else max(1, total // 20)
+    if step < w:
+        return peak * (step + 1) / w
+    t = (step - w) / max(1, total - w)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ---- state / metrics ---------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text via temp file + rename."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
+    """Atomic train-state checkpoint (model, optimizer, step, RNG) on rank 0."""
+    if is_main():
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "rng": torch.get_rng_state(), "extra": extra or {}}, tmp)
+        os.replace(tmp, path)
+    barrier()
+
+
+def load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Restore a train state if present: (step, extra); (0, {}) when there is none."""
+    if not path.exists():
+        return 0, {}
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainingError(f"train state {path} cannot be read ({e}); delete it to restart the stage") from None
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    torch.set_rng_state(st["rng"])
+    return int(st["step"]), st.get("extra", {})
+
+
+class Metrics:
+    """Append-only JSONL metrics log (rank 0) with wall-clock time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.t0 = time.time()
+
+    def log(self, **kv: Any) -> None:
+        """Write one line."""
+        if is_main():
+            kv["time"] = round(time.time() - self.t0, 3)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(kv) + "\n")
+
+
+def set_threads(r: Recipe) -> None:
+    """Apply the recipe's thread count (per process)."""
+    if r.threads > 0:
+        torch.set_num_threads(r.threads)

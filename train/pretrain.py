@@ -1,0 +1,207 @@
+"""Stage 1: alignment / pre-training on world captions + perception questions, every
+response a direct answer whose empty think block is loss-masked (non-thinking loss masking)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from r4b_edge.errors import TrainingError
+from r4b_edge.model.template import CHAT_TEMPLATE
+
+from .common import Recipe, barrier, is_main, load_recipe, model_config, set_threads, setup_dist
+from .data import Encoded, PixelCache, encode_record, read_jsonl
+from .sft import run_sft
+from .tokenizer import train_tokenizer, save_tokenizer
+from .world import FAMILIES, PERCEPTION, REASONING, TEMPLATES, make_example, scan_text, write_world
+
+STAGES = ("pretrain", "anneal", "bpo", "grpo")
+
+
+def world_dir(run: Path, name: str) -> Path:
+    """Folder of a generated world split."""
+    return run / "data" / name
+
+
+def ensure_world(run: Path, name: str, seed: int, counts: dict[str, int], split: str = "train") -> Path:
+    """Rank 0 renders the split once (skipped when records.jsonl exists); returns records.jsonl."""
+    d = world_dir(run, name)
+    p = d / "records.jsonl"
+    if is_main() and not p.exists():
+        write_world(d, seed, counts, split)
+    barrier()
+    return p
+
+
+def tokenizer_texts(seed: int, n: int = 300) -> list[str]:
+    """World text for BPE training: templates, captions, traces, answers of every family."""
+    texts = [f"<|im_start|>user\n<image>\n{t}<|im_end|>\n<|im_start|>assistant\n" for t in TEMPLATES.values()]
+    for i in range(n):
+        for fam in FAMILIES:
+            scene, q = make_example(seed, 10_000_000 + i, fam)
+            texts += [q.question, f"\n{q.trace}\n", f"\n\n{q.answer}", scan_text(scene)]
+    return texts
+
+
+def ensure_tokenizer(run: Path, r: Recipe) -> Path:
+    """Train + save the run's tokenizer once (rank 0)."""
+    d = run / "tokenizer"
+    if is_main() and not (d / "tokenizer.json").exists():
+        tok = train_tokenizer(tokenizer_texts(r.seed), vocab_size=r.vocab_size)
+        save_tokenizer(tok, d, CHAT_TEMPLATE)
+    barrier()
+    return d
+
+
+def load_tokenizer(run: Path) -> Any:
+    """The run's tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer
+
+    p = run / "tokenizer" / "tokenizer.json"
+    if not p.exists():
+        raise TrainingError(f"{p} missing: run the pretrain stage first")
+    return Tokenizer.from_file(str(p))
+
+
+def stage_model_dir(run: Path, stage: str) -> Path:
+    """Final R-4B folder of a stage."""
+    return run / stage / "model"
+
+
+def load_stage_model(run: Path, stage: str, device: torch.device) -> tuple[Any, Any]:
+    """(model fp32 train mode, config) from a finished stage."""
+    from r4b_edge.model.checkpoint import load_checkpoint
+
+    d = stage_model_dir(run, stage)
+    if not (d / "config.json").exists():
+        raise TrainingError(f"stage {stage!r} has no finished model at {d}; run it first")
+    model, cfg, _ = load_checkpoint(d, device=device, dtype=torch.float32)
+    return model, cfg
+
+
+def save_stage_model(run: Path, stage: str, model: Any, cfg: Any) -> Path:
+    """Rank 0 writes the stage's R-4B folder (fp32 for the chain) atomically."""
+    from r4b_edge.model.checkpoint import save_checkpoint
+
+    d = stage_model_dir(run, stage)
+    if is_main():
+        save_checkpoint(model, cfg, run / "tokenizer", d)
+    barrier()
+    return d
+
+
+def encode_all(tok: Any, recs: Sequence[dict], cfg: Any, modes: Sequence[str | None] | None = None,
+               mask_empty_think: bool = False) -> list[Encoded]:
+    """Tokenise records in the training format."""
+    ms = modes or [None] * len(recs)
+    return [encode_record(tok, rec, cfg.image_token_index, cfg.tokens_per_view, m, mask_empty_think)
+            for rec, m in zip(recs, ms)]
+
+
+POSITION_WORDS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slots: bool = True) -> Encoded:
+    """Auxiliary targets in label slots the model never predicts at inference (docs/training.md).
+
+    - after image token j: the first token of the value (digit or shape) of the cell patch j
+      lies in; in the slots of the 4 tokens that follow the image's newline: the colours of
+      cells 0..3 (dense vision grounding);
+    - perception questions only: every prompt slot from the question's position word on (or from `?` for questions
+      without one) up to the assistant header: the answer's first token, so the answer is
+      carried forward one position at a time instead of by a long learned jump;
+    - with `response_slots`, also the loss-masked empty think block of a direct answer
+      (stage 1 only; annealing trains those slots on the real template)."""
+    scene = rec.get("meta", {}).get("scene")
+    if not scene:
+        return e
+    cells = [c.split(":") for c in scene.split("|")]
+    P = cfg.image_size // cfg.patch_size
+    img = cfg.image_token_index
+    pos = [i for i, t in enumerate(e.ids) if t == img]
+    for j, p in enumerate(pos[:P * P]):
+        r, c = divmod(j, P)
+        k = (r * 2 // P) * 2 + (c * 2 // P)
+        if p + 1 < len(e.labels):
+            e.labels[p + 1] = tok.encode(cells[k][1], add_special_tokens=False).ids[0]
+    if pos:  # the slots of the 4 tokens after the image's newline: the colours of cells 0..3
+        q0 = pos[-1] + 2
+        for k in range(4):
+            if q0 + k + 1 < len(e.labels) and e.labels[q0 + k + 1] == -100:
+                e.labels[q0 + k + 1] = tok.encode(" " + cells[k][2], add_special_tokens=False).ids[0]
+    fam, ans = rec["meta"].get("family"), rec.get("answer")
+    if not ans or fam == "caption" or rec["meta"].get("tier") == "reasoning":
+        return e
+    a0 = tok.encode(ans, add_special_tokens=False).ids[0]
+    think = tok.token_to_id("<think>")
+    if think not in e.ids:
+        return e
+    t = e.ids.index(think)
+    start = None
+    pw = rec["meta"].get("pos")
+    if pw:
+        w = tok.encode(" " + pw, add_special_tokens=False).ids
+        start = next((i + len(w) for i in range(t - len(w)) if e.ids[i:i + len(w)] == w), None)
+    if start is None:
+        qm = [i for i in range(t) if tok.decode([e.ids[i]]).endswith("?")]
+        start = qm[-1] + 1 if qm else t
+    end = t + 1
+    if response_slots:
+        while end < len(e.labels) and e.labels[end] == -100:
+            end += 1
+    for i in range(start, end):
+        if e.labels[i] == -100:
+            e.labels[i] = a0
+    return e
+
+
+def pixel_cache(cfg: Any) -> PixelCache:
+    """Pixel loader matching the model's preprocessing."""
+    return PixelCache(cfg.image_size, cfg.image_mean, cfg.image_std)
+
+
+def run(run_dir: Path, r: Recipe) -> Path:
+    """Stage 1 end to end; returns the stage's model folder (skips when already finished)."""
+    _, _, dev = setup_dist()
+    set_threads(r)
+    out = stage_model_dir(run_dir, "pretrain")
+    if (out / "config.json").exists():
+        return out
+    recs_path = ensure_world(run_dir, "pretrain", r.seed, {f: r.pt_per_family for f in ["caption"] + PERCEPTION})
+    ensure_tokenizer(run_dir, r)
+    tok = load_tokenizer(run_dir)
+    from r4b_edge.model.modeling import RForConditionalGeneration
+
+    cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
+    torch.manual_seed(r.seed)
+    model = RForConditionalGeneration(cfg).to(dev)
+    recs = read_jsonl(recs_path)
+    data = encode_all(tok, recs, cfg, ["direct"] * len(recs), mask_empty_think=True)
+    if r.pt_ground:
+        data = [add_grounding_labels(tok, e, rec, cfg) for e, rec in zip(data, recs)]
+    run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"),
+            r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain")
+    return save_stage_model(run_dir, "pretrain", model, cfg)
+
+
+def stage_args(prog: str, doc: str) -> argparse.ArgumentParser:
+    """Common stage flags: --run, --preset, --set key=value."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc)
+    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped", help="run folder (resumable; holds recipe.json)")
+    ap.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train pretrain --run DIR [--preset shipped|micro] [--set k=v ...]` (torchrun-able)."""
+    a = stage_args("r4b-edge train pretrain", main.__doc__ or "").parse_args(argv)
+    setup_dist()
+    run_dir = Path(a.run)
+    r = load_recipe(run_dir, a.preset, a.set)
+    out = run(run_dir, r)
+    if is_main():
+        print(out)
+    return 0

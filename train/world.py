@@ -1,0 +1,272 @@
+"""The procedural visual-reasoning world (spec: docs/world.md).
+
+A scene is a 64x64 RGB image split into a 2x2 grid of 32x32 cells; every cell
+holds one coloured item, either a seven-segment digit or a shape. Questions
+come in two tiers: *perception* (one glance) and *reasoning* (several digits
+combined, with a step trace). Everything is a pure function of (seed, index).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from r4b_edge.errors import TrainingError
+
+IMAGE_SIZE = 64
+CELL = 32
+BACKGROUND = (0, 0, 0)
+POSITIONS = ["top-left", "top-right", "bottom-left", "bottom-right"]  # reading order
+ORIGINS = [(0, 0), (32, 0), (0, 32), (32, 32)]  # (x, y) of each cell
+COLOURS = {
+    "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
+    "yellow": (240, 220, 40), "purple": (170, 60, 220), "white": (240, 240, 240),
+}
+SHAPES = ["square", "circle", "triangle"]
+SEGMENTS = {  # seven-segment patterns, segments a..g
+    0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg",
+    5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg", 9: "abcdfg",
+}
+PERCEPTION = ["digit", "colour", "shape", "count", "colour-count"]
+REASONING = ["sum", "product-plus", "row-max"]
+FAMILIES = PERCEPTION + REASONING
+TEMPLATES = {
+    "caption": "Describe the image.",
+    "digit": "What digit is in the {pos} cell?",
+    "colour": "What colour is the item in the {pos} cell?",
+    "shape": "What shape is in the {pos} cell?",
+    "count": "How many shapes are there?",
+    "colour-count": "How many {colour} items are there?",
+    "sum": "What is the sum of all the digits?",
+    "product-plus": "Multiply the first two digits, then add the third digit. What is the result?",
+    "row-max": "Which row has the larger digit sum? Give that sum.",
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One cell's content: kind 'digit' (value 0-9) or 'shape' (value a SHAPES name)."""
+
+    kind: str
+    value: int | str
+    colour: str
+
+    def describe(self) -> str:
+        """'red 3' or 'blue circle'."""
+        return f"{self.colour} {self.value}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Four items in reading order (top-left, top-right, bottom-left, bottom-right)."""
+
+    items: tuple[Item, Item, Item, Item]
+
+    @property
+    def digits(self) -> list[int]:
+        """Digit values in reading order (shapes skipped)."""
+        return [int(it.value) for it in self.items if it.kind == "digit"]
+
+    def key(self) -> str:
+        """Stable text key of the scene (hashing / splitting)."""
+        return "|".join(f"{it.kind}:{it.value}:{it.colour}" for it in self.items)
+
+    def split(self) -> str:
+        """'eval' for the 10% of scenes whose sha256(key) is 0 mod 10, else 'train'."""
+        h = int(hashlib.sha256(self.key().encode()).hexdigest(), 16)
+        return "eval" if h % 10 == 0 else "train"
+
+
+@dataclass
+class Question:
+    """A question about a scene, its exact answer and its step trace."""
+
+    family: str
+    tier: str
+    question: str
+    answer: str
+    trace: str
+    meta: dict = field(default_factory=dict)
+
+
+def scan_text(scene: Scene) -> str:
+    """The scene readout, one line per cell: 'top-left red 3' ... (caption and perception trace)."""
+    return "\n".join(f"{p} {it.describe()}" for p, it in zip(POSITIONS, scene.items))
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene exactly as docs/world.md specifies (numpy rectangles, no fonts)."""
+    arr = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    arr[:, :] = BACKGROUND
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    for (cx, cy), it in zip(ORIGINS, scene.items):
+        col = COLOURS[it.colour]
+        if it.kind == "digit":
+            x0, x1, y0, y1, ym, t = cx + 9, cx + 23, cy + 4, cy + 28, cy + 16, 3
+            rects = {
+                "a": (x0, y0, x1, y0 + t), "b": (x1 - t, y0, x1, ym), "c": (x1 - t, ym, x1, y1),
+                "d": (x0, y1 - t, x1, y1), "e": (x0, ym, x0 + t, y1), "f": (x0, y0, x0 + t, ym),
+                "g": (x0, ym - 1, x1, ym + 2),
+            }
+            for s in SEGMENTS[int(it.value)]:
+                ax, ay, bx, by = rects[s]
+                arr[ay:by, ax:bx] = col
+        elif it.value == "square":
+            arr[cy + 8:cy + 24, cx + 8:cx + 24] = col
+        elif it.value == "circle":
+            m = (xs + 0.5 - (cx + 16)) ** 2 + (ys + 0.5 - (cy + 16)) ** 2 <= 8.5 ** 2
+            arr[m] = col
+        else:  # triangle, apex up
+            m = (ys >= cy + 7) & (ys < cy + 25) & (np.abs(xs + 0.5 - (cx + 16)) <= (ys - (cy + 7) + 1) * 0.5)
+            arr[m] = col
+    return Image.fromarray(arr, "RGB")
+
+
+def _rng(seed: int, index: int, salt: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, index, salt])
+
+
+def sample_scene(rng: np.random.Generator, min_digits: int = 0) -> Scene:
+    """Each cell: a digit with p=0.7 else a shape; colours uniform. Rejects below min_digits."""
+    cols = list(COLOURS)
+    while True:
+        items = []
+        for _ in range(4):
+            colour = cols[int(rng.integers(len(cols)))]
+            if rng.random() < 0.7:
+                items.append(Item("digit", int(rng.integers(10)), colour))
+            else:
+                items.append(Item("shape", SHAPES[int(rng.integers(3))], colour))
+        scene = Scene(tuple(items))  # type: ignore[arg-type]
+        if len(scene.digits) >= min_digits:
+            return scene
+
+
+def _lines(*parts: str) -> str:
+    return "\n".join(parts)
+
+
+def ask(scene: Scene, family: str, rng: np.random.Generator) -> Question:
+    """Build one question of `family` about `scene` (the scene must suit the family)."""
+    scan = scan_text(scene)
+    its = scene.items
+    if family == "caption":
+        return Question(family, "caption", TEMPLATES["caption"], scan, "", {})
+    if family in ("digit", "shape"):
+        kind = "digit" if family == "digit" else "shape"
+        idx = [i for i, it in enumerate(its) if it.kind == kind]
+        if not idx:
+            raise TrainingError(f"scene has 0 cells of kind {kind!r} for family {family!r}")
+        i = idx[int(rng.integers(len(idx)))]
+        q = TEMPLATES[family].format(pos=POSITIONS[i])
+        return Question(family, "perception", q, str(its[i].value), scan, {"pos": POSITIONS[i]})
+    if family == "colour":
+        i = int(rng.integers(4))
+        q = TEMPLATES[family].format(pos=POSITIONS[i])
+        return Question(family, "perception", q, its[i].colour, scan, {"pos": POSITIONS[i]})
+    if family == "count":
+        n = sum(it.kind == "shape" for it in its)
+        return Question(family, "perception", TEMPLATES[family], str(n), scan, {})
+    if family == "colour-count":
+        colour = its[int(rng.integers(4))].colour if rng.random() < 0.8 else list(COLOURS)[int(rng.integers(6))]
+        n = sum(it.colour == colour for it in its)
+        return Question(family, "perception", TEMPLATES[family].format(colour=colour), str(n), scan,
+                        {"colour": colour})
+    d = scene.digits
+    if family == "sum":
+        if len(d) < 2:
+            raise TrainingError(f"sum needs >= 2 digits, scene has {len(d)}")
+        steps, acc = [], d[0]
+        for x in d[1:]:
+            steps.append(f"{acc}+{x}={acc + x}")
+            acc += x
+        return Question(family, "reasoning", TEMPLATES[family], str(acc), _lines(scan, *steps), {})
+    if family == "product-plus":
+        if len(d) < 3:
+            raise TrainingError(f"product-plus needs >= 3 digits, scene has {len(d)}")
+        p = d[0] * d[1]
+        trace = _lines(scan, f"{d[0]}*{d[1]}={p}", f"{p}+{d[2]}={p + d[2]}")
+        return Question(family, "reasoning", TEMPLATES[family], str(p + d[2]), trace, {})
+    if family == "row-max":
+        if len(d) != 4:
+            raise TrainingError(f"row-max needs 4 digits, scene has {len(d)}")
+        top, bot = d[0] + d[1], d[2] + d[3]
+        trace = _lines(scan, f"top {d[0]}+{d[1]}={top}", f"bottom {d[2]}+{d[3]}={bot}", f"larger {max(top, bot)}")
+        return Question(family, "reasoning", TEMPLATES[family], str(max(top, bot)), trace, {})
+    raise TrainingError(f"unknown question family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+MIN_DIGITS = {"digit": 1, "sum": 2, "product-plus": 3, "row-max": 4}
+
+
+def make_example(seed: int, index: int, family: str, split: str = "train") -> tuple[Scene, Question]:
+    """The (scene, question) for (seed, index, family); scenes are drawn until their split matches."""
+    if split not in ("train", "eval"):
+        raise TrainingError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = _rng(seed, index, FAMILIES.index(family) + 1 if family in FAMILIES else 0)
+    for _ in range(10_000):
+        scene = sample_scene(rng, MIN_DIGITS.get(family, 0))
+        if family == "shape" and not any(it.kind == "shape" for it in scene.items):
+            continue
+        if scene.split() == split:
+            return scene, ask(scene, family, rng)
+    raise TrainingError(f"no {split} scene found in 10000 draws for seed {seed} index {index}")
+
+
+_NUM = re.compile(r"^[+-]?\d+$")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, trim, drop a trailing '.', collapse spaces, canonical integers ('07' -> '7')."""
+    s = " ".join(text.strip().lower().split()).rstrip(".").strip()
+    if _NUM.match(s):
+        s = str(int(s))
+    return s
+
+
+def check_answer(prediction: str, gold: str) -> bool:
+    """The reward rule: exact match after normalize_answer."""
+    return normalize_answer(prediction) == normalize_answer(gold)
+
+
+def write_world(out_dir: str | Path, seed: int, counts: dict[str, int], split: str = "train",
+                start: int = 0) -> Path:
+    """Render `counts[family]` examples per family into out_dir (images/*.png + records.jsonl)."""
+    from .data import make_record, write_jsonl
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for family, n in counts.items():
+        for i in range(start, start + n):
+            scene, q = make_example(seed, i, family, split)
+            name = f"images/{split}-{seed}-{family}-{i:06d}.png"
+            path = out / name
+            if not path.exists():
+                render(scene).save(path, optimize=False)
+            records.append(make_record(f"{split}-{seed}-{family}-{i:06d}", name, q.question,
+                                       q.answer, q.trace or None,
+                                       {"tier": q.tier, "family": family, "scene": scene.key(), **q.meta}))
+    return write_jsonl(out / "records.jsonl", records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train world`: write a world split to a folder."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="r4b-edge train world", description=main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--split", choices=["train", "eval"], default="train")
+    ap.add_argument("--per-family", type=int, default=100)
+    ap.add_argument("--families", default=",".join(["caption"] + FAMILIES))
+    a = ap.parse_args(argv)
+    counts = {f: a.per_family for f in a.families.split(",")}
+    p = write_world(a.out, a.seed, counts, a.split)
+    print(json.dumps({"records": str(p), "n": sum(counts.values())}))
+    return 0
