@@ -65,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(f"unknown ONNX precision {args.quant!r}: use one of {', '.join(ONNX_PRECISIONS)}")
     from .onnx import export_onnx
 
-    out = export_onnx(src, args.out, precision=precision)
+    out = export_onnx(src, args.out, precision=precision, force=args.force)
     print(f"onnx {precision} written: {out}", file=sys.stdout)
     return 0

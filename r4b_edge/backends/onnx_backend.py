@@ -1,0 +1,281 @@
+"""The onnxruntime backend: runs an `r4b-edge export --format onnx` folder. Never imports torch.
+
+Three sessions (vision, embed, decoder; see r4b_edge/export/onnx.py for their IO). The KV cache
+lives in OrtValues: each decoder step binds the previous step's `present.*` outputs as the next
+`past_key_values.*` inputs (IO binding), so the cache is not copied to numpy and back every
+token; on CUDA it stays on the GPU. AnyRes packing (unpadding, `image_newline` per row) is done
+here in numpy, exactly as `RForConditionalGeneration.image_features` does it in torch.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError, ModelNotFoundError
+from ..model.config import RConfig
+from ..model.processing import PreparedImage, anyres_layout
+from ..model.tokenizer import Tokenizer
+from .base import Backend, BackendInfo, PrefillTimings
+
+GENAI_CONFIG = "genai_config.json"
+_IMAGE_CACHE_SIZE = 8
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider", "cpu": "CPUExecutionProvider"}
+_DEVICE_ALIASES = {"gpu": "cuda", "mps": "coreml", "metal": "coreml", "apple": "coreml"}
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def resolve_device(device: str = "auto", available: Sequence[str] | None = None) -> str:
+    """auto -> cuda (CUDA EP present), then coreml (CoreML EP, macOS), then cpu. An explicit
+    device whose execution provider this onnxruntime lacks raises BackendUnavailableError."""
+    avail = list(ort.get_available_providers() if available is None else available)
+    dev = _DEVICE_ALIASES.get(str(device or "auto").lower(), str(device or "auto").lower())
+    if dev == "auto":
+        if PROVIDERS["cuda"] in avail:
+            return "cuda"
+        if PROVIDERS["coreml"] in avail and sys.platform == "darwin":
+            return "coreml"
+        return "cpu"
+    if dev not in PROVIDERS:
+        raise BackendUnavailableError(f"unknown device {device!r} for the onnx backend: use auto, cpu, cuda or coreml")
+    if PROVIDERS[dev] not in avail:
+        fix = {"cuda": "pip uninstall onnxruntime && pip install onnxruntime-gpu (needs an NVIDIA GPU and CUDA 12)",
+               "coreml": "use the standard onnxruntime wheel on macOS (pip install onnxruntime)"}[dev]
+        raise BackendUnavailableError(
+            f"device {dev!r} needs onnxruntime's {PROVIDERS[dev]}, which this onnxruntime lacks "
+            f"(available: {', '.join(avail)}): {fix}; or use --device cpu")
+    return dev
+
+
+def _bilinear(fmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) of [C, h, w]."""
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+    y0, y1, wy = axis(fmap.shape[1], size[0])
+    x0, x1, wx = axis(fmap.shape[2], size[1])
+    top = fmap[:, y0][:, :, x0] * (1 - wx) + fmap[:, y0][:, :, x1] * wx
+    bot = fmap[:, y1][:, :, x0] * (1 - wx) + fmap[:, y1][:, :, x1] * wx
+    return (top * (1 - wy)[:, None] + bot * wy[:, None]).astype(fmap.dtype)
+
+
+def pack_image_features(feats: np.ndarray, grid: Sequence[int], orig_size: Sequence[int],
+                        config: RConfig, newline: np.ndarray) -> np.ndarray:
+    """Per-view projected features [V, P*P, H] -> the image's sequence [n_tokens, H]: base view,
+    then the tile feature map unpadded to the image's aspect with `newline` after every row."""
+    P = config.image_size // config.patch_size
+    rows, cols = int(grid[0]), int(grid[1])
+    if feats.shape[0] != 1 + rows * cols:
+        raise ModelFormatError(f"vision graph returned {feats.shape[0]} views; grid {rows}x{cols} needs {1 + rows * cols}")
+    base = feats[0]
+    if rows * cols == 0:
+        return base
+    H = feats.shape[-1]
+    fmap = feats[1:].reshape(rows, cols, P, P, H).transpose(4, 0, 2, 1, 3).reshape(H, rows * P, cols * P)
+    lay = anyres_layout((int(orig_size[0]), int(orig_size[1])), config)
+    uh, uw = lay["unpadded"]
+    top, left = (rows * P - uh) // 2, (cols * P - uw) // 2
+    fmap = fmap[:, top:top + uh, left:left + uw]
+    if tuple(lay["feature"]) != (uh, uw):  # anyres_max_N downsampling
+        fmap = _bilinear(fmap, tuple(lay["feature"]))
+    fh = fmap.shape[1]
+    nl = np.broadcast_to(newline.astype(fmap.dtype)[:, None, None], (H, fh, 1))
+    packed = np.concatenate([fmap, nl], axis=-1).reshape(H, -1).T
+    return np.concatenate([base, packed], axis=0)
+
+
+def read_genai_config(folder: Path) -> dict:
+    """Parse and check `genai_config.json` of an ONNX export folder."""
+    p = folder / GENAI_CONFIG
+    if not p.is_file():
+        raise ModelNotFoundError(f"{GENAI_CONFIG} not found in {folder}: pass a folder written by "
+                                 "`r4b-edge export --format onnx`")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{p}: cannot be read as JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != "r4b-edge-onnx" or not isinstance(doc.get("model"), dict):
+        raise ModelFormatError(f"{p} is not an r4b-edge ONNX export (format field missing): re-export it")
+    if int(doc.get("format_version", 0)) > 1:
+        raise ModelFormatError(f"{p} has format_version {doc['format_version']}; this r4b-edge reads 1: upgrade r4b-edge")
+    for part in ("embedding", "vision", "decoder"):
+        fn = doc["model"].get(part, {}).get("filename")
+        if not fn or not (folder / fn).is_file():
+            raise ModelFormatError(f"{folder}: the {part} graph ({fn}) is missing; re-run the export")
+    return doc
+
+
+class OnnxBackend(Backend):
+    """An ONNX export folder on onnxruntime (CPU, CUDA or CoreML execution provider)."""
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None,
+                 **_: Any) -> None:
+        folder = Path(model_path).expanduser()
+        if folder.is_file():
+            folder = folder.parent
+        self.model_path = folder
+        self.doc = read_genai_config(folder)
+        m = self.doc["model"]
+        self.config = RConfig.from_dict(self.doc["r4b_config"], source=str(folder / GENAI_CONFIG))
+        self.config.preprocessor = {"image_mean": m["vision"]["image_mean"], "image_std": m["vision"]["image_std"]}
+        self.tokenizer = Tokenizer.from_dir(folder)
+        self.device = resolve_device(device)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        providers = [PROVIDERS[self.device]] + ([PROVIDERS["cpu"]] if self.device != "cpu" else [])
+        self._embed = self._session(folder / m["embedding"]["filename"], so, providers)
+        self._vision = self._session(folder / m["vision"]["filename"], so, providers)
+        self._dec = self._session(folder / m["decoder"]["filename"], so, providers)
+        got = self._dec.get_providers()[0]
+        if got != providers[0]:  # onnxruntime fell back (e.g. onnxruntime-gpu without a usable GPU)
+            if str(device or "auto").lower() != "auto":
+                raise BackendUnavailableError(
+                    f"{providers[0]} is installed but could not start here (onnxruntime fell back to {got}): "
+                    "check the GPU driver / CUDA 12 libraries, or use --device cpu")
+            self.device = "cpu"
+        self._newline = np.load(folder / m["vision"]["image_newline"]).astype(np.float32)
+        d = m["decoder"]
+        L = int(d["num_hidden_layers"])
+        self._past_names = [n % i for i in range(L) for n in (d["inputs"]["past_key_names"], d["inputs"]["past_value_names"])]
+        self._present_names = [n % i for i in range(L) for n in (d["outputs"]["present_key_names"], d["outputs"]["present_value_names"])]
+        types = {i.name: i.type for i in self._dec.get_inputs()}
+        self._kv_dtype = _ORT_DTYPES.get(types.get(self._past_names[0], "tensor(float)"), np.float32)
+        self._kv_shape = (1, int(d["num_key_value_heads"]), 0, int(d["head_size"]))
+        self._ort_device = "cuda" if self.device == "cuda" else "cpu"
+        self._past: list[ort.OrtValue] = []
+        self._n = 0
+        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.timings = PrefillTimings()
+        self._reset()
+
+    def _session(self, path: Path, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+            hint = ""
+            if self.doc.get("precision") == "fp16" and self.device == "cpu":
+                hint = "; fp16 exports need a GPU execution provider (--device cuda/coreml): export fp32, int8 or int4 for CPU"
+            raise ModelFormatError(f"onnxruntime cannot load {path.name} on {providers[0]}: {e}{hint}") from None
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return self._n
+
+    def _reset(self) -> None:
+        empty = np.zeros(self._kv_shape, dtype=self._kv_dtype)
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
+        self._n = 0
+
+    def image_token_count(self, image: PreparedImage) -> int:
+        return image.n_tokens
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def _embed_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray([list(ids)], dtype=np.int64)
+        return self._embed.run(None, {"input_ids": arr})[0]
+
+    def image_features(self, image: PreparedImage) -> tuple[np.ndarray, bool]:
+        """Packed features [n_tokens, hidden] of `image` (cached by `image.key`) and whether cached."""
+        hit = self._images.get(image.key)
+        if hit is not None:
+            self._images.move_to_end(image.key)
+            return hit, True
+        feats = self._vision.run(None, {"pixel_values": np.ascontiguousarray(image.pixel_values, dtype=np.float32)})[0]
+        packed = pack_image_features(feats, image.grid, image.orig_size, self.config, self._newline)
+        if packed.shape[0] != image.n_tokens:
+            raise ModelFormatError(f"image features have {packed.shape[0]} rows; processing said {image.n_tokens}")
+        self._images[image.key] = packed
+        if len(self._images) > _IMAGE_CACHE_SIZE:
+            self._images.popitem(last=False)
+        return packed, False
+
+    def _run(self, embeds: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
+        """Evaluate embeddings [1, k, H] at positions n..; return float32 logits [len(index), V]."""
+        k = embeds.shape[1]
+        total = self._n + k
+        if total > self.n_ctx:
+            raise ContextLengthError(f"sequence of {total} positions exceeds the model's context of {self.n_ctx}")
+        b = self._dec.io_binding()
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.arange(self._n, total, dtype=np.int64)[None])
+        b.bind_cpu_input("logits_index", logits_index.astype(np.int64))
+        for name, v in zip(self._past_names, self._past):
+            b.bind_ortvalue_input(name, v)
+        b.bind_output("logits", "cpu")
+        for name in self._present_names:
+            b.bind_output(name, self._ort_device)
+        self._dec.run_with_iobinding(b)
+        outs = b.get_outputs()
+        self._past = list(outs[1:])
+        self._n = total
+        return outs[0].numpy()[0].astype(np.float32, copy=False)
+
+    # ---- contract --------------------------------------------------------------------------
+    def prefill(self, segments: Sequence[Any]) -> np.ndarray:
+        self._reset()
+        t0 = time.perf_counter()
+        parts, n_img, vision_s, hits = [], 0, 0.0, 0
+        for seg in segments:
+            if isinstance(seg, PreparedImage):
+                tv = time.perf_counter()
+                feats, hit = self.image_features(seg)
+                vision_s += time.perf_counter() - tv
+                hits += hit
+                n_img += feats.shape[0]
+                parts.append(feats[None].astype(np.float32, copy=False))
+            elif len(seg):
+                parts.append(self._embed_ids(seg))
+        if not parts:
+            raise ContextLengthError("prefill got an empty prompt: pass at least one token or image")
+        embeds = np.concatenate(parts, axis=1)
+        logits = self._run(embeds, np.asarray([embeds.shape[1] - 1]))
+        total = time.perf_counter() - t0
+        self.timings = PrefillTimings(n_img, vision_s * 1000.0, (total - vision_s) * 1000.0, hits)
+        return logits[-1]
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = list(token_ids)
+        return self._run(self._embed_ids(ids), np.arange(len(ids)))
+
+    def truncate(self, n_past: int) -> None:
+        """Drop cache positions >= n_past (a host-side slice of each past tensor)."""
+        if n_past >= self._n:
+            return
+        n_past = max(0, int(n_past))
+        sliced = []
+        for v in self._past:
+            a = np.ascontiguousarray(v.numpy()[:, :, :n_past])
+            sliced.append(ort.OrtValue.ortvalue_from_numpy(a, self._ort_device) if self._ort_device != "cpu"
+                          else ort.OrtValue.ortvalue_from_numpy(a))
+        self._past = sliced
+        self._n = n_past
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.doc.get("precision", "")),
+                           extra={"providers": self._dec.get_providers(), "graphs": self.doc.get("graph_precision", {}),
+                                  "kv_cache": "io-binding"})
+
+    def close(self) -> None:
+        self._past = []
+        self._images.clear()
+        for attr in ("_embed", "_vision", "_dec"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+
+__all__ = ["OnnxBackend", "pack_image_features", "read_genai_config", "resolve_device", "PROVIDERS"]
