@@ -1,7 +1,7 @@
 """GGUF parity on the shipped model (r4b_edge/assets/model); skipped until it exists.
 
 - F16: greedy tokens identical to torch for the first 32 tokens on 20 held-out world prompts
-  (at least 19; a divergence is allowed only at a numerical tie, torch top-2 gap < 0.02);
+  (all 20; a divergence at a clear torch choice fails with its gap in the message);
   image embeddings and last logits within the pinned bounds.
 - Q8_0 / Q4_K_M: accuracy and think-rate (auto mode) within 1 / 3 points of torch on the
   held-out world (the model card's table comes from `python -m r4b_edge.export.quant_eval`).
@@ -33,7 +33,7 @@ LOGITS_BOUND = 5e-2
 # Greedy decoding may meet a numerical tie: a torch top-2 gap below this is within the
 # F16 error, and either token is a correct greedy choice.
 TIE_GAP = 2e-2
-MIN_IDENTICAL = 19
+MIN_IDENTICAL = 20  # the issue asks every prompt identical; the shipped model gives 20/20
 PER_FAMILY = 12  # 96 items: a CI-sized subset (the card's table uses 25 per family)
 
 
