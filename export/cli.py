@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 GGUF_QUANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q5_0", "F32")
-ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 
 
 def register(sub) -> None:

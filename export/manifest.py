@@ -128,8 +128,8 @@ def write_manifest(out_dir: str | os.PathLike[str], files: Sequence[str | os.Pat
     entries = []
     for f in files:
         p = Path(f)
-        if not p.is_absolute():
-            p = out / p
+        if not p.is_absolute() and (out / p).is_file():
+            p = out / p  # a name inside out_dir; otherwise a path relative to the cwd
         if not p.is_file():
             raise ExportError(f"manifest: {p} was not written; the export did not finish")
         try:

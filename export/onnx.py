@@ -36,7 +36,7 @@ import numpy as np
 
 from r4b_edge.errors import ExportError, ModelFormatError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 GENAI_CONFIG = "genai_config.json"
 VISION_FILE, EMBED_FILE, DECODER_FILE = "vision.onnx", "embed.onnx", "decoder.onnx"
 NEWLINE_FILE = "image_newline.npy"

@@ -108,13 +108,15 @@ def convert(raw: Path, out: Path, precision: str, names: tuple[str, ...]) -> dic
             copy_graph(src, dst)
         elif want == "fp16":
             to_fp16(src, dst)
-        elif want == "int8" and stem == "vision":
+        elif want in ("int8", "int8-dynamic") and stem == "vision":
+            quantize_int8(src, dst)
+        elif want == "int8-dynamic":  # onnxruntime's quantize_dynamic on the decoder too
             quantize_int8(src, dst)
         elif want == "int8":
             quantize_nbits(src, dst, bits=8)
         elif want == "int4":
             quantize_nbits(src, dst, bits=4, head_bits=8)
         else:
-            raise ExportError(f"unknown precision {precision!r}: use fp32, fp16, int8 or int4")
+            raise ExportError(f"unknown precision {precision!r}: use fp32, fp16, int8, int8-dynamic or int4")
         done[stem] = want
     return done

@@ -5,7 +5,18 @@ import sys
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS of this process in MiB (0.0 where the OS does not say)."""
+    """Peak RSS of this process in MiB (0.0 where the OS does not say).
+
+    Linux: VmHWM from /proc/self/status (ru_maxrss is inherited across fork,
+    so a child would report its parent's peak)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
     try:
         import resource
     except ImportError:  # Windows

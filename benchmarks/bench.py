@@ -1,0 +1,357 @@
+"""`r4b-edge bench`: latency, memory and accuracy-per-token for every backend, precision and
+mode, with raw llama.cpp, memory bandwidth and (opt-in) the roofline side by side.
+
+    r4b-edge bench --quick                      # CI-sized: one precision per backend, < 2 min
+    r4b-edge bench -p 64,256 -n 32,128          # llama-bench-like pp/tg grid
+    r4b-edge bench --roofline --out benchmarks/results
+
+Exported artefacts (GGUF quants, ONNX precisions) are made by the exporters into a cache
+folder (default runs/bench-cache/) and reused while their manifest says they are up to date.
+Backends or precisions that are not installed or cannot be exported are reported as skipped,
+with the reason, in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_PRECISIONS = {"torch": "fp32", "llama": "F16,Q8_0,Q4_K_M", "onnx": "fp32,int8,int4"}
+QUICK_PRECISIONS = {"torch": "fp32", "llama": "Q4_K_M", "onnx": "int8"}
+
+
+def register(subparsers: Any) -> None:
+    """Add the `bench` verb (no heavy imports here)."""
+    p = subparsers.add_parser("bench", help="benchmark backends, quantizations and modes",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="R-4B checkpoint folder (default: the bundled model)")
+    p.add_argument("--backends", default="torch,llama,onnx", help="comma list of torch, llama, onnx")
+    p.add_argument("--torch-precisions", default=None, help="fp32, bf16 (default fp32)")
+    p.add_argument("--gguf-quants", default=None, help="GGUF quants (default F16,Q8_0,Q4_K_M)")
+    p.add_argument("--onnx-precisions", default=None, help="ONNX precisions (default fp32,int8,int4)")
+    p.add_argument("--modes", default="auto,think,no-think", help="modes for the accuracy-per-token table")
+    p.add_argument("-p", "--n-prompt", default="64,256", help="prompt lengths in tokens (comma list)")
+    p.add_argument("-n", "--n-gen", default="64", help="decode lengths in tokens (comma list)")
+    p.add_argument("--image", choices=["on", "off", "both"], default="both",
+                   help="put one world image in the prompt (vision-encode timing)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
+    p.add_argument("--eval-per-family", type=int, default=10, help="eval items per question family")
+    p.add_argument("--eval-seed", type=int, default=None, help="world seed of the eval split")
+    p.add_argument("--max-tokens", type=int, default=64, help="reply bound in the modes table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: physical cores not busy by the load average; 1 with --quick)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, metal")
+    p.add_argument("--quick", action="store_true", help="one precision per backend, small grid (< 2 min)")
+    p.add_argument("--roofline", action="store_true",
+                   help="also build a random 4B-shape model (F16 + Q4_K_M GGUF, ~20 GB disk) and compare "
+                        "decode with the memory-bandwidth roofline")
+    p.add_argument("--roofline-dir", default=None,
+                   help="work folder of the roofline model (default <cache>/roofline; the layout of "
+                        "`python -m r4b_edge.export.scale_check --work DIR`, whose output it reuses)")
+    p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
+    p.add_argument("--no-modes", action="store_true", help="skip the accuracy-per-token table")
+    p.add_argument("--cache", default="runs/bench-cache", help="folder for exported artefacts")
+    p.add_argument("--out", default="runs/bench", help="folder for results.json / results.md / *.png")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=main)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _ints(s: str, what: str) -> list[int]:
+    from r4b_edge.errors import R4BError
+
+    try:
+        vals = [int(x) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise R4BError(f"{what} must be a comma list of integers, got {s!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise R4BError(f"{what} must be a comma list of integers >= 0, got {s!r}")
+    return vals
+
+
+def _list(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def _settings(a: argparse.Namespace) -> dict[str, Any]:
+    """Resolve --quick and the defaults into one settings dict (validated)."""
+    from r4b_edge.errors import R4BError
+
+    q = a.quick
+    backends = _list(a.backends)
+    bad = [b for b in backends if b not in DEFAULT_PRECISIONS]
+    if bad:
+        raise R4BError(f"unknown backend(s) {bad}: use torch, llama, onnx")
+    modes = _list(a.modes)
+    if any(m not in ("auto", "think", "no-think") for m in modes):
+        raise R4BError(f"--modes takes auto, think, no-think; got {a.modes!r}")
+    prec = QUICK_PRECISIONS if q else DEFAULT_PRECISIONS
+    s = {
+        "backends": backends,
+        "precisions": {"torch": _list(a.torch_precisions or prec["torch"]),
+                       "llama": _list(a.gguf_quants or prec["llama"]),
+                       "onnx": _list(a.onnx_precisions or prec["onnx"])},
+        "modes": modes,
+        "n_prompt": [32] if q and a.n_prompt == "64,256" else _ints(a.n_prompt, "-p/--n-prompt"),
+        "n_gen": [16] if q and a.n_gen == "64" else _ints(a.n_gen, "-n/--n-gen"),
+        "image": {"on": [True], "off": [False], "both": [False, True]}[a.image if not q or a.image != "both" else "on"],
+        "repeats": min(a.repeats, 2) if q else a.repeats,
+        "warmup": a.warmup,
+        "eval_per_family": 1 if q and a.eval_per_family == 10 else a.eval_per_family,
+        "max_tokens": 16 if q and a.max_tokens == 64 else a.max_tokens,
+        "eval_seed": a.eval_seed,
+        # under --quick one thread: on a shared 2-core runner, 2 spinning threads per op stall
+        "threads": a.threads or (1 if q else auto_threads()),
+        "threads_from": "--threads" if a.threads else ("--quick" if q else "auto: idle physical cores"),
+        "roofline_dir": a.roofline_dir,
+        "device": a.device,
+        "quick": q, "roofline": a.roofline, "baselines": not a.no_baselines, "modes_table": not a.no_modes,
+    }
+    if s["repeats"] < 1 or s["warmup"] < 0 or s["eval_per_family"] < 1 or s["max_tokens"] < 1:
+        raise R4BError("--repeats, --eval-per-family and --max-tokens must be >= 1, --warmup >= 0")
+    return s
+
+
+def auto_threads() -> int:
+    """Physical cores not already busy (1-minute load average), at least 1. Decode threads that
+    share a core with another busy process stall at every op's barrier: measured here, llama.cpp
+    Q4_K_M 4B-shape decode fell from 10 tok/s (1 thread) to 0.6 tok/s (2 threads, one core busy)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except OSError:
+        busy = 0
+    return max(1, cores - busy)
+
+
+def _model_summary(path: Path) -> dict[str, Any]:
+    from r4b_edge.model.config import RConfig
+
+    cfg = RConfig.from_file(path)
+    tc = cfg.text_config
+    return {"path": str(path), "summary": f"text {tc['num_hidden_layers']} layers x {tc['hidden_size']}, "
+            f"vocab {cfg.vocab_size}, vision {cfg.image_size}px/{cfg.patch_size}, "
+            f"{'AnyRes' if cfg.anyres else 'base view'}"}
+
+
+def export_worker(p: dict) -> dict:
+    """Worker: run every export job {backend, precision, out} from one checkpoint (one process,
+    so torch is imported once and llama.cpp's log stays out of the bench's output)."""
+    out = {}
+    for job in p["jobs"]:
+        key = f"{job['backend']}:{job['precision']}"
+        try:
+            if job["backend"] == "llama":
+                from r4b_edge.export.gguf import export_gguf
+
+                out[key] = {"path": str(export_gguf(p["model"], job["out"], quant=job["precision"]).text)}
+            else:
+                from r4b_edge.export.onnx import export_onnx
+
+                out[key] = {"path": str(export_onnx(p["model"], job["out"], job["precision"]))}
+        except Exception as e:  # reported in the JSON, never silently dropped
+            out[key] = {"error": f"{type(e).__name__}: {e}"}
+    return {"exports": out}
+
+
+def prepare_configs(model: Path, s: dict, cache: Path, log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """One spec per backend x precision, exporting GGUF/ONNX artefacts into `cache` (reused when
+    their manifest says up to date). Returns (specs, skipped)."""
+    from r4b_edge.backends import BACKENDS, is_installed
+
+    from .latency import run_isolated
+
+    model = model.resolve()
+    root = (cache / f"{model.name}-{hashlib.sha1(str(model).encode()).hexdigest()[:8]}").resolve()
+    specs, skipped, jobs = [], [], []
+
+    def skip(backend: str, precision: str, reason: str) -> None:
+        skipped.append({"what": f"{backend} {precision}", "backend": backend, "precision": precision,
+                        "reason": reason})
+
+    for b in s["backends"]:
+        for prec in s["precisions"][b]:
+            base = {"backend": b, "precision": prec, "device": s["device"], "threads": s["threads"]}
+            if not is_installed(b):
+                skip(b, prec, f"backend not installed: pip install '{BACKENDS[b][1]}'")
+            elif b == "torch":
+                if prec in ("fp32", "bf16", "fp16"):
+                    specs.append({**base, "path": str(model)})
+                else:
+                    skip(b, prec, f"unknown torch precision {prec!r}: use fp32, bf16 or fp16")
+            else:
+                jobs.append({**base, "out": str(root / f"{'gguf' if b == 'llama' else 'onnx'}-{prec}")})
+    if jobs:
+        log(f"exporting {len(jobs)} artefact(s) into {root} (reused when up to date)")
+        res = run_isolated("r4b_edge.benchmarks.bench:export_worker",
+                           {"model": str(model), "jobs": [{k: j[k] for k in ("backend", "precision", "out")}
+                                                          for j in jobs]}, timeout=4 * 3600)
+        for j in jobs:
+            e = (res.get("exports") or {}).get(f"{j['backend']}:{j['precision']}") or \
+                {"error": res.get("error") or res.get("skipped") or "export did not run"}
+            if "path" in e:
+                specs.append({k: v for k, v in j.items() if k != "out"} | {"path": e["path"]})
+            else:
+                skip(j["backend"], j["precision"], f"export failed: {e['error']}")
+    order = {(b, p): i for i, (b, p) in enumerate((b, p) for b in s["backends"] for p in s["precisions"][b])}
+    specs.sort(key=lambda sp: order[(sp["backend"], sp["precision"])])
+    return specs, skipped
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def run_bench(model: Path, s: dict, cache: Path, out: Path | None, make_plots: bool = True,
+              command: str = "", log: Callable[[str], None] | None = None) -> dict:
+    """Run everything `s` asks for and return the results document (written to `out`)."""
+    from tqdm import tqdm
+
+    from . import baselines, latency, modes, report
+
+    log = log or (lambda m: tqdm.write(m, file=sys.stderr))
+    t_start = time.perf_counter()
+    machine = report.machine_info()
+    specs, skipped = prepare_configs(model, s, cache, log)
+    seed = s.get("eval_seed")
+    if seed is None:
+        seed = _default_eval_seed()
+    jobs: list[tuple[str, Any]] = []
+    for sp in specs:
+        for pp in s["n_prompt"]:
+            for tg in s["n_gen"]:
+                for img in s["image"]:
+                    jobs.append(("latency", (sp, pp, tg, img)))
+    if s["modes_table"]:
+        jobs += [("modes", sp) for sp in specs]
+    if s["baselines"]:
+        jobs.append(("bandwidth", None))
+        jobs += [("overhead", sp) for sp in specs if sp["backend"] == "llama"]
+    if s["roofline"]:
+        jobs.append(("roofline", None))
+    doc: dict[str, Any] = {
+        "schema": report.SCHEMA_NAME, "schema_version": report.SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": s["quick"],
+        "command": command, "machine": machine, "model": _model_summary(model),
+        "settings": {k: v for k, v in s.items()} | {"eval_seed": seed},
+        "configurations": [{"backend": sp["backend"], "precision": sp["precision"], "path": sp["path"],
+                            "status": "ok"} for sp in specs]
+        + [{"backend": k["backend"], "precision": k["precision"], "status": "skipped", "skipped": k["reason"]}
+           for k in skipped],
+        "latency": [], "modes": [], "baselines": {"overhead": [], "bandwidth": {}, "roofline": {}},
+        "targets": [], "skipped": list(skipped), "duration_s": 0.0,
+    }
+    bw = None
+    bar = tqdm(jobs, desc="bench", unit="config", file=sys.stderr, dynamic_ncols=True)
+    for kind, arg in bar:
+        if kind == "latency":
+            sp, pp, tg, img = arg
+            bar.set_postfix_str(f"{sp['backend']} {sp['precision']} pp{pp} tg{tg}{' +img' if img else ''}")
+            row = latency.run_latency(sp, pp, tg, img, s["warmup"], s["repeats"])
+            doc["latency"].append(row)
+        elif kind == "modes":
+            bar.set_postfix_str(f"modes {arg['backend']} {arg['precision']}")
+            row = modes.run_modes(arg, s["eval_per_family"], seed, s["modes"], s["max_tokens"])
+            doc["modes"].append(row)
+        elif kind == "bandwidth":
+            bar.set_postfix_str("memory bandwidth")
+            bw = baselines.memory_bandwidth(mib=256 if s["quick"] else 1024, repeats=3 if s["quick"] else 7,
+                                            threads=s["threads"])
+            doc["baselines"]["bandwidth"] = bw
+            row = None
+        elif kind == "overhead":
+            bar.set_postfix_str(f"raw llama.cpp {arg['precision']}")
+            row = baselines.run_overhead(arg, max(s["n_prompt"]), max(s["n_gen"]), s["warmup"],
+                                         max(s["repeats"], 3))
+            doc["baselines"]["overhead"].append(row)
+        else:
+            bar.set_postfix_str("roofline")
+            if bw is None:
+                bw = baselines.memory_bandwidth(threads=s["threads"])
+                doc["baselines"]["bandwidth"] = bw
+            work = Path(s["roofline_dir"] or cache / "roofline").resolve()
+            roof = baselines.run_roofline(work, ["F16", "Q4_K_M"], bw["gbps"], s["threads"], log=log)
+            row = roof.pop("overhead", None)
+            if row is not None:
+                doc["baselines"]["overhead"].append(row)
+                kind = "overhead (4B-shape)"
+            doc["baselines"]["roofline"] = roof
+            for what, why in ([("roofline", roof["skipped"])] if roof.get("skipped") else []) + \
+                    [(f"roofline {r['quant']}", r["skipped"]) for r in roof.get("rows", []) if "skipped" in r]:
+                doc["skipped"].append({"what": what, "reason": why})
+        if row is not None and "skipped" in row:
+            what = f"{kind} {row['backend']} {row['precision']}"
+            doc["skipped"].append({"what": what, "reason": row["skipped"]})
+            log(f"skipped {what}: {row['skipped']}")
+    bar.close()
+    if not s["baselines"]:
+        doc["baselines"]["bandwidth"] = {"skipped": "--no-baselines"}
+    if not s["roofline"]:
+        doc["baselines"]["roofline"] = {"skipped": "not run (opt-in: --roofline)"}
+    doc["targets"] = report.compute_targets(doc)
+    try:
+        doc["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    doc["duration_s"] = round(time.perf_counter() - t_start, 1)
+    if out is not None:
+        report.write_outputs(doc, out, make_plots)
+    else:
+        report.validate(doc)
+    return doc
+
+
+def _default_eval_seed() -> int:
+    """The world seed of training's held-out eval split (`train.evaluate`: recipe seed + offset),
+    so the modes table asks the questions `r4b-edge eval` scores."""
+    try:
+        from r4b_edge.train.common import Recipe
+        from r4b_edge.train.evaluate import EVAL_SEED_OFFSET
+
+        return int(Recipe().seed) + int(EVAL_SEED_OFFSET)
+    except ImportError:  # train extras (torch) not installed
+        return 1234 + 100
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The bench command line as run (flags that differ from the defaults)."""
+    parts = ["r4b-edge bench"]
+    for k, v in sorted(vars(args).items()):
+        if k in ("func", "verb") or v in (None, False):
+            continue
+        parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return " ".join(parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `r4b-edge bench`."""
+    from r4b_edge.api import default_model_path
+    from r4b_edge.errors import ModelNotFoundError, R4BError
+
+    s = _settings(args)
+    model = Path(args.model).expanduser() if args.model else default_model_path()
+    if not (model / "config.json").is_file():
+        raise ModelNotFoundError(f"{model} is not an R-4B checkpoint folder (no config.json): pass --model "
+                                 "with the folder training wrote; the bench exports GGUF/ONNX from it")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise R4BError(f"--out {out} is a file: pass a folder")
+    doc = run_bench(model, s, Path(args.cache).expanduser(), out, make_plots=not args.no_plots,
+                    command=_command(args))
+    print(f"results: {out / 'results.json'} ({doc['duration_s']:.0f} s)")
+    for t in doc["targets"]:
+        met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        val = "-" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"  {t['name']}: {val} (goal {t['goal']}) {met}")
+    if doc["skipped"]:
+        print(f"  skipped: {len(doc['skipped'])} (see results.md)")
+    return 0
