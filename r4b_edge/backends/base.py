@@ -8,9 +8,10 @@ back). Logits are float32 numpy arrays, so the engine above never sees torch.
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 
@@ -39,6 +40,31 @@ class BackendInfo:
     model_path: str
     precision: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def encode_segments(segments: Sequence[Segment], image_fn: Callable[[Any], tuple[Any, bool]],
+                    text_fn: Callable[[Sequence[int]], Any]) -> tuple[list, PrefillTimings]:
+    """Walk a prompt's segments in order: images through `image_fn` (returns
+    embeddings [n, hidden] and whether they came from the cache), non-empty
+    token runs through `text_fn`. Returns the parts and the image timings
+    (`prefill_ms` is left for the caller, who knows when the prefill ends)."""
+    from ..model.processing import PreparedImage
+
+    parts: list = []
+    t = PrefillTimings()
+    vision_s = 0.0
+    for seg in segments:
+        if isinstance(seg, PreparedImage):
+            tv = time.perf_counter()
+            emb, hit = image_fn(seg)
+            vision_s += time.perf_counter() - tv
+            t.cached_images += int(hit)
+            t.image_tokens += int(emb.shape[0])
+            parts.append(("image", emb))
+        elif len(seg):
+            parts.append(("text", text_fn(seg)))
+    t.vision_encode_ms = vision_s * 1000.0
+    return parts, t
 
 
 class Backend(abc.ABC):

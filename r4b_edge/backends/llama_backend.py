@@ -27,7 +27,7 @@ from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatErr
 from ..model.config import RConfig
 from ..model.processing import PreparedImage, anyres_layout, count_image_tokens
 from ..model.tokenizer import IM_END, Tokenizer
-from .base import Backend, BackendInfo, PrefillTimings
+from .base import Backend, BackendInfo, PrefillTimings, encode_segments
 
 R4B_CONFIG_KEY = "r4b.config"
 HF_JSON_KEY = "tokenizer.huggingface.json"
@@ -276,18 +276,9 @@ class LlamaBackend(Backend):
         self._ll.llama_memory_clear(self._mem, True)
         self._n = 0
         t0 = time.perf_counter()
-        vision_s, n_img, hits = 0.0, 0, 0
-        items: list[tuple[str, Any]] = []
-        for seg in segments:
-            if isinstance(seg, PreparedImage):
-                tv = time.perf_counter()
-                emb, hit = self.image_embeddings(seg)
-                vision_s += time.perf_counter() - tv
-                hits += hit
-                n_img += emb.shape[0]
-                items.append(("embd", emb))
-            elif len(seg):
-                items.append(("tok", np.asarray(list(seg), dtype=np.int32)))
+        parts, tm = encode_segments(segments, self.image_embeddings,
+                                    lambda ids: np.asarray(list(ids), dtype=np.int32))
+        items = [("embd" if kind == "image" else "tok", x) for kind, x in parts]
         total = sum(len(x) for _, x in items)
         if total == 0:
             raise ContextLengthError("prefill got an empty prompt")
@@ -300,7 +291,8 @@ class LlamaBackend(Backend):
             out = self._decode(x, embd=kind == "embd", all_logits=False, want_last=last)
             if last:
                 logits = out[-1]
-        self.timings = PrefillTimings(n_img, vision_s * 1000.0, (time.perf_counter() - t0 - vision_s) * 1000.0, hits)
+        tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
+        self.timings = tm
         return logits
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:

@@ -22,7 +22,7 @@ from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatErr
 from ..model.config import RConfig
 from ..model.processing import PreparedImage, anyres_layout
 from ..model.tokenizer import Tokenizer
-from .base import Backend, BackendInfo, PrefillTimings
+from .base import Backend, BackendInfo, PrefillTimings, encode_segments
 
 GENAI_CONFIG = "genai_config.json"
 _IMAGE_CACHE_SIZE = 8
@@ -229,23 +229,14 @@ class OnnxBackend(Backend):
     def prefill(self, segments: Sequence[Any]) -> np.ndarray:
         self._reset()
         t0 = time.perf_counter()
-        parts, n_img, vision_s, hits = [], 0, 0.0, 0
-        for seg in segments:
-            if isinstance(seg, PreparedImage):
-                tv = time.perf_counter()
-                feats, hit = self.image_features(seg)
-                vision_s += time.perf_counter() - tv
-                hits += hit
-                n_img += feats.shape[0]
-                parts.append(feats[None].astype(np.float32, copy=False))
-            elif len(seg):
-                parts.append(self._embed_ids(seg))
+        parts, tm = encode_segments(segments, self.image_features, self._embed_ids)
         if not parts:
             raise ContextLengthError("prefill got an empty prompt: pass at least one token or image")
-        embeds = np.concatenate(parts, axis=1)
+        embeds = np.concatenate([e[None].astype(np.float32, copy=False) if kind == "image" else e
+                                 for kind, e in parts], axis=1)
         logits = self._run(embeds, np.asarray([embeds.shape[1] - 1]))
-        total = time.perf_counter() - t0
-        self.timings = PrefillTimings(n_img, vision_s * 1000.0, (total - vision_s) * 1000.0, hits)
+        tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
+        self.timings = tm
         return logits[-1]
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:

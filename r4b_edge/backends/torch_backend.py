@@ -17,7 +17,7 @@ from ..errors import BackendUnavailableError
 from ..model.checkpoint import load_checkpoint
 from ..model.modeling import truncate_cache
 from ..model.processing import PreparedImage
-from .base import Backend, BackendInfo, PrefillTimings
+from .base import Backend, BackendInfo, PrefillTimings, encode_segments
 
 _IMAGE_CACHE_SIZE = 8
 
@@ -109,22 +109,13 @@ class TorchBackend(Backend):
     def prefill(self, segments) -> np.ndarray:
         self._cache, self._embeds, self._n = None, None, 0
         t0 = time.perf_counter()
-        parts, n_img, vision_s, hits = [], 0, 0.0, 0
-        for seg in segments:
-            if isinstance(seg, PreparedImage):
-                tv = time.perf_counter()
-                feats, hit = self._image_embeds(seg)
-                vision_s += time.perf_counter() - tv
-                hits += hit
-                n_img += feats.shape[0]
-                parts.append(feats[None].to(self.dtype))
-            else:
-                parts.append(self._embed_ids(seg))
-        logits = self._run(torch.cat(parts, dim=1))
+        parts, tm = encode_segments(segments, self._image_embeds, self._embed_ids)
+        embeds = [e[None].to(self.dtype) if kind == "image" else e for kind, e in parts]
+        logits = self._run(torch.cat(embeds, dim=1))
         if self.device == "cuda":
             torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        self.timings = PrefillTimings(n_img, vision_s * 1000.0, (total - vision_s) * 1000.0, hits)
+        tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
+        self.timings = tm
         return logits[-1].cpu().numpy()
 
     @torch.inference_mode()
