@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from r4b_edge.errors import ExportError, ModelFormatError
+from r4b_edge.fsutil import replace_dir
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 GENAI_CONFIG = "genai_config.json"
@@ -306,10 +307,4 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     for p in tmp.iterdir():  # mkdtemp/mkstemp create 0700/0600; an export is meant to be shared
         os.chmod(p, 0o644)
     os.chmod(tmp, 0o755)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)

@@ -65,3 +65,18 @@ def tiny_ckpt_base(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-r4b-base"
     return write_random_checkpoint(out, _tiny_config(tiny_tokenizer, False), tiny_tokenizer_dir, seed=1)
+
+
+def export_tiny(tmp_path_factory: pytest.TempPathFactory, ckpt: Path, backend: str) -> Path:
+    """`ckpt` exported for `backend` (onnx fp32 / gguf F16) under the session's base temp,
+    so tests of several modules share one export per session."""
+    base = tmp_path_factory.getbasetemp()
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+        from r4b_edge.export.onnx import export_onnx
+
+        return export_onnx(ckpt, base / f"onnx-{ckpt.name}-fp32", "fp32")
+    pytest.importorskip("llama_cpp")
+    from r4b_edge.export.gguf import export_gguf
+
+    return export_gguf(ckpt, base / f"apps-gguf-{ckpt.name}-f16", quant="F16").out_dir

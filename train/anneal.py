@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .common import Metrics, Recipe, barrier, is_main, load_recipe, rank, set_threads, setup_dist, world_size
+from .common import Metrics, Recipe, barrier, is_main, rank, set_threads, setup_dist, world_size
 from .data import read_jsonl, write_jsonl
 from .pretrain import (add_grounding_labels, encode_all, ensure_world, load_stage_model, load_tokenizer, pixel_cache,
-                       save_stage_model, stage_args, stage_model_dir)
+                       save_stage_model, stage_main, stage_model_dir)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
 from .world import PERCEPTION, REASONING
@@ -115,11 +115,4 @@ def run(run_dir: Path, r: Recipe) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`train anneal --run DIR [--preset ...] [--set k=v ...]` (needs the pretrain stage; torchrun-able)."""
-    a = stage_args("r4b-edge train anneal", main.__doc__ or "").parse_args(argv)
-    setup_dist()
-    run_dir = Path(a.run)
-    r = load_recipe(run_dir, a.preset, a.set)
-    out = run(run_dir, r)
-    if is_main():
-        print(out)
-    return 0
+    return stage_main("r4b-edge train anneal", main.__doc__ or "", argv, run)

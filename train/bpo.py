@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
 
-from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_recipe, load_state,
+from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
                      lr_at, save_state, set_threads, setup_dist, shard, token_logprobs)
 from .data import MODE_SUFFIX, read_jsonl
 from .pretrain import (ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
-                       stage_args, stage_model_dir)
+                       stage_main, stage_model_dir)
 from .rollout import Roller, Rollout, items_from_records
 from .sft import make_optimizer
 from .world import PERCEPTION, REASONING
@@ -176,14 +176,7 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
 
 def main(argv: list[str] | None = None, algo: str = "bpo") -> int:
     """`train bpo|grpo --run DIR [--preset ...] [--set k=v ...]` (needs the anneal stage; torchrun-able)."""
-    a = stage_args(f"r4b-edge train {algo}", main.__doc__ or "").parse_args(argv)
-    setup_dist()
-    run_dir = Path(a.run)
-    r = load_recipe(run_dir, a.preset, a.set)
-    out = run(run_dir, r, algo)
-    if is_main():
-        print(out)
-    return 0
+    return stage_main(f"r4b-edge train {algo}", main.__doc__ or "", argv, lambda d, r: run(d, r, algo))
 
 
 def main_grpo(argv: list[str] | None = None) -> int:

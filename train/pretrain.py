@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -195,13 +195,18 @@ def stage_args(prog: str, doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`train pretrain --run DIR [--preset shipped|micro] [--set k=v ...]` (torchrun-able)."""
-    a = stage_args("r4b-edge train pretrain", main.__doc__ or "").parse_args(argv)
+def stage_main(prog: str, doc: str, argv: list[str] | None, run_fn: Callable[[Path, Recipe], Path]) -> int:
+    """The body of every stage CLI: parse the common flags, join the process group,
+    load the run's recipe, run the stage, print its output folder on rank 0."""
+    a = stage_args(prog, doc).parse_args(argv)
     setup_dist()
     run_dir = Path(a.run)
-    r = load_recipe(run_dir, a.preset, a.set)
-    out = run(run_dir, r)
+    out = run_fn(run_dir, load_recipe(run_dir, a.preset, a.set))
     if is_main():
         print(out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train pretrain --run DIR [--preset shipped|micro] [--set k=v ...]` (torchrun-able)."""
+    return stage_main("r4b-edge train pretrain", main.__doc__ or "", argv, run)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..fsutil import replace_dir
 from .config import RConfig
 from .modeling import RForConditionalGeneration
 from .tokenizer import Tokenizer
@@ -255,13 +256,7 @@ def save_checkpoint(model: RForConditionalGeneration, config: RConfig,
         gen = {"eos_token_id": sorted(tok.eos_ids), "pad_token_id": tok.token_to_id("<|endoftext|>"),
                "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

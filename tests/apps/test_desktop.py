@@ -16,6 +16,7 @@ from PIL import Image  # noqa: E402
 
 pytest.importorskip("PySide6.QtWidgets")
 
+from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa: E402
 from r4b_edge.apps.desktop_widgets import save_screenshot  # noqa: E402
@@ -262,17 +263,7 @@ def test_image_while_loading_and_close_while_generating(app, tiny_ckpt, png):
 
 
 def _exported(tmp_path_factory, tiny_ckpt, backend: str):
-    """The tiny checkpoint exported for `backend` (same paths as test_serve: one export per session)."""
-    base = tmp_path_factory.getbasetemp()
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
-        from r4b_edge.export.onnx import export_onnx
-
-        return export_onnx(tiny_ckpt, base / f"onnx-{tiny_ckpt.name}-fp32", "fp32")
-    pytest.importorskip("llama_cpp")
-    from r4b_edge.export.gguf import export_gguf
-
-    return export_gguf(tiny_ckpt, base / f"apps-gguf-{tiny_ckpt.name}-f16", quant="F16").out_dir
+    return export_tiny(tmp_path_factory, tiny_ckpt, backend)
 
 
 @pytest.mark.slow

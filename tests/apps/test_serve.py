@@ -20,6 +20,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.server_app import ServerThread, create_app  # noqa: E402
 from r4b_edge.apps.server_request import Limits  # noqa: E402
@@ -400,17 +401,7 @@ def test_cli_serve_bad_args(tiny_ckpt, capsys):
 
 # ---- every backend -------------------------------------------------------------------------------
 def exported(tmp_path_factory, tiny_ckpt, backend: str):
-    """The tiny checkpoint exported for `backend` (shared paths: one export per test session)."""
-    base = tmp_path_factory.getbasetemp()
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
-        from r4b_edge.export.onnx import export_onnx
-
-        return export_onnx(tiny_ckpt, base / f"onnx-{tiny_ckpt.name}-fp32", "fp32")
-    pytest.importorskip("llama_cpp")
-    from r4b_edge.export.gguf import export_gguf
-
-    return export_gguf(tiny_ckpt, base / f"apps-gguf-{tiny_ckpt.name}-f16", quant="F16").out_dir
+    return export_tiny(tmp_path_factory, tiny_ckpt, backend)
 
 
 @pytest.mark.slow
