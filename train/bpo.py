@@ -19,7 +19,7 @@ from r4b_edge.errors import TrainingError
 
 from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
                      lr_at, save_state, set_threads, setup_dist, shard, token_logprobs)
-from .data import MODE_SUFFIX, read_jsonl
+from .data import read_jsonl
 from .pretrain import (ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
                        stage_main, stage_model_dir)
 from .rollout import Roller, Rollout, items_from_records
@@ -141,8 +141,9 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
                 kl = torch.exp(d) - d - 1
                 loss = ((pg + r.rl_beta * kl) * m).sum() / max(1.0, n_tok)
                 loss.backward()
-                stats += torch.tensor([float(loss) * n_tok, float((kl * m).sum()),
-                                       float((((ratio - 1).abs() > r.rl_clip).float() * m).sum()), float(m.sum())])
+                with torch.no_grad():
+                    stats += torch.tensor([float(loss) * n_tok, float((kl * m).sum()),
+                                           float((((ratio - 1).abs() > r.rl_clip).float() * m).sum()), float(m.sum())])
             all_reduce_grads(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for gr in opt.param_groups:

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +23,7 @@ class Recipe:
     """Every knob of the three stages + eval (presets: shipped, micro)."""
 
     seed: int = 1234
-    threads: int = 1  # torch threads per process (0: leave default)
+    threads: int = 2  # torch threads per process (0: leave default; 2 = this machine's cores)
     # model
     text_hidden: int = 256
     text_layers: int = 4
@@ -36,11 +36,17 @@ class Recipe:
     vision_heads: int = 2
     vision_intermediate: int = 512
     image_size: int = 64
-    patch_size: int = 32
+    patch_size: int = 16  # 4 image tokens per world cell
     vocab_size: int = 1024
+    # stage 0: the decoder's text pre-training (world text, no images; 0 steps skips it)
+    lm_per_reasoning: int = 8000  # per reasoning family (think, with trace)
+    lm_per_perception: int = 1500  # per perception family (direct)
+    lm_steps: int = 1500
+    lm_batch: int = 32
+    lm_lr: float = 3e-3
     # stage 1: alignment / pre-training (captions + perception, empty think masked)
     pt_per_family: int = 3000
-    pt_steps: int = 1500
+    pt_steps: int = 2000
     pt_batch: int = 32
     pt_lr: float = 3e-3
     pt_ground: int = 1  # stage-1 auxiliary grounding targets (docs/training.md)
@@ -51,12 +57,12 @@ class Recipe:
     an_temperature: float = 1.0
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
     an_perception_trace_frac: float = 0.1  # direct items also taught with their trace (think mode)
-    an_steps: int = 1200
+    an_steps: int = 1500
     an_batch: int = 32
     an_lr: float = 1e-3
     an_ground: int = 1  # keep the grounding targets (image + perception prompt slots)
     # stage 3: BPO / GRPO
-    rl_steps: int = 40
+    rl_steps: int = 80
     rl_prompts: int = 16  # prompts per step (global)
     rl_group: int = 4  # g rollouts per mode (BPO) ; GRPO uses 2g free rollouts
     rl_lr: float = 2e-5
@@ -81,9 +87,10 @@ class Recipe:
         if name == "shipped":
             return cls()
         if name == "micro":
-            return cls(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_head_dim=32,
+            return cls(threads=1, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_head_dim=32,
                        text_intermediate=128, vision_hidden=32, vision_layers=1, vision_heads=1,
-                       vision_intermediate=64, vocab_size=400, pt_per_family=40, pt_steps=12, pt_batch=8,
+                       vision_intermediate=64, vocab_size=400, lm_per_reasoning=10, lm_per_perception=4, lm_steps=6,
+                       lm_batch=8, pt_per_family=40, pt_steps=12, pt_batch=8,
                        pt_lr=3e-3, an_pool_perception=6, an_pool_reasoning=10, an_samples=4, an_steps=10,
                        an_batch=8, an_lr=3e-3, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
                        rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,

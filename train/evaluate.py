@@ -15,7 +15,7 @@ from r4b_edge.errors import TrainingError
 
 from .common import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl
-from .pretrain import ensure_world, load_tokenizer, stage_model_dir
+from .pretrain import ensure_world, stage_model_dir
 from .rollout import Roller, items_from_records
 from .world import PERCEPTION, REASONING
 

@@ -15,10 +15,7 @@ from .common import Recipe, barrier, is_main, load_recipe, model_config, set_thr
 from .data import Encoded, PixelCache, encode_record, read_jsonl
 from .sft import run_sft
 from .tokenizer import train_tokenizer, save_tokenizer
-from .world import FAMILIES, PERCEPTION, REASONING, TEMPLATES, make_example, scan_text, write_world
-
-STAGES = ("pretrain", "anneal", "bpo", "grpo")
-
+from .world import FAMILIES, PERCEPTION, TEMPLATES, make_example, scan_text, write_world
 
 def world_dir(run: Path, name: str) -> Path:
     """Folder of a generated world split."""
@@ -107,8 +104,9 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
     """Auxiliary targets in label slots the model never predicts at inference (docs/training.md).
 
     - after image token j: the first token of the value (digit or shape) of the cell patch j
-      lies in; in the slots of the 4 tokens that follow the image's newline: the colours of
-      cells 0..3 (dense vision grounding);
+      lies in, except that when a cell spans several patches its bottom-right patch carries
+      the cell's colour instead; in the slots of the 4 tokens that follow the image's newline:
+      the colours of cells 0..3 (dense vision grounding);
     - perception questions only: every prompt slot from the question's position word on (or from `?` for questions
       without one) up to the assistant header: the answer's first token, so the answer is
       carried forward one position at a time instead of by a long learned jump;
@@ -119,13 +117,16 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
         return e
     cells = [c.split(":") for c in scene.split("|")]
     P = cfg.image_size // cfg.patch_size
+    per = max(1, P // 2)  # patch rows per cell
     img = cfg.image_token_index
     pos = [i for i, t in enumerate(e.ids) if t == img]
     for j, p in enumerate(pos[:P * P]):
         r, c = divmod(j, P)
-        k = (r * 2 // P) * 2 + (c * 2 // P)
+        k = (r // per) * 2 + (c // per)
+        corner = per > 1 and r % per == per - 1 and c % per == per - 1
+        what = " " + cells[k][2] if corner else cells[k][1]
         if p + 1 < len(e.labels):
-            e.labels[p + 1] = tok.encode(cells[k][1], add_special_tokens=False).ids[0]
+            e.labels[p + 1] = tok.encode(what, add_special_tokens=False).ids[0]
     if pos:  # the slots of the 4 tokens after the image's newline: the colours of cells 0..3
         q0 = pos[-1] + 2
         for k in range(4):
@@ -174,9 +175,12 @@ def run(run_dir: Path, r: Recipe) -> Path:
     tok = load_tokenizer(run_dir)
     from r4b_edge.model.modeling import RForConditionalGeneration
 
-    cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
-    torch.manual_seed(r.seed)
-    model = RForConditionalGeneration(cfg).to(dev)
+    if r.lm_steps > 0:  # start from the stage-0 decoder
+        model, cfg = load_stage_model(run_dir, "lm", dev)
+    else:
+        cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
+        torch.manual_seed(r.seed)
+        model = RForConditionalGeneration(cfg).to(dev)
     recs = read_jsonl(recs_path)
     data = encode_all(tok, recs, cfg, ["direct"] * len(recs), mask_empty_think=True)
     if r.pt_ground:

@@ -20,7 +20,7 @@ from r4b_edge.errors import TrainingError
 from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
 
 ASSETS = Path(__file__).resolve().parents[1] / "r4b_edge" / "assets"
-STAGE_ORDER = ("pretrain", "anneal", "bpo", "grpo")
+STAGE_ORDER = ("lm", "pretrain", "anneal", "bpo", "grpo")
 #: The README quick-start image and the question it is meant for.
 EXAMPLE = {"seed": 4242, "index": 7, "family": "sum"}
 
@@ -47,9 +47,9 @@ def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
         if rc:
             raise TrainingError(f"stage {stage} exited with status {rc} under torchrun ({nproc} processes)")
     else:
-        from . import anneal, bpo, pretrain
+        from . import anneal, bpo, lm, pretrain
 
-        fn = {"pretrain": pretrain.run, "anneal": anneal.run,
+        fn = {"lm": lm.run, "pretrain": pretrain.run, "anneal": anneal.run,
               "bpo": lambda d, rr: bpo.run(d, rr, "bpo"), "grpo": lambda d, rr: bpo.run(d, rr, "grpo")}[stage]
         fn(run_dir, r)
     dt = time.time() - t0
@@ -76,7 +76,15 @@ def model_card(run_dir: Path, r: Recipe, cfg: Any, results: dict, timing: dict, 
     from .evaluate import markdown
 
     tc, vc = cfg.text_config, cfg.vision_config
-    ratio = results["models"]["bpo"]["auto"]["overall"]["mean_tokens"] / results["models"]["bpo"]["think"]["overall"]["mean_tokens"]
+    bpo = results["models"]["bpo"]
+    ratio = bpo["auto"]["overall"]["mean_tokens"] / bpo["think"]["overall"]["mean_tokens"]
+
+    def fam(mode: str, family: str) -> str:
+        return f"{100 * bpo[mode]['families'][family]:.0f}%"
+
+    def tr(model: str) -> str:
+        return f"{100 * results['models'][model]['auto']['reasoning']['think_rate']:.1f}%"
+
     n_params = timing.get("n_params")
     total = sum(v for v in timing["stages"].values() if v)
     stage_rows = "\n".join(f"| {k} | {v / 60:.1f} min |" if v else f"| {k} | - |" for k, v in timing["stages"].items())
@@ -85,7 +93,8 @@ def model_card(run_dir: Path, r: Recipe, cfg: Any, results: dict, timing: dict, 
 A {n_params / 1e6:.1f} M-parameter model in the R-4B layout (SigLIP vision tower + LayerNorm/MLP
 projector + Qwen3 decoder, `RForConditionalGeneration`, base view only) trained from scratch
 with `r4b-edge train reproduce` on the procedural visual-reasoning world (docs/world.md), following
-R-4B's recipe: alignment with non-thinking loss masking -> bi-mode annealing (curated by the N=8
+R-4B's recipe: text pre-training of the decoder (standing in for the pre-trained Qwen3 that R-4B
+starts from) -> alignment with non-thinking loss masking -> bi-mode annealing (curated by the N=8
 no-think rule) -> BPO. It auto-thinks: it answers perception questions directly and writes a step
 trace before answering reasoning questions. It knows nothing outside the world.
 
@@ -114,9 +123,9 @@ Time-to-answer: mean wall time until the answer starts (after `</think>`), unbat
 ## Reproduction
 
 `r4b-edge train reproduce --run runs/shipped` (one process; `--nproc 2` runs each stage under
-torchrun). Measured wall time on the 2-core machine, shared with other jobs: {total / 60:.1f} min
-(per-stage wall times from the run's own logs/timers; the pre-training world + tokenizer are
-~35 s of the first row; CPU contention from other jobs varied by 2-5x during the run).
+torchrun). Measured wall time on the 2-core machine ({r.threads} torch threads): {total / 60:.1f} min
+(per-stage wall times from the run's own timers; tokenizer training is part of the first row,
+rendering the pre-training world part of the second).
 
 | stage | wall time |
 |---|---|
@@ -124,18 +133,25 @@ torchrun). Measured wall time on the 2-core machine, shared with other jobs: {to
 
 ## Limitations and what would close the gaps
 
-- Colour is the weak perception skill: the stage-1 grounding targets put a cell's *value* at its
-  own image token but its colour only at later prompt positions, and with one image token per
-  cell the model never learned to read colour back within the budget (colour and colour-count
-  families; a linear probe on the vision features does find the colour, ~99%). Next step:
-  patch 16 (four tokens per cell) with colour grounded at one of them, or more stage-1 steps.
-- Reasoning accuracy in think mode is limited by the arithmetic steps (the scans are right far
-  more often than the sums); more annealing steps or a larger text model are the obvious levers.
-- Auto mode spends {ratio:.2f}x the tokens of think mode because the perception "thinking" trace
-  (the scan, ~22 tokens) is shorter than the reasoning traces; the 0.5x target would need longer
-  think-mode perception traces or a perception-heavier mix.
-- RL was short (40 steps x 16 prompts x 8 rollouts). An earlier run with rl_lr 1e-4 drifted
-  (KL ~0.3/token) and lowered auto accuracy; the shipped recipe uses 2e-5.
+- Colour-count is the one weak family ({fam('no-think', 'colour-count')} no-think, {fam('think', 'colour-count')} think; every
+  other perception family is >= 98% in every mode), and it alone keeps the perception tier under
+  97%. Colour itself is read ({fam('no-think', 'colour')}): matching the asked colour against four cells and
+  counting is what fails. In think mode the scan is right but the listing step
+  (`red: top-left bottom-right -> 2`) is taught by few examples (perception traces are 10% of the
+  annealing mix's direct side; stage 0 teaches perception only as direct answers). Levers: teach
+  the perception traces in stage 0 (text only, cheap), start the stage-1 answer-carry targets at
+  the colour word instead of the `?`, more stage-1 steps.
+- Auto mode spends {ratio:.2f}x the tokens of think mode: a direct answer costs 5 tokens (empty think
+  block + answer + end), the perception trace ~34 and a reasoning trace ~45, so with the eval's
+  5:3 perception:reasoning mix the ratio cannot go much below ~0.5 without longer perception
+  traces or a perception-heavier mix.
+- RL is short (80 steps x 16 prompts x 8 rollouts at lr 2e-5): BPO's gain over annealing is
+  small and comes from the decision (auto think-rate on reasoning {tr('anneal')} -> {tr('bpo')}); plain
+  GRPO's drift toward thinking on perception is visible but small over 80 steps (the paper's
+  Fig. 10 spans far longer runs). An earlier run with rl_lr 1e-4 drifted (KL ~0.3/token) and
+  lowered auto accuracy.
+- Multi-turn chat is not trained (the world has single questions); later turns work through the
+  template but are out of distribution.
 """
 
 

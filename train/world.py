@@ -164,18 +164,22 @@ def ask(scene: Scene, family: str, rng: np.random.Generator) -> Question:
             raise TrainingError(f"scene has 0 cells of kind {kind!r} for family {family!r}")
         i = idx[int(rng.integers(len(idx)))]
         q = TEMPLATES[family].format(pos=POSITIONS[i])
-        return Question(family, "perception", q, str(its[i].value), scan, {"pos": POSITIONS[i]})
+        a = str(its[i].value)
+        return Question(family, "perception", q, a, _lines(scan, f"{POSITIONS[i]} -> {a}"), {"pos": POSITIONS[i]})
     if family == "colour":
         i = int(rng.integers(4))
         q = TEMPLATES[family].format(pos=POSITIONS[i])
-        return Question(family, "perception", q, its[i].colour, scan, {"pos": POSITIONS[i]})
+        a = its[i].colour
+        return Question(family, "perception", q, a, _lines(scan, f"{POSITIONS[i]} -> {a}"), {"pos": POSITIONS[i]})
     if family == "count":
-        n = sum(it.kind == "shape" for it in its)
-        return Question(family, "perception", TEMPLATES[family], str(n), scan, {})
+        at = [p for p, it in zip(POSITIONS, its) if it.kind == "shape"]
+        trace = _lines(scan, f"shapes: {' '.join(at) or 'none'} -> {len(at)}")
+        return Question(family, "perception", TEMPLATES[family], str(len(at)), trace, {})
     if family == "colour-count":
         colour = its[int(rng.integers(4))].colour if rng.random() < 0.8 else list(COLOURS)[int(rng.integers(6))]
-        n = sum(it.colour == colour for it in its)
-        return Question(family, "perception", TEMPLATES[family].format(colour=colour), str(n), scan,
+        at = [p for p, it in zip(POSITIONS, its) if it.colour == colour]
+        trace = _lines(scan, f"{colour}: {' '.join(at) or 'none'} -> {len(at)}")
+        return Question(family, "perception", TEMPLATES[family].format(colour=colour), str(len(at)), trace,
                         {"colour": colour})
     d = scene.digits
     if family == "sum":

@@ -6,7 +6,7 @@ and the GGUF so other runtimes agree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import GenerationOptionError

@@ -141,8 +141,11 @@ def test_stage1_grounding_labels(tok):
 
     scene, q, e, before = enc("digit")
     img = [i for i, t in enumerate(e.ids) if t == cfg.image_token_index]
-    assert len(img) == cfg.tokens_per_view == 4
-    assert [e.labels[i + 1] for i in img] == [tok.encode(str(it.value)).ids[0] for it in scene.items]
+    assert len(img) == cfg.tokens_per_view == 16  # patch 16: 2 x 2 tokens per cell
+    value = [tok.encode(str(it.value)).ids[0] for it in scene.items]
+    colour = [tok.encode(" " + it.colour).ids[0] for it in scene.items]
+    want = [(colour if r % 2 and c % 2 else value)[(r // 2) * 2 + c // 2] for r in range(4) for c in range(4)]
+    assert [e.labels[i + 1] for i in img] == want  # a cell's bottom-right patch: colour; the others: value
     a0 = tok.encode(q.answer).ids[0]
     w = tok.encode(" " + q.meta["pos"]).ids
     start = next(i for i in range(len(e.ids)) if e.ids[i:i + len(w)] == w) + len(w)
@@ -156,7 +159,7 @@ def test_stage1_grounding_labels(tok):
     assert [e.labels[q0 + k + 1] for k in range(4)] == [tok.encode(" " + it.colour).ids[0] for it in scene.items]
     _, q3, e3, before3 = enc("sum")
     n_img = sum(1 for a, b in zip(e3.labels, before3) if a != b)
-    assert n_img == 8  # reasoning: image grounding only (4 values + 4 colours), no answer in the prompt
+    assert n_img == 20  # reasoning: image grounding only (16 patches + 4 colours), no answer in the prompt
 
 
 def test_sft_loss_uses_labels_not_inputs(tok):

@@ -49,7 +49,14 @@ def test_questions_answers_and_traces():
     assert W.ask(scene, "count", rng).answer == "1"
     q = W.ask(scene, "shape", rng)
     assert (q.answer, q.meta["pos"], q.tier) == ("triangle", "top-right", "perception")
-    assert q.trace == W.scan_text(scene) == "top-left red 7\ntop-right blue triangle\nbottom-left green 4\nbottom-right white 9"
+    assert W.scan_text(scene) == "top-left red 7\ntop-right blue triangle\nbottom-left green 4\nbottom-right white 9"
+    assert q.trace == scan + "\ntop-right -> triangle"
+    assert W.ask(scene, "colour", np.random.default_rng(1)).trace.split("\n")[-1] in {f"{p} -> {it.colour}" for p, it in zip(W.POSITIONS, scene.items)}
+    assert W.ask(scene, "count", rng).trace == scan + "\nshapes: top-right -> 1"
+    none = W.Scene((W.Item("digit", 1, "red"),) * 4)
+    assert W.ask(none, "count", rng).trace.endswith("\nshapes: none -> 0")
+    q = W.ask(scene, "colour-count", np.random.default_rng(3))
+    assert q.trace.split("\n")[-1] == f"{q.meta['colour']}: " + (" ".join(p for p, it in zip(W.POSITIONS, scene.items) if it.colour == q.meta["colour"]) or "none") + f" -> {q.answer}"
     with pytest.raises(TrainingError, match="4 digits, scene has 3"):
         W.ask(scene, "row-max", rng)
     full = W.Scene((W.Item("digit", 3, "red"), W.Item("digit", 5, "red"), W.Item("digit", 7, "red"), W.Item("digit", 2, "red")))
