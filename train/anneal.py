@@ -106,7 +106,8 @@ def run(run_dir: Path, r: Recipe) -> Path:
     recs, modes, w = mix_weights(cur, r)
     data = encode_all(tok, recs, cfg, modes, mask_empty_think=False)
     if r.an_ground:
-        data = [add_grounding_labels(tok, e, rec, cfg, response_slots=False) for e, rec in zip(data, recs)]
+        data = [add_grounding_labels(tok, e, rec, cfg, response_slots=False, colour_anchor=bool(r.ground_colour_anchor))
+                for e, rec in zip(data, recs)]
     torch.manual_seed(r.seed + 2)
     run_sft(stage, model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"), r,
             steps=r.an_steps, batch=r.an_batch, lr=r.an_lr, salt=2, desc="anneal", weights=w)

@@ -41,6 +41,7 @@ class Recipe:
     # stage 0: the decoder's text pre-training (world text, no images; 0 steps skips it)
     lm_per_reasoning: int = 8000  # per reasoning family (think, with trace)
     lm_per_perception: int = 1500  # per perception family (direct)
+    lm_perception_think_frac: float = 0.0  # share of perception items taught with their trace
     lm_steps: int = 1500
     lm_batch: int = 32
     lm_lr: float = 3e-3
@@ -50,6 +51,7 @@ class Recipe:
     pt_batch: int = 32
     pt_lr: float = 3e-3
     pt_ground: int = 1  # stage-1 auxiliary grounding targets (docs/training.md)
+    ground_colour_anchor: int = 0  # colour-count answers carried from the colour word (stages 1-2)
     # stage 2: bi-mode annealing
     an_pool_perception: int = 400  # per perception family
     an_pool_reasoning: int = 1500  # per reasoning family

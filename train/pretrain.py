@@ -100,16 +100,18 @@ def encode_all(tok: Any, recs: Sequence[dict], cfg: Any, modes: Sequence[str | N
 POSITION_WORDS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
-def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slots: bool = True) -> Encoded:
+def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slots: bool = True,
+                         colour_anchor: bool = False) -> Encoded:
     """Auxiliary targets in label slots the model never predicts at inference (docs/training.md).
 
     - after image token j: the first token of the value (digit or shape) of the cell patch j
       lies in, except that when a cell spans several patches its bottom-right patch carries
       the cell's colour instead; in the slots of the 4 tokens that follow the image's newline:
       the colours of cells 0..3 (dense vision grounding);
-    - perception questions only: every prompt slot from the question's position word on (or from `?` for questions
-      without one) up to the assistant header: the answer's first token, so the answer is
-      carried forward one position at a time instead of by a long learned jump;
+    - perception questions only: every prompt slot from the question's position word on (with
+      `colour_anchor`, also from a colour-count question's colour word; else from `?`) up to the
+      assistant header: the answer's first token, so the answer is carried forward one position
+      at a time instead of by a long learned jump;
     - with `response_slots`, also the loss-masked empty think block of a direct answer
       (stage 1 only; annealing trains those slots on the real template)."""
     scene = rec.get("meta", {}).get("scene")
@@ -141,7 +143,7 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
         return e
     t = e.ids.index(think)
     start = None
-    pw = rec["meta"].get("pos")
+    pw = rec["meta"].get("pos") or (rec["meta"].get("colour") if colour_anchor else None)
     if pw:
         w = tok.encode(" " + pw, add_special_tokens=False).ids
         start = next((i + len(w) for i in range(t - len(w)) if e.ids[i:i + len(w)] == w), None)
@@ -184,7 +186,8 @@ def run(run_dir: Path, r: Recipe) -> Path:
     recs = read_jsonl(recs_path)
     data = encode_all(tok, recs, cfg, ["direct"] * len(recs), mask_empty_think=True)
     if r.pt_ground:
-        data = [add_grounding_labels(tok, e, rec, cfg) for e, rec in zip(data, recs)]
+        data = [add_grounding_labels(tok, e, rec, cfg, colour_anchor=bool(r.ground_colour_anchor))
+                for e, rec in zip(data, recs)]
     run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"),
             r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain")
     return save_stage_model(run_dir, "pretrain", model, cfg)

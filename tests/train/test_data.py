@@ -184,3 +184,43 @@ def test_sft_loss_uses_labels_not_inputs(tok):
     logits, _ = m.forward(emb, attention_mask=att, use_cache=False)
     ref = torch.log_softmax(logits[0, 0], -1)[11] + torch.log_softmax(logits[0, 2], -1)[12]
     assert torch.allclose(lo, -ref, atol=1e-5)
+
+
+def test_colour_anchor_carries_colour_count_answers_from_the_colour_word(tok):
+    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.world import make_example
+
+    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
+    scene, q = make_example(1, 0, "colour-count")
+    r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
+                      {"family": "colour-count", "tier": q.tier, "scene": scene.key(), **q.meta})
+
+    def labels(anchor: bool) -> list[int]:
+        e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
+        return add_grounding_labels(tok, e, r, cfg, colour_anchor=anchor).labels
+
+    ids = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct").ids
+    w = tok.encode(" " + q.meta["colour"]).ids
+    start = next(i for i in range(len(ids)) if ids[i:i + len(w)] == w) + len(w)
+    qmark = max(i for i in range(len(ids)) if tok.decode([ids[i]]).endswith("?"))
+    a0 = tok.encode(q.answer).ids[0]
+    off, on = labels(False), labels(True)
+    span = [i for i in range(start, qmark) if off[i] == D.IGNORE]  # not a cell-colour slot
+    assert span and all(on[i] == a0 for i in span)  # from the colour word on
+    assert not any(off[i] == a0 for i in span)  # default: only from the `?`
+    assert off[qmark + 1:] == on[qmark + 1:]
+
+
+def test_stage0_text_records():
+    from r4b_edge.train.lm import text_records
+    from r4b_edge.train.world import PERCEPTION, REASONING
+
+    recs, modes = text_records(1, 3, 4, 0.5)
+    assert len(recs) == 3 * len(REASONING) + 4 * len(PERCEPTION) and not any(x["images"] for x in recs)
+    fam = [x["meta"]["family"] for x in recs]
+    assert all(m == "think" for f, m in zip(fam, modes) if f in REASONING)
+    for f in PERCEPTION:
+        assert [m for g, m in zip(fam, modes) if g == f] == ["think", "think", "direct", "direct"]
+    assert recs[0]["messages"][0]["content"].count("\n") == 4  # four scan lines, then the question
+    assert text_records(1, 3, 4)[1].count("direct") == 4 * len(PERCEPTION)
