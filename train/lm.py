@@ -3,7 +3,8 @@
 R-4B starts from a pre-trained Qwen3 that already reads, copies and adds; the small model
 starts from nothing. This stage gives its decoder that text skill first: the scene readout
 is written into the user turn as text (instead of an image), reasoning questions are answered
-with their step trace and perception questions directly, items drawn fresh from the world's
+with their step trace and perception questions directly (optionally a share of them with
+their trace: `lm_perception_think_frac`), items drawn fresh from the world's
 own generator (no rendering). The vision tower and projector stay at their initial weights.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .common import Recipe, set_threads, setup_dist
+from .common import Recipe, model_config, set_threads, setup_dist
 from .data import PixelCache, make_record
 from .pretrain import encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main, stage_model_dir
 from .sft import run_sft
@@ -49,8 +50,6 @@ def run(run_dir: Path, r: Recipe) -> Path:
     ensure_tokenizer(run_dir, r)
     tok = load_tokenizer(run_dir)
     from r4b_edge.model.modeling import RForConditionalGeneration
-
-    from .common import model_config
 
     cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
     torch.manual_seed(r.seed)
