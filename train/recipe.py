@@ -136,11 +136,14 @@ rendering the pre-training world part of the second).
 - Colour-count is the one weak family ({fam('no-think', 'colour-count')} no-think, {fam('think', 'colour-count')} think; every
   other perception family is >= 98% in every mode), and it alone keeps the perception tier under
   97%. Colour itself is read ({fam('no-think', 'colour')}): matching the asked colour against four cells and
-  counting is what fails. In think mode the scan is right but the listing step
-  (`red: top-left bottom-right -> 2`) is taught by few examples (perception traces are 10% of the
-  annealing mix's direct side; stage 0 teaches perception only as direct answers). Levers: teach
-  the perception traces in stage 0 (text only, cheap), start the stage-1 answer-carry targets at
-  the colour word instead of the `?`, more stage-1 steps.
+  counting is what fails, and it fails in the decoder, not the vision: the stage-0 decoder
+  answers colour-count from a *text* scan at 26/40 (count 40/40). Measured, did not help: stage-0
+  perception traces plus the answer carried from the colour word (recipe knobs
+  `lm_perception_think_frac`, `ground_colour_anchor`, off here: text 25/40 direct and 1/40 when
+  listing the matching cells in think mode; 58% vs 62% after stage 1), and an 8-layer decoder
+  (text 25/40 direct, 2/40 think). Content-based matching ("which cells are red") is the skill
+  this recipe's budget does not teach; next levers: far more colour-count steps or a curriculum
+  that teaches the listing line on its own.
 - Auto mode spends {ratio:.2f}x the tokens of think mode: a direct answer costs 5 tokens (empty think
   block + answer + end), the perception trace ~34 and a reasoning trace ~45, so with the eval's
   5:3 perception:reasoning mix the ratio cannot go much below ~0.5 without longer perception
