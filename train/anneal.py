@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .common import Metrics, Recipe, barrier, is_main, rank, set_threads, setup_dist, world_size
+from .common import Metrics, Recipe, barrier, is_main, rank, world_size
 from .data import read_jsonl, write_jsonl
-from .pretrain import (add_grounding_labels, encode_all, ensure_world, load_stage_model, load_tokenizer, pixel_cache,
-                       save_stage_model, stage_main, stage_model_dir)
+from .pretrain import (add_grounding_labels, begin_stage, encode_all, ensure_world, load_stage_model, load_tokenizer, pixel_cache,
+                       save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
 from .world import PERCEPTION, REASONING
@@ -79,10 +79,8 @@ def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.
 
 def run(run_dir: Path, r: Recipe) -> Path:
     """Stage 2 end to end (skips finished parts: curated.jsonl, then the model)."""
-    _, _, dev = setup_dist()
-    set_threads(r)
-    out = stage_model_dir(run_dir, "anneal")
-    if (out / "config.json").exists():
+    dev, out, done = begin_stage(run_dir, r, "anneal")
+    if done:
         return out
     stage = run_dir / "anneal"
     stage.mkdir(parents=True, exist_ok=True)

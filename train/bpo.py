@@ -18,10 +18,10 @@ from tqdm import tqdm
 from r4b_edge.errors import TrainingError
 
 from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
-                     lr_at, save_state, set_threads, setup_dist, shard, token_logprobs)
+                     lr_at, save_state, shard, token_logprobs)
 from .data import read_jsonl
-from .pretrain import (ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
-                       stage_main, stage_model_dir)
+from .pretrain import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
+                       stage_main)
 from .rollout import Roller, Rollout, items_from_records
 from .sft import make_optimizer
 from .world import PERCEPTION, REASONING
@@ -87,10 +87,8 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
     """Stage 3 (`algo` 'bpo' or 'grpo') from the annealed model; skips when finished."""
     if algo not in ("bpo", "grpo"):
         raise TrainingError(f"algo must be 'bpo' or 'grpo', got {algo!r}")
-    _, _, dev = setup_dist()
-    set_threads(r)
-    out = stage_model_dir(run_dir, algo)
-    if (out / "config.json").exists():
+    dev, out, done = begin_stage(run_dir, r, algo)
+    if done:
         return out
     stage = run_dir / algo
     stage.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .common import Recipe, model_config, set_threads, setup_dist
+from .common import Recipe, model_config
 from .data import PixelCache, make_record
-from .pretrain import encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main, stage_model_dir
+from .pretrain import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
 from .sft import run_sft
 from .world import PERCEPTION, REASONING, make_example, scan_text
 
@@ -42,10 +42,8 @@ def text_records(seed: int, per_reasoning: int, per_perception: int,
 
 def run(run_dir: Path, r: Recipe) -> Path:
     """Stage 0 end to end; returns its model folder (skips when finished, resumes from state.pt)."""
-    _, _, dev = setup_dist()
-    set_threads(r)
-    out = stage_model_dir(run_dir, "lm")
-    if r.lm_steps <= 0 or (out / "config.json").exists():  # skipped, or finished
+    dev, out, done = begin_stage(run_dir, r, "lm")
+    if r.lm_steps <= 0 or done:  # skipped, or finished
         return out
     ensure_tokenizer(run_dir, r)
     tok = load_tokenizer(run_dir)

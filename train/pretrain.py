@@ -67,6 +67,15 @@ def stage_model_dir(run: Path, stage: str) -> Path:
     return run / stage / "model"
 
 
+def begin_stage(run: Path, r: Recipe, stage: str) -> tuple[torch.device, Path, bool]:
+    """Every stage's start: join the process group, apply the recipe's threads; returns
+    (device, the stage's model folder, whether that folder is already finished)."""
+    _, _, dev = setup_dist()
+    set_threads(r)
+    out = stage_model_dir(run, stage)
+    return dev, out, (out / "config.json").exists()
+
+
 def load_stage_model(run: Path, stage: str, device: torch.device) -> tuple[Any, Any]:
     """(model fp32 train mode, config) from a finished stage."""
     from r4b_edge.model.checkpoint import load_checkpoint
@@ -167,10 +176,8 @@ def pixel_cache(cfg: Any) -> PixelCache:
 
 def run(run_dir: Path, r: Recipe) -> Path:
     """Stage 1 end to end; returns the stage's model folder (skips when already finished)."""
-    _, _, dev = setup_dist()
-    set_threads(r)
-    out = stage_model_dir(run_dir, "pretrain")
-    if (out / "config.json").exists():
+    dev, out, done = begin_stage(run_dir, r, "pretrain")
+    if done:
         return out
     recs_path = ensure_world(run_dir, "pretrain", r.seed, {f: r.pt_per_family for f in ["caption"] + PERCEPTION})
     ensure_tokenizer(run_dir, r)
