@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
 from .data import read_jsonl, write_jsonl
-from .pretrain import (add_grounding_labels, begin_stage, encode_all, ensure_world, load_stage_model, load_tokenizer, pixel_cache,
+from .pretrain import (begin_stage, encode_all, family_weights, grounded, ensure_world, load_stage_model, load_tokenizer, pixel_cache,
                        save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
@@ -59,20 +59,22 @@ def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Reci
 
 def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.ndarray]:
     """Training list (records, modes) and sampling weights: direct:reasoning = ratio:1, plus a
-    `an_perception_trace_frac` share of the direct side taught in think mode with its trace."""
+    `an_perception_trace_frac` share of the direct side taught with its trace after a forced
+    `<think>\n` (the decision token untrained: these items stay direct in auto mode);
+    inside each group colour-count records weigh `colour_count_weight`."""
     direct = [x for x in recs if x["mode"] == "direct"]
     reason = [x for x in recs if x["mode"] == "think"]
     traced = [x for x in direct if x.get("trace")]
     ratio, ptf = r.an_direct_to_reasoning, r.an_perception_trace_frac
     groups = [(direct, "direct", ratio / (1 + ratio) * (1 - ptf if traced else 1.0)),
-              (reason, "think", 1 / (1 + ratio)), (traced, "think", ratio / (1 + ratio) * ptf if traced else 0.0)]
+              (reason, "think", 1 / (1 + ratio)), (traced, "forced-think", ratio / (1 + ratio) * ptf if traced else 0.0)]
     groups = [g for g in groups if g[0] and g[2] > 0]
     tot = sum(g[2] for g in groups)
     recs_out, modes, w = [], [], []
     for lst, mode, share in groups:
         recs_out += lst
         modes += [mode] * len(lst)
-        w += [share / tot / len(lst)] * len(lst)
+        w += list(share / tot * family_weights(lst, r))
     wa = np.asarray(w, dtype=np.float64)
     return recs_out, modes, wa / wa.sum()
 
@@ -104,8 +106,7 @@ def run(run_dir: Path, r: Recipe) -> Path:
     recs, modes, w = mix_weights(cur, r)
     data = encode_all(tok, recs, cfg, modes, mask_empty_think=False)
     if r.an_ground:
-        data = [add_grounding_labels(tok, e, rec, cfg, response_slots=False, colour_anchor=bool(r.ground_colour_anchor))
-                for e, rec in zip(data, recs)]
+        data = grounded(tok, data, recs, cfg, r, response_slots=False)
     torch.manual_seed(r.seed + 2)
     run_sft(stage, model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"), r,
             steps=r.an_steps, batch=r.an_batch, lr=r.an_lr, salt=2, desc="anneal", weights=w)

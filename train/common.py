@@ -47,18 +47,23 @@ class Recipe:
     lm_lr: float = 3e-3
     # stage 1: alignment / pre-training (captions + perception, empty think masked)
     pt_per_family: int = 3000
-    pt_steps: int = 2000
+    pt_steps: int = 2500
     pt_batch: int = 32
     pt_lr: float = 3e-3
     pt_ground: int = 1  # stage-1 auxiliary grounding targets (docs/training.md)
     ground_colour_anchor: int = 0  # colour-count answers carried from the colour word (stages 1-2)
+    ground_colour_match: int = 1  # colour-count: per-cell match bits on the question's slots (stages 1-2)
+    colour_count_weight: float = 3.0  # sampling weight of colour-count records vs other records (stages 1-2)
+    pt_focus_steps: int = 1500  # stage 1, second phase: colour-count at `pt_focus_share` of the batch (0: off)
+    pt_focus_share: float = 0.5
+    pt_focus_lr: float = 2e-3
     # stage 2: bi-mode annealing
     an_pool_perception: int = 400  # per perception family
     an_pool_reasoning: int = 1500  # per reasoning family
     an_samples: int = 8  # N no-think samples per objective item
     an_temperature: float = 1.0
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
-    an_perception_trace_frac: float = 0.1  # direct items also taught with their trace (think mode)
+    an_perception_trace_frac: float = 0.3  # direct items also taught with their trace (think mode)
     an_steps: int = 1500
     an_batch: int = 32
     an_lr: float = 1e-3
@@ -92,7 +97,7 @@ class Recipe:
             return cls(threads=1, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_head_dim=32,
                        text_intermediate=128, vision_hidden=32, vision_layers=1, vision_heads=1,
                        vision_intermediate=64, vocab_size=400, lm_per_reasoning=10, lm_per_perception=4, lm_steps=6,
-                       lm_batch=8, pt_per_family=40, pt_steps=12, pt_batch=8,
+                       lm_batch=8, pt_per_family=40, pt_steps=12, pt_batch=8, pt_focus_steps=4,
                        pt_lr=3e-3, an_pool_perception=6, an_pool_reasoning=10, an_samples=4, an_steps=10,
                        an_batch=8, an_lr=3e-3, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
                        rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,

@@ -122,14 +122,20 @@ MODE_SUFFIX = {"auto": "<think>", "think": "<think>\n", "no-think": "<think>\n\n
 
 
 def response_pieces(answer: str, mode: str, trace: str | None, mask_empty_think: bool) -> list[tuple[str, bool]]:
-    """(text, trained) pieces after the assistant header; `<think>` is never trained."""
-    if mode == "think":
+    """(text, trained) pieces after the assistant header; `<think>` is never trained.
+
+    `forced-think` is a think response whose decision token (the `\n` after `<think>`) is not
+    trained either: the trace is learned as the answer to a forced-think prompt without teaching
+    the model to choose thinking for that question."""
+    if mode in ("think", "forced-think"):
         if not trace:
             raise TrainingError("a think-mode response needs a trace")
+        if mode == "forced-think":
+            return [("<think>", False), ("\n", False), (f"{trace}\n</think>\n\n{answer}<|im_end|>", True)]
         return [("<think>", False), (f"\n{trace}\n</think>\n\n{answer}<|im_end|>", True)]
     if mode == "direct":
         return [("<think>", False), ("\n\n</think>\n\n", not mask_empty_think), (f"{answer}<|im_end|>", True)]
-    raise TrainingError(f"mode must be 'think' or 'direct', got {mode!r}")
+    raise TrainingError(f"mode must be 'think', 'forced-think' or 'direct', got {mode!r}")
 
 
 def record_pieces(rec: dict, mode: str | None = None, mask_empty_think: bool = False) -> list[tuple[str, bool]]:

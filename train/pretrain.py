@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
@@ -110,7 +111,7 @@ POSITION_WORDS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
 def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slots: bool = True,
-                         colour_anchor: bool = False) -> Encoded:
+                         colour_anchor: bool = False, colour_match: bool = False) -> Encoded:
     """Auxiliary targets in label slots the model never predicts at inference (docs/training.md).
 
     - after image token j: the first token of the value (digit or shape) of the cell patch j
@@ -121,6 +122,9 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
       `colour_anchor`, also from a colour-count question's colour word; else from `?`) up to the
       assistant header: the answer's first token, so the answer is carried forward one position
       at a time instead of by a long learned jump;
+    - with `colour_match`, a colour-count question's colour word and the 3 tokens after it
+      predict `1` or `0`: whether cell 0..3 has that colour, so the count at `?` sums four
+      bits at fixed positions instead of matching content (docs/training.md);
     - with `response_slots`, also the loss-masked empty think block of a direct answer
       (stage 1 only; annealing trains those slots on the real template)."""
     scene = rec.get("meta", {}).get("scene")
@@ -156,6 +160,17 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
     if pw:
         w = tok.encode(" " + pw, add_special_tokens=False).ids
         start = next((i + len(w) for i in range(t - len(w)) if e.ids[i:i + len(w)] == w), None)
+    if colour_match and fam == "colour-count":
+        w = tok.encode(" " + rec["meta"]["colour"], add_special_tokens=False).ids
+        c = next((i for i in range(t - len(w)) if e.ids[i:i + len(w)] == w), None)
+        if c is not None:
+            c += len(w) - 1
+            bits = [tok.encode("1" if cell[2] == rec["meta"]["colour"] else "0", add_special_tokens=False).ids[0]
+                    for cell in cells]
+            for k, b in enumerate(bits):
+                if c + k + 1 < t:  # replaces the dense colour targets on these slots
+                    e.labels[c + k + 1] = b
+            start = start if colour_anchor else None
     if start is None:
         qm = [i for i in range(t) if tok.decode([e.ids[i]]).endswith("?")]
         start = qm[-1] + 1 if qm else t
@@ -167,6 +182,33 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
         if e.labels[i] == -100:
             e.labels[i] = a0
     return e
+
+
+def family_weights(recs: Sequence[dict], r: Recipe) -> np.ndarray:
+    """Sampling weights over records: colour-count records weigh `colour_count_weight`, the rest 1."""
+    w = np.array([r.colour_count_weight if rec.get("meta", {}).get("family") == "colour-count" else 1.0
+                  for rec in recs], dtype=np.float64)
+    if w.sum() <= 0:
+        raise TrainingError(f"colour_count_weight={r.colour_count_weight} leaves no record to sample")
+    return w / w.sum()
+
+
+def focus_weights(recs: Sequence[dict], share: float) -> np.ndarray:
+    """Sampling weights giving colour-count records `share` of the batch, the rest uniform."""
+    cc = np.array([rec.get("meta", {}).get("family") == "colour-count" for rec in recs])
+    if not 0.0 < share < 1.0 or cc.all() or not cc.any():
+        raise TrainingError(f"pt_focus_share={share} needs 0 < share < 1 and both colour-count and other records "
+                            f"(have {int(cc.sum())} colour-count of {len(recs)})")
+    w = np.where(cc, share / cc.sum(), (1.0 - share) / (~cc).sum())
+    return w / w.sum()
+
+
+def grounded(tok: Any, data: list[Encoded], recs: Sequence[dict], cfg: Any, r: Recipe,
+             response_slots: bool) -> list[Encoded]:
+    """`add_grounding_labels` with the recipe's colour options on every record."""
+    return [add_grounding_labels(tok, e, rec, cfg, response_slots=response_slots,
+                                 colour_anchor=bool(r.ground_colour_anchor), colour_match=bool(r.ground_colour_match))
+            for e, rec in zip(data, recs)]
 
 
 def pixel_cache(cfg: Any) -> PixelCache:
@@ -193,10 +235,14 @@ def run(run_dir: Path, r: Recipe) -> Path:
     recs = read_jsonl(recs_path)
     data = encode_all(tok, recs, cfg, ["direct"] * len(recs), mask_empty_think=True)
     if r.pt_ground:
-        data = [add_grounding_labels(tok, e, rec, cfg, colour_anchor=bool(r.ground_colour_anchor))
-                for e, rec in zip(data, recs)]
-    run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"),
-            r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain")
+        data = grounded(tok, data, recs, cfg, r, response_slots=True)
+    pad = tok.token_to_id("<|endoftext|>")
+    run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), pad,
+            r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain", weights=family_weights(recs, r))
+    if r.pt_focus_steps > 0:  # second phase, resumable on its own (pretrain/focus/state.pt)
+        run_sft(run_dir / "pretrain" / "focus", model, data, recs_path.parent, pixel_cache(cfg), pad, r,
+                steps=r.pt_focus_steps, batch=r.pt_batch, lr=r.pt_focus_lr, salt=11, desc="pretrain focus",
+                weights=focus_weights(recs, r.pt_focus_share))
     return save_stage_model(run_dir, "pretrain", model, cfg)
 
 

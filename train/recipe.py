@@ -71,6 +71,64 @@ def write_example(out: Path) -> dict:
     return {"image": out.name, "question": q.question, "answer": q.answer, "trace": q.trace}
 
 
+def colour_count_note(bpo: dict, r: Recipe) -> str:
+    """The card's colour-count paragraph: how it was learned, and what is still weak (measured)."""
+    fams = [f for f in bpo["no-think"]["families"] if f in ("digit", "colour", "shape", "count", "colour-count")]
+    low = {(m, f): bpo[m]["families"][f] for m in ("auto", "think", "no-think") for f in fams
+           if bpo[m]["families"][f] < 0.97}
+    cc = {m: f"{100 * bpo[m]['families']['colour-count']:.0f}%" for m in ("auto", "think", "no-think")}
+    text = f"""- Colour-count ("How many red items are there?") needs the asked colour matched against four
+  cells. The plain mix never taught it (previous recipe: 53-60%, about "always 1"; its stage-0
+  decoder answered it from a *text* scan at 26/40; an 8-layer decoder at 25/40; stage-0 traces
+  and an answer carried from the colour word did not help). What did: per-cell match-bit targets
+  on the question's slots and a stage-1 focus phase ({r.pt_focus_steps} steps, colour-count at
+  {100 * r.pt_focus_share:.0f}% of the batch; docs/training.md). Now {cc['no-think']} no-think, {cc['auto']} auto,
+  {cc['think']} think."""
+    if low:
+        worst = ", ".join(f"{f} {m} {100 * v:.0f}%" for (m, f), v in sorted(low.items(), key=lambda kv: kv[1]))
+        text += f"\n  Still under 97%: {worst}."
+    if any(m == "think" for m, _ in low):
+        text += f"""
+  In think mode the scan is right and the weak step is the selection line after it, which
+  copies from the wrong line (`bottom-right -> 8` after `bottom-right red 4`) or misses a
+  matching cell (`blue: none -> 0` after `bottom-left blue triangle`). Only the annealing
+  traces teach it ({100 * r.an_perception_trace_frac:.0f}% of the direct side, forced-think; 10% left count at 33/40 and
+  colour-count at 35/40 think); next levers: more traced steps, or selections written as
+  per-cell running counts."""
+    return text
+
+
+def rl_note(results: dict, r: Recipe) -> str:
+    """The card's RL paragraph, from the measured anneal/BPO/GRPO rows and the GRPO curve."""
+    m = results["models"]
+
+    def pct(model: str, mode: str, tier: str, key: str) -> str:
+        return f"{100 * m[model][mode][tier][key]:.1f}%"
+
+    text = f"""- RL is short ({r.rl_steps} steps x {r.rl_prompts} prompts x {2 * r.rl_group} rollouts at lr {r.rl_lr:g}). BPO moves
+  auto accuracy {pct('anneal', 'auto', 'overall', 'accuracy')} -> {pct('bpo', 'auto', 'overall', 'accuracy')}, through the decision (auto think-rate on reasoning
+  {pct('anneal', 'auto', 'reasoning', 'think_rate')} -> {pct('bpo', 'auto', 'reasoning', 'think_rate')}, on perception {pct('anneal', 'auto', 'perception', 'think_rate')} -> {pct('bpo', 'auto', 'perception', 'think_rate')})."""
+    c = results.get("grpo_curve") or {}
+    p = [x for x in c.get("perception", []) if x is not None]
+    if p:
+        k = max(1, len(p) // 5)
+        first, last = sum(p[:k]) / k, sum(p[-k:]) / k
+        text += f"""
+  Plain GRPO's rollout think-rate on perception goes {100 * first:.1f}% -> {100 * last:.1f}% (first/last {k} steps)"""
+        if last > first:
+            text += """: the
+  drift toward thinking of the paper's Fig. 10, small over this short run."""
+        else:
+            text += f""": no
+  drift toward thinking here (the paper's Fig. 10 shows one). Free rollouts start from an
+  annealed decision that almost never thinks on perception, and thinking is the less accurate
+  mode there (GRPO model: perception {pct('grpo', 'think', 'perception', 'accuracy')} think vs {pct('grpo', 'no-think', 'perception', 'accuracy')} no-think), so
+  GRPO has nothing to reinforce. The previous recipe, whose annealed decision started at a
+  think probability of ~0.1-0.3 on perception, did drift (11.1% -> 12.1% over the same 80 steps)."""
+    return text + """
+  An earlier run with rl_lr 1e-4 drifted (KL ~0.3/token) and lowered auto accuracy."""
+
+
 def model_card(run_dir: Path, r: Recipe, cfg: Any, results: dict, timing: dict, example: dict) -> str:
     """MODEL_CARD.md text: what it is, how it was made, the measured eval table."""
     from .evaluate import markdown
@@ -133,26 +191,12 @@ rendering the pre-training world part of the second).
 
 ## Limitations and what would close the gaps
 
-- Colour-count is the one weak family ({fam('no-think', 'colour-count')} no-think, {fam('think', 'colour-count')} think; every
-  other perception family is >= 98% in every mode), and it alone keeps the perception tier under
-  97%. Colour itself is read ({fam('no-think', 'colour')}): matching the asked colour against four cells and
-  counting is what fails, and it fails in the decoder, not the vision: the stage-0 decoder
-  answers colour-count from a *text* scan at 26/40 (count 40/40). Measured, did not help: stage-0
-  perception traces plus the answer carried from the colour word (recipe knobs
-  `lm_perception_think_frac`, `ground_colour_anchor`, off here: text 25/40 direct and 1/40 when
-  listing the matching cells in think mode; 58% vs 62% after stage 1), and an 8-layer decoder
-  (text 25/40 direct, 2/40 think). Content-based matching ("which cells are red") is the skill
-  this recipe's budget does not teach; next levers: far more colour-count steps or a curriculum
-  that teaches the listing line on its own.
+{colour_count_note(bpo, r)}
 - Auto mode spends {ratio:.2f}x the tokens of think mode: a direct answer costs 5 tokens (empty think
   block + answer + end), the perception trace ~34 and a reasoning trace ~45, so with the eval's
   5:3 perception:reasoning mix the ratio cannot go much below ~0.5 without longer perception
   traces or a perception-heavier mix.
-- RL is short (80 steps x 16 prompts x 8 rollouts at lr 2e-5): BPO's gain over annealing is
-  small and comes from the decision (auto think-rate on reasoning {tr('anneal')} -> {tr('bpo')}); plain
-  GRPO's drift toward thinking on perception is visible but small over 80 steps (the paper's
-  Fig. 10 spans far longer runs). An earlier run with rl_lr 1e-4 drifted (KL ~0.3/token) and
-  lowered auto accuracy.
+{rl_note(results, r)}
 - Multi-turn chat is not trained (the world has single questions); later turns work through the
   template but are out of distribution.
 """

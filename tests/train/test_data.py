@@ -224,3 +224,111 @@ def test_stage0_text_records():
         assert [m for g, m in zip(fam, modes) if g == f] == ["think", "think", "direct", "direct"]
     assert recs[0]["messages"][0]["content"].count("\n") == 4  # four scan lines, then the question
     assert text_records(1, 3, 4)[1].count("direct") == 4 * len(PERCEPTION)
+
+
+def _colour_count_record(tok, seed: int = 1, index: int = 0):
+    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.world import make_example
+
+    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
+    scene, q = make_example(seed, index, "colour-count")
+    r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
+                      {"family": "colour-count", "tier": q.tier, "scene": scene.key(), **q.meta})
+    return cfg, scene, q, r
+
+
+def test_colour_match_bits_mark_the_cells_of_the_asked_colour(tok):
+    from r4b_edge.train.pretrain import add_grounding_labels
+
+    seen = set()
+    for index in range(12):
+        cfg, scene, q, r = _colour_count_record(tok, 1, index)
+        e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
+        off = add_grounding_labels(tok, e, r, cfg).labels
+        e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
+        on = add_grounding_labels(tok, e, r, cfg, colour_match=True).labels
+        ids = e.ids
+        w = tok.encode(" " + q.meta["colour"]).ids
+        c = next(i for i in range(len(ids)) if ids[i:i + len(w)] == w) + len(w) - 1
+        bits = ["1" if cell.split(":")[2] == q.meta["colour"] else "0" for cell in scene.key().split("|")]
+        assert [tok.decode([on[c + 1 + k]]) for k in range(4)] == bits
+        assert sum(b == "1" for b in bits) == int(q.answer)
+        seen.add(q.answer)
+        # the answer is still carried from the `?` on, and nothing else moves
+        assert on[c + 5:] == off[c + 5:] and on[:c + 1] == off[:c + 1]
+    assert len(seen) >= 2  # the scenes cover more than one count
+
+
+def test_colour_match_leaves_other_families_alone(tok):
+    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.world import make_example
+
+    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
+    for fam in ("count", "colour", "sum"):
+        scene, q = make_example(1, 0, fam)
+        r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
+                          {"family": fam, "tier": q.tier, "scene": scene.key(), **q.meta})
+        a = add_grounding_labels(tok, D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct"),
+                                 r, cfg).labels
+        b = add_grounding_labels(tok, D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct"),
+                                 r, cfg, colour_match=True).labels
+        assert a == b, fam
+
+
+def test_colour_count_weight_in_pretrain_and_annealing_mix():
+    import numpy as np
+
+    from r4b_edge.errors import TrainingError
+    from r4b_edge.train.anneal import mix_weights
+    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.pretrain import family_weights
+
+    def rec(fam: str, mode: str) -> dict:
+        return {"meta": {"family": fam}, "mode": mode, "trace": "t" if fam != "caption" else None}
+
+    recs = [rec("colour-count", "direct"), rec("count", "direct"), rec("digit", "direct")]
+    w = family_weights(recs, Recipe(colour_count_weight=3.0))
+    assert np.allclose(w, [0.6, 0.2, 0.2])
+    assert np.allclose(family_weights(recs, Recipe(colour_count_weight=1.0)), 1 / 3)
+    with pytest.raises(TrainingError, match="colour_count_weight=0"):
+        family_weights(recs[:1], Recipe(colour_count_weight=0.0))
+    # annealing: the group shares (direct : reasoning, trace fraction) do not move with the weight
+    cur = recs + [rec("sum", "think"), rec("row-max", "think")]
+    for cw in (1.0, 3.0):
+        r = Recipe(colour_count_weight=cw, an_direct_to_reasoning=1.0, an_perception_trace_frac=0.1)
+        out, modes, wa = mix_weights(cur, r)
+        assert wa.sum() == pytest.approx(1.0)
+        think = sum(x for x, m, o in zip(wa, modes, out) if m == "think" and o["mode"] == "think")
+        traced = sum(x for x, m, o in zip(wa, modes, out) if m == "forced-think" and o["mode"] == "direct")
+        assert think == pytest.approx(0.5) and traced == pytest.approx(0.05)
+        cc = [x for x, m, o in zip(wa, modes, out) if o["meta"]["family"] == "colour-count" and m == "direct"]
+        dg = [x for x, m, o in zip(wa, modes, out) if o["meta"]["family"] == "digit" and m == "direct"]
+        assert cc[0] / dg[0] == pytest.approx(cw)
+
+
+def test_focus_weights_give_colour_count_its_share():
+    import numpy as np
+
+    from r4b_edge.errors import TrainingError
+    from r4b_edge.train.pretrain import focus_weights
+
+    recs = [{"meta": {"family": f}} for f in ("colour-count", "count", "digit", "caption", "colour-count")]
+    w = focus_weights(recs, 0.5)
+    assert np.allclose(w, [0.25, 0.5 / 3, 0.5 / 3, 0.5 / 3, 0.25])
+    for bad, rs in ((0.0, recs), (1.0, recs), (0.5, recs[1:4]), (0.5, recs[:1])):
+        with pytest.raises(TrainingError, match="pt_focus_share"):
+            focus_weights(rs, bad)
+
+
+def test_forced_think_trains_the_trace_but_not_the_decision(tok):
+    rec = D.make_record("f", None, "What is 2+3?", "5", "2+3=5")
+    think = D.encode_record(tok, rec, 0, 1, "think")
+    forced = D.encode_record(tok, rec, 0, 1, "forced-think")
+    assert forced.ids == think.ids  # same tokens, one label fewer
+    t = think.ids.index(tok.token_to_id("<think>"))
+    assert think.labels[t + 1] == think.ids[t + 1]  # the decision token
+    assert forced.labels[t + 1] == D.IGNORE and think.labels[t + 1] != D.IGNORE
+    assert forced.labels[t + 2:] == think.labels[t + 2:]
+    with pytest.raises(TrainingError, match="forced-think"):
+        D.encode_record(tok, rec, 0, 1, "sometimes")
