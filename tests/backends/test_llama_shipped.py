@@ -25,10 +25,13 @@ SHIPPED = Path(os.environ.get("R4B_GGUF_PARITY_MODEL")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped model yet")]
 
-# Bounds, F16 GGUF vs torch float32 on CPU. Measured on the shipped model (docs/gguf.md):
-# embeddings max|diff| 2.0e-2 with max|x| 77 (2.6e-4 relative), last logits 7.6e-3 with
-# max|x| 15, greedy 20/20; pinned with margin.
-EMB_REL_BOUND = 1e-3
+# Bounds, F16 GGUF vs torch float32 on CPU. Measured (docs/gguf.md): the previous shipped model
+# embeddings max|diff| 2.0e-2 with max|x| 77 (2.6e-4 relative); the current one 4.9e-2 with
+# max|x| 48 (1.0e-3 relative: its F32 mmproj alone is at 4.7e-4 and the tanh-GELU projector at
+# 2.3e-3 absolute, the rest is fp16 weight rounding, ~2^-11 per op); last logits 6.9e-3 with
+# max|x| ~15, greedy 20/20. The embedding bound is 2x the current measurement: a wrong layer or
+# layout is O(1) relative, an fp16 tower is O(1e-3).
+EMB_REL_BOUND = 2e-3
 LOGITS_BOUND = 5e-2
 # Greedy decoding may meet a numerical tie: a torch top-2 gap below this is within the
 # F16 error, and either token is a correct greedy choice.
