@@ -63,7 +63,7 @@ class Recipe:
     an_samples: int = 8  # N no-think samples per objective item
     an_temperature: float = 1.0
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
-    an_perception_trace_frac: float = 0.3  # direct items also taught with their trace (think mode)
+    an_perception_trace_frac: float = 0.3  # direct items also taught with their trace (forced think)
     an_steps: int = 1500
     an_batch: int = 32
     an_lr: float = 1e-3

@@ -170,7 +170,6 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
             for k, b in enumerate(bits):
                 if c + k + 1 < t:  # replaces the dense colour targets on these slots
                     e.labels[c + k + 1] = b
-            start = start if colour_anchor else None
     if start is None:
         qm = [i for i in range(t) if tok.decode([e.ids[i]]).endswith("?")]
         start = qm[-1] + 1 if qm else t
