@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3Model, SiglipVisionConfig, SiglipVisionModel
 from transformers.cache_utils import DynamicCache
 
-from ..errors import ContextLengthError, ImageError, ModelFormatError
+from ..errors import BackendUnavailableError, ContextLengthError, ImageError, ModelFormatError
 from .config import RConfig
 from .processing import anyres_layout
 
@@ -98,11 +98,25 @@ class _RModel(nn.Module):
         self.language_model = Qwen3Model(tcfg)
 
 
+def check_transformers() -> None:
+    """The decoder cache is passed as `cache=` (transformers >= 5.24); older 5.x name it
+    `past_key_values` and would fail deep inside generation, so fail here with the fix."""
+    import inspect
+
+    import transformers
+
+    if "cache" not in inspect.signature(Qwen3Model.forward).parameters:
+        raise BackendUnavailableError(
+            f"transformers {transformers.__version__} names the decoder cache `past_key_values`; the torch path "
+            "needs transformers 5.24 (the pinned version): pip install 'transformers==5.24.0'")
+
+
 class RForConditionalGeneration(nn.Module):
     """R-4B: `image_features`, `embed_tokens`, `forward` (see docs/design.md)."""
 
     def __init__(self, config: RConfig, init_weights: bool = True) -> None:
         """Build the model; `init_weights=False` skips random init (weights are loaded next)."""
+        check_transformers()
         super().__init__()
         self.config = config
         ctx: Any = contextlib.nullcontext()

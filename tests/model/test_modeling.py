@@ -177,3 +177,17 @@ def test_anyres_max_downsampling_matches_transformers() -> None:
         ours = m.image_features(p.pixel_values, p.grid, p.orig_size)
     assert p.grid == (2, 2) and ours.shape[0] == p.n_tokens < 16 + 8 * 9
     assert torch.allclose(ours, ref[0])
+
+
+def test_an_older_transformers_cache_api_is_a_clear_error(monkeypatch) -> None:
+    import pytest
+
+    from r4b_edge.errors import BackendUnavailableError
+    from r4b_edge.model import modeling
+
+    def old_forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):  # transformers 5.17's names
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(modeling.Qwen3Model, "forward", old_forward)
+    with pytest.raises(BackendUnavailableError, match=r"past_key_values.*transformers==5.24.0"):
+        modeling.check_transformers()
