@@ -73,7 +73,9 @@ def write_example(out: Path) -> dict:
 
 def colour_count_note(bpo: dict, r: Recipe) -> str:
     """The card's colour-count paragraph: how it was learned, and what is still weak (measured)."""
-    fams = [f for f in bpo["no-think"]["families"] if f in ("digit", "colour", "shape", "count", "colour-count")]
+    from .world import PERCEPTION
+
+    fams = [f for f in bpo["no-think"]["families"] if f in PERCEPTION]
     low = {(m, f): bpo[m]["families"][f] for m in ("auto", "think", "no-think") for f in fams
            if bpo[m]["families"][f] < 0.97}
     cc = {m: f"{100 * bpo[m]['families']['colour-count']:.0f}%" for m in ("auto", "think", "no-think")}

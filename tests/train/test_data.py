@@ -187,14 +187,9 @@ def test_sft_loss_uses_labels_not_inputs(tok):
 
 
 def test_colour_anchor_carries_colour_count_answers_from_the_colour_word(tok):
-    from r4b_edge.train.common import Recipe, model_config
     from r4b_edge.train.pretrain import add_grounding_labels
-    from r4b_edge.train.world import make_example
 
-    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
-    scene, q = make_example(1, 0, "colour-count")
-    r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
-                      {"family": "colour-count", "tier": q.tier, "scene": scene.key(), **q.meta})
+    cfg, _, q, r = _world_record(tok, "colour-count")
 
     def labels(anchor: bool) -> list[int]:
         e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
@@ -226,14 +221,15 @@ def test_stage0_text_records():
     assert text_records(1, 3, 4)[1].count("direct") == 4 * len(PERCEPTION)
 
 
-def _colour_count_record(tok, seed: int = 1, index: int = 0):
+def _world_record(tok, family: str = "colour-count", seed: int = 1, index: int = 0):
+    """(micro config, scene, question, record) of one world example."""
     from r4b_edge.train.common import Recipe, model_config
     from r4b_edge.train.world import make_example
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
-    scene, q = make_example(seed, index, "colour-count")
+    scene, q = make_example(seed, index, family)
     r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
-                      {"family": "colour-count", "tier": q.tier, "scene": scene.key(), **q.meta})
+                      {"family": family, "tier": q.tier, "scene": scene.key(), **q.meta})
     return cfg, scene, q, r
 
 
@@ -242,7 +238,7 @@ def test_colour_match_bits_mark_the_cells_of_the_asked_colour(tok):
 
     seen = set()
     for index in range(12):
-        cfg, scene, q, r = _colour_count_record(tok, 1, index)
+        cfg, scene, q, r = _world_record(tok, "colour-count", 1, index)
         e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
         off = add_grounding_labels(tok, e, r, cfg).labels
         e = D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct", mask_empty_think=True)
@@ -260,15 +256,10 @@ def test_colour_match_bits_mark_the_cells_of_the_asked_colour(tok):
 
 
 def test_colour_match_leaves_other_families_alone(tok):
-    from r4b_edge.train.common import Recipe, model_config
     from r4b_edge.train.pretrain import add_grounding_labels
-    from r4b_edge.train.world import make_example
 
-    cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
     for fam in ("count", "colour", "sum"):
-        scene, q = make_example(1, 0, fam)
-        r = D.make_record("g", "a.png", q.question, q.answer, q.trace,
-                          {"family": fam, "tier": q.tier, "scene": scene.key(), **q.meta})
+        cfg, _, _, r = _world_record(tok, fam)
         a = add_grounding_labels(tok, D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct"),
                                  r, cfg).labels
         b = add_grounding_labels(tok, D.encode_record(tok, r, cfg.image_token_index, cfg.tokens_per_view, "direct"),
