@@ -24,7 +24,8 @@ python3 -c "import sys, torch, onnxruntime as o; print(sys.version.split()[0], '
 stamp install r4b-edge
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $SITE "$REPO"/.whl/*.whl "$REPO" || exit 1
 stamp parity torch cuda, onnx cuda
-python3 -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "torch:cuda,onnx:cuda=$REPO/runs/post/onnx/onnx-int8" --per-family 5
+python3 -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "torch:cuda,onnx:cuda=$REPO/runs/post/onnx/onnx-int8" --per-family 5 \
+  --save-reference "$OUT/torch_cpu_replies.json"
 stamp build llama-cpp-python with CUDA
 t0=$(date +%s)
 python3 -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null && echo "(already built on this machine)" ||
@@ -33,11 +34,16 @@ CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_L
   > "$OUT/llama_build.log" 2>&1
 echo "llama-cpp-python CUDA build: rc $? in $(( $(date +%s) - t0 )) s"
 tail -3 "$OUT/llama_build.log"
-stamp parity llama cuda
-python3 -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "llama:cuda=$G/F16,llama:cuda=$G/Q4_K_M+mmproj-F16" --per-family 5
-stamp bench cuda
-python3 -m r4b_edge.apps.cli bench --backends torch,llama --device cuda --cache /tmp/r4b-bench-cache \
-  --eval-per-family ${BENCH_EVAL:-8} --image both --max-tokens 64 --modes auto,think,no-think --n-gen 64 --n-prompt 256 \
-  --repeats ${BENCH_REPEATS:-3} --warmup 1 --out "$OUT/bench"
+stamp parity llama cuda, in a process without torch
+python3 -X faulthandler -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "llama:cuda=$G/F16,llama:cuda=$G/Q4_K_M+mmproj-F16" \
+  --per-family 5 --reference "$OUT/torch_cpu_replies.json"
+echo "llama parity exit status $?"
+for b in torch llama; do  # one backend per process, for the same reason
+  stamp bench cuda $b
+  python3 -X faulthandler -m r4b_edge.apps.cli bench --backends $b --device cuda --cache /tmp/r4b-bench-cache \
+    --eval-per-family ${BENCH_EVAL:-8} --image both --max-tokens 64 --modes auto,think,no-think --n-gen 64 --n-prompt 256 \
+    --repeats ${BENCH_REPEATS:-3} --warmup 1 --out "$OUT/bench/$b"
+  echo "bench $b exit status $?"
+done
 stamp done
 } 2>&1 | tee "$OUT/gpu_check.log"
