@@ -38,7 +38,12 @@ def stage_seconds(run_dir: Path, stage: str) -> float | None:
 
 
 def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
-    """Run one stage (in-process, or under torchrun when nproc > 1); returns wall seconds."""
+    """Run one stage (in-process, or under torchrun when nproc > 1); returns wall seconds.
+    A stage finished earlier is skipped and its recorded wall time left as it is."""
+    from .pretrain import stage_model_dir
+
+    if (stage_model_dir(run_dir, stage) / "config.json").exists():
+        return 0.0
     t0 = time.time()
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",

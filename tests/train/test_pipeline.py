@@ -88,6 +88,14 @@ def test_one_and_two_processes_agree(runs):
         {k: v for k, v in first[1].items() if k.startswith("reward")}  # identical rollouts
 
 
+def test_reproduce_again_skips_finished_stages_and_keeps_their_times(runs):
+    one, _, _ = runs
+    before = {st: (one / st / "wall_seconds.json").read_text() for st in STAGES}
+    assert all(json.loads(v)["seconds"] > 0 for v in before.values())
+    train(["reproduce", "--run-dir", str(one), "--preset", "micro", "--skip-eval"])
+    assert {st: (one / st / "wall_seconds.json").read_text() for st in STAGES} == before
+
+
 def test_kill_9_then_resume_continues(runs, tmp_path):
     one, _, _ = runs
     run = tmp_path / "killed"
