@@ -4,6 +4,7 @@ on the mix (ratio direct:reasoning in the recipe)."""
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from r4b_edge.errors import TrainingError
+
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
 from .data import read_jsonl, write_jsonl
 from .pretrain import (begin_stage, encode_all, ensure_world, family_weights, grounded, load_stage_model, load_tokenizer, pixel_cache,
                        save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
-from .world import PERCEPTION, REASONING
+from .world import PERCEPTION, REASONING, Scene, opening_question
 
 
 def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Recipe) -> list[dict]:
@@ -57,11 +60,23 @@ def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Reci
     return out
 
 
+def two_turn(rec: dict, seed: int) -> dict:
+    """`rec` as the second turn of a chat about its image: a perception question about the same
+    scene (seeded by the record id) and its answer come first, with the image (docs/training.md)."""
+    scene = Scene.from_key(rec["meta"]["scene"])
+    q0 = opening_question(scene, np.random.default_rng([seed, 53, zlib.crc32(rec["id"].encode())]))
+    user = rec["messages"][0]["content"].split("\n", 1)[-1]
+    msgs = [{"role": "user", "content": f"<image>\n{q0.question}"}, {"role": "assistant", "content": q0.answer},
+            {"role": "user", "content": user}, rec["messages"][1]]
+    return dict(rec, id=rec["id"] + "-turn2", messages=msgs, meta=dict(rec["meta"], opening=q0.family))
+
+
 def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.ndarray]:
     """Training list (records, modes) and sampling weights: direct:reasoning = ratio:1, plus a
     `an_perception_trace_frac` share of the direct side taught with its trace after a forced
     `<think>\n` (the decision token untrained: these items stay direct in auto mode);
-    inside each group colour-count records weigh `colour_count_weight`."""
+    inside each group colour-count records weigh `colour_count_weight`; `an_two_turn_frac` of
+    each group's weight goes to its records' two-turn versions (`two_turn`)."""
     direct = [x for x in recs if x["mode"] == "direct"]
     reason = [x for x in recs if x["mode"] == "think"]
     traced = [x for x in direct if x.get("trace")]
@@ -71,10 +86,15 @@ def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.
     groups = [g for g in groups if g[0] and g[2] > 0]
     tot = sum(g[2] for g in groups)
     recs_out, modes, w = [], [], []
+    f2 = r.an_two_turn_frac
+    if not 0.0 <= f2 < 1.0:
+        raise TrainingError(f"an_two_turn_frac={f2} must be in [0, 1)")
     for lst, mode, share in groups:
-        recs_out += lst
-        modes += [mode] * len(lst)
-        w += list(share / tot * family_weights(lst, r))
+        parts = [(lst, share * (1 - f2))] + ([([two_turn(x, r.seed) for x in lst], share * f2)] if f2 > 0 else [])
+        for part, sh in parts:
+            recs_out += part
+            modes += [mode] * len(part)
+            w += list(sh / tot * family_weights(part, r))
     wa = np.asarray(w, dtype=np.float64)
     return recs_out, modes, wa / wa.sum()
 

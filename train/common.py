@@ -64,6 +64,7 @@ class Recipe:
     an_temperature: float = 1.0
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
     an_perception_trace_frac: float = 0.3  # direct items also taught with their trace (forced think)
+    an_two_turn_frac: float = 0.0  # share of each annealing group taught as the 2nd turn of a chat
     an_steps: int = 1500
     an_batch: int = 32
     an_lr: float = 1e-3
@@ -99,7 +100,7 @@ class Recipe:
                        vision_intermediate=64, vocab_size=400, lm_per_reasoning=10, lm_per_perception=4, lm_steps=6,
                        lm_batch=8, pt_per_family=40, pt_steps=12, pt_batch=8, pt_focus_steps=4,
                        pt_lr=3e-3, an_pool_perception=6, an_pool_reasoning=10, an_samples=4, an_steps=10,
-                       an_batch=8, an_lr=3e-3, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
+                       an_batch=8, an_lr=3e-3, an_two_turn_frac=0.25, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
                        rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,
                        save_every=4, log_every=2, micro_batch=16)
         raise TrainingError(f"unknown recipe preset {name!r}; use 'shipped' or 'micro'")

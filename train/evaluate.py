@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,6 +81,31 @@ def evaluate_model(model: Any, cfg: Any, tok: Any, items: Sequence[dict], root: 
     return res
 
 
+def second_turn_items(items: Sequence[dict], seed: int) -> list[dict]:
+    """Each item as the second question of a chat: an opening perception question about the same
+    scene (seeded by the item id) with its gold answer comes first, with the image."""
+    from .world import Scene, opening_question
+
+    out = []
+    for it in items:
+        q0 = opening_question(Scene.from_key(it["scene"]), np.random.default_rng([seed, 59, zlib.crc32(it["id"].encode())]))
+        out.append(dict(it, history=[(q0.question, q0.answer)]))
+    return out
+
+
+def evaluate_second_turn(model: Any, cfg: Any, tok: Any, items: Sequence[dict], root: Path, r: Recipe) -> dict:
+    """Auto-mode accuracy and think-rate per tier on the second turn of a two-question chat."""
+    roller = Roller(model, tok, cfg, root, PixelCache(cfg.image_size, cfg.image_mean, cfg.image_std))
+    ro = roller.run(second_turn_items(items, r.seed), "auto", max_new=r.ev_max_new, chunk=r.ev_batch)
+    res = {}
+    for t in TIERS + ("overall",):
+        rows = [x for it, x in zip(items, ro) if t == "overall" or it["tier"] == t]
+        if rows:
+            res[t] = {"n": len(rows), "accuracy": float(np.mean([x.reward for x in rows])),
+                      "think_rate": float(np.mean([x.parsed.thought for x in rows]))}
+    return res
+
+
 def targets(res: dict) -> list[tuple[str, bool, str]]:
     """The issue's targets for one model's results: (name, met, measured)."""
     a, th, nt = res["auto"], res["think"], res["no-think"]
@@ -134,6 +160,17 @@ def markdown(all_res: dict, ship: str = "bpo") -> str:
             first, last = float(np.mean(p[:k])), float(np.mean(p[-k:]))
             lines.append(f"| plain GRPO drifts toward thinking on perception | {'yes' if last > first else 'NO'} | "
                          f"rollout think-rate {first:.1%} (first {k} steps) -> {last:.1%} (last {k}) |")
+    if any("second_turn" in res for res in all_res["models"].values()):
+        lines += ["", "Second question of a two-question chat about the image (auto; the first, a perception",
+                  "question, answered by its gold answer in the history):", "",
+                  "| model | perception | reasoning | overall | think-rate perception / reasoning | single-turn overall |",
+                  "|---|---|---|---|---|---|"]
+        for name, res in all_res["models"].items():
+            s2 = res.get("second_turn")
+            if s2:
+                lines.append(f"| {name} | {s2['perception']['accuracy']:.1%} | {s2['reasoning']['accuracy']:.1%} | "
+                             f"{s2['overall']['accuracy']:.1%} | {s2['perception']['think_rate']:.1%} / "
+                             f"{s2['reasoning']['think_rate']:.1%} | {res['auto']['overall']['accuracy']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +242,7 @@ def run(run_dir: Path, r: Recipe, out: Path, models: Sequence[str] = ("anneal", 
         model, cfg, tok = load_eval_model(d)
         t0 = time.time()
         all_res["models"][name] = evaluate_model(model, cfg, tok, items, root, r)
+        all_res["models"][name]["second_turn"] = evaluate_second_turn(model, cfg, tok, items, root, r)
         all_res["models"][name]["eval_seconds"] = round(time.time() - t0, 1)
     if not all_res["models"]:
         raise TrainingError(f"no finished stage models under {run_dir} (looked for {', '.join(models)})")

@@ -148,8 +148,8 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
             if q0 + k + 1 < len(e.labels) and e.labels[q0 + k + 1] == -100:
                 e.labels[q0 + k + 1] = tok.encode(" " + cells[k][2], add_special_tokens=False).ids[0]
     fam, ans = rec["meta"].get("family"), rec.get("answer")
-    if not ans or fam == "caption" or rec["meta"].get("tier") == "reasoning":
-        return e
+    if not ans or fam == "caption" or rec["meta"].get("tier") == "reasoning" or len(rec["messages"]) > 2:
+        return e  # the answer carry is for single-turn questions (its slots assume one <think>)
     a0 = tok.encode(ans, add_special_tokens=False).ids[0]
     think = tok.token_to_id("<think>")
     if think not in e.ids:

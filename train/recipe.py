@@ -207,9 +207,25 @@ rendering the pre-training world part of the second).
   measured 0.51x, because its auto think-rate on reasoning rose to 100%, and its think-mode
   reasoning fell to 87% (docs/training.md).
 {rl_note(results, r)}
-- Multi-turn chat is not trained (the world has single questions); later turns work through the
-  template but are out of distribution.
+{turn_note(results, r)}
 """
+
+
+def turn_note(results: dict, r: Recipe) -> str:
+    """The card's multi-turn paragraph, from the eval's second-turn rows."""
+    s2 = results["models"]["bpo"].get("second_turn")
+    got = ""
+    if s2:
+        got = (f" Second question of a two-question chat (auto): {100 * s2['overall']['accuracy']:.1f}% "
+               f"(perception {100 * s2['perception']['accuracy']:.1f}%, reasoning {100 * s2['reasoning']['accuracy']:.1f}%) "
+               f"vs {100 * results['models']['bpo']['auto']['overall']['accuracy']:.1f}% single-turn.")
+    if r.an_two_turn_frac > 0:
+        return (f"- Chats: annealing teaches {100 * r.an_two_turn_frac:.0f}% of its items as the second question of a chat\n"
+                f"  about the image (the first a perception question; docs/training.md). BPO is single-turn.{got}\n"
+                "  Three or more questions are untrained.")
+    return ("- Multi-turn chat is not trained (every training item is a single question); later turns work\n"
+            f"  through the template but are out of distribution.{got} The lever (`an_two_turn_frac`)\n"
+            "  and its measured trade: docs/training.md.")
 
 
 def ship(run_dir: Path, r: Recipe, out: Path, results: dict, timing: dict) -> Path:

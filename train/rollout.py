@@ -22,9 +22,19 @@ class Generation:
     answer_step: list[int | None]  # index into step_times when the answer phase began
 
 
-def encode_prompt(tok: Any, question: str, mode: str, image_id: int, n_image_tokens: int) -> list[int]:
-    """Prompt ids for `mode` (auto | think | no-think), image placeholder expanded."""
-    text = prompt_text(question) + MODE_SUFFIX[mode]
+def encode_prompt(tok: Any, question: str, mode: str, image_id: int, n_image_tokens: int,
+                  history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """Prompt ids for `mode` (auto | think | no-think), image placeholder expanded. With
+    `history` ((question, answer) turns before this one), the image goes with the first
+    question and earlier answers sit behind empty think blocks, as the runtime renders them."""
+    if history:
+        (q0, a0), *rest = history
+        text = prompt_text(q0) + f"<think>\n\n</think>\n\n{a0}<|im_end|>\n"
+        for q, a in rest:
+            text += prompt_text(q, has_image=False) + f"<think>\n\n</think>\n\n{a}<|im_end|>\n"
+        text += prompt_text(question, has_image=False) + MODE_SUFFIX[mode]
+    else:
+        text = prompt_text(question) + MODE_SUFFIX[mode]
     out: list[int] = []
     for t in tok.encode(text, add_special_tokens=False).ids:
         out += [t] * (n_image_tokens if t == image_id else 1)
@@ -161,7 +171,7 @@ class Roller:
         for c in range(0, len(items), per):
             its = items[c:c + per]
             prompts = [encode_prompt(self.tok, it["question"], mode, self.cfg.image_token_index,
-                                     self.cfg.tokens_per_view) for it in its]
+                                     self.cfg.tokens_per_view, it.get("history", ())) for it in its]
             pv = torch.from_numpy(np.stack([self.pixels.get(self.root / it["image"]) for it in its]))
             rs = None if seeds is None else seeds[c * repeats:(c + len(its)) * repeats]
             g = generate(self.model, prompts, pv, max_new=max_new, eos_ids=self.eos, pad_id=self.pad,
@@ -178,10 +188,10 @@ class Roller:
 
 
 def items_from_records(recs: Sequence[dict]) -> list[dict]:
-    """{question, image, answer, tier, family} of single-turn world records."""
+    """{question, image, answer, tier, family, scene} of single-turn world records."""
     out = []
     for r in recs:
         q = r["messages"][0]["content"].split("\n", 1)[-1]
-        out.append({"question": q, "image": r["images"][0], "answer": r["answer"],
-                    "tier": r["meta"].get("tier"), "family": r["meta"].get("family"), "id": r["id"]})
+        out.append({"question": q, "image": r["images"][0], "answer": r["answer"], "tier": r["meta"].get("tier"),
+                    "family": r["meta"].get("family"), "id": r["id"], "scene": r["meta"].get("scene")})
     return out

@@ -76,6 +76,14 @@ class Scene:
         """Stable text key of the scene (hashing / splitting)."""
         return "|".join(f"{it.kind}:{it.value}:{it.colour}" for it in self.items)
 
+    @classmethod
+    def from_key(cls, key: str) -> "Scene":
+        """The scene back from its `key()`."""
+        cells = [c.split(":") for c in key.split("|")]
+        if len(cells) != 4 or any(len(c) != 3 for c in cells):
+            raise TrainingError(f"scene key needs 4 cells 'kind:value:colour' joined by '|', got {key!r}")
+        return cls(tuple(Item(k, int(v) if k == "digit" else v, c) for k, v, c in cells))  # type: ignore[arg-type]
+
     def split(self) -> str:
         """'eval' for the 10% of scenes whose sha256(key) is 0 mod 10, else 'train'."""
         h = int(hashlib.sha256(self.key().encode()).hexdigest(), 16)
@@ -206,6 +214,13 @@ def ask(scene: Scene, family: str, rng: np.random.Generator) -> Question:
 
 
 MIN_DIGITS = {"digit": 1, "sum": 2, "product-plus": 3, "row-max": 4}
+
+
+def opening_question(scene: Scene, rng: np.random.Generator) -> Question:
+    """A perception question the scene suits, drawn uniformly: the first turn of a two-turn chat."""
+    fams = [f for f in PERCEPTION if not (f == "digit" and not scene.digits)
+            and not (f == "shape" and len(scene.digits) == 4)]
+    return ask(scene, fams[int(rng.integers(len(fams)))], rng)
 
 
 def make_example(seed: int, index: int, family: str, split: str = "train") -> tuple[Scene, Question]:

@@ -127,6 +127,8 @@ def test_eval_and_ship_outputs(runs, tmp_path):
     for mode in ("auto", "think", "no-think"):
         assert {"accuracy", "think_rate", "mean_tokens", "mean_time_to_answer_ms"} <= set(m[mode]["perception"])
     assert m["think"]["reasoning"]["think_rate"] == 1.0 and m["no-think"]["reasoning"]["think_rate"] == 0.0
+    assert m["second_turn"]["overall"]["n"] == m["auto"]["overall"]["n"] and 0 <= m["second_turn"]["overall"]["accuracy"] <= 1
+    assert "Second question of a two-question chat" in (one / "eval" / "results.md").read_text()
     assert (one / "eval" / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert (one / "eval" / "grpo_think_rate.png").exists() and "| model | mode |" in (one / "eval" / "results.md").read_text()
     out = tmp_path / "assets" / "model"
