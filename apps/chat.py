@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="print the stats line after each reply")
     p.add_argument("--json", action="store_true", help="print the result object as JSON (one-shot)")
+    p.add_argument("--fresh", action="store_true",
+                   help="interactive: answer every question on its own, about the image, without the earlier "
+                        "turns (the bundled model is trained on single questions; see its model card)")
     p.set_defaults(func=run)
 
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                 _render(conv.stream(args.prompt, **opts), args, sys.stdout)
             return 0
         print(f"r4b-edge chat on {args.image} ({model.info()['backend']}/{model.info()['device']}); "
-              "empty line or Ctrl-D to quit, /reset to forget the conversation")
+              "empty line or Ctrl-D to quit, " + ("every question on its own (--fresh)" if args.fresh
+                                                  else "/reset to forget the conversation"))
         while True:
             try:
                 line = input(">>> ").strip()
@@ -76,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
                 break
             if not line:
                 break
-            if line == "/reset":
+            if line == "/reset" or args.fresh:
                 conv.reset()
-                continue
+                if line == "/reset":
+                    continue
             _render(conv.stream(line, **opts), args, sys.stdout)
         return 0
     finally:

@@ -53,6 +53,24 @@ def test_repl_multi_turn(tiny_ckpt, png):
     assert p.stdout.count("p_think=") + p.stdout.count("thinking… p=") == 2
 
 
+def test_repl_fresh_answers_each_question_alone(tiny_ckpt, png):
+    def session(questions: str, *flags: str) -> list[str]:
+        p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model", str(tiny_ckpt),
+                            "--max-tokens", "6", *flags], input=questions + "\n", capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split(">>> ")[1:-1]  # one reply per question
+
+    alone = session("second?\n")
+    assert "(--fresh)" in subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model",
+                                          str(tiny_ckpt), "--fresh"], input="\n", capture_output=True,
+                                         text=True, timeout=120).stdout
+    fresh = session("first?\nsecond?\n", "--fresh")
+    assert len(fresh) == 2 and fresh[1] == alone[0]  # greedy: the same reply as a one-question session
+    kept = session("first?\nsecond?\n")
+    assert len(kept) == 2 and kept[0] == fresh[0] and kept[1] != alone[0]  # history changes the reply
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["chat", "missing.png", "q"], "missing.png"),
     (["chat", "{png}", "q", "--think-threshold", "1.5"], "within [0, 1]"),
