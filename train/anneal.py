@@ -16,7 +16,7 @@ from tqdm import tqdm
 from r4b_edge.errors import TrainingError
 
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
-from .data import read_jsonl, write_jsonl
+from .data import IMAGE_PLACEHOLDER, read_jsonl, write_jsonl
 from .pretrain import (begin_stage, encode_all, ensure_world, family_weights, grounded, load_stage_model, load_tokenizer, pixel_cache,
                        save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
@@ -66,7 +66,7 @@ def two_turn(rec: dict, seed: int) -> dict:
     scene = Scene.from_key(rec["meta"]["scene"])
     q0 = opening_question(scene, np.random.default_rng([seed, 53, zlib.crc32(rec["id"].encode())]))
     user = rec["messages"][0]["content"].split("\n", 1)[-1]
-    msgs = [{"role": "user", "content": f"<image>\n{q0.question}"}, {"role": "assistant", "content": q0.answer},
+    msgs = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q0.question}"}, {"role": "assistant", "content": q0.answer},
             {"role": "user", "content": user}, rec["messages"][1]]
     return dict(rec, id=rec["id"] + "-turn2", messages=msgs, meta=dict(rec["meta"], opening=q0.family))
 

@@ -28,10 +28,8 @@ def encode_prompt(tok: Any, question: str, mode: str, image_id: int, n_image_tok
     `history` ((question, answer) turns before this one), the image goes with the first
     question and earlier answers sit behind empty think blocks, as the runtime renders them."""
     if history:
-        (q0, a0), *rest = history
-        text = prompt_text(q0) + f"<think>\n\n</think>\n\n{a0}<|im_end|>\n"
-        for q, a in rest:
-            text += prompt_text(q, has_image=False) + f"<think>\n\n</think>\n\n{a}<|im_end|>\n"
+        text = "".join(prompt_text(q, has_image=k == 0) + f"{MODE_SUFFIX['no-think']}{a}<|im_end|>\n"
+                       for k, (q, a) in enumerate(history))
         text += prompt_text(question, has_image=False) + MODE_SUFFIX[mode]
     else:
         text = prompt_text(question) + MODE_SUFFIX[mode]
