@@ -80,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
                 break
             if not line:
                 break
-            if line == "/reset" or args.fresh:
+            if line == "/reset":
                 conv.reset()
-                if line == "/reset":
-                    continue
+                continue
+            if args.fresh:
+                conv.reset()
             _render(conv.stream(line, **opts), args, sys.stdout)
         return 0
     finally:

@@ -4,7 +4,6 @@ on the mix (ratio direct:reasoning in the recipe)."""
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from .pretrain import (begin_stage, encode_all, ensure_world, family_weights, gr
                        save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
-from .world import PERCEPTION, REASONING, Scene, opening_question
+from .world import PERCEPTION, REASONING, opening_for
 
 
 def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Recipe) -> list[dict]:
@@ -63,8 +62,7 @@ def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Reci
 def two_turn(rec: dict, seed: int) -> dict:
     """`rec` as the second turn of a chat about its image: a perception question about the same
     scene (seeded by the record id) and its answer come first, with the image (docs/training.md)."""
-    scene = Scene.from_key(rec["meta"]["scene"])
-    q0 = opening_question(scene, np.random.default_rng([seed, 53, zlib.crc32(rec["id"].encode())]))
+    q0 = opening_for(rec["meta"]["scene"], seed, 53, rec["id"])
     user = rec["messages"][0]["content"].split("\n", 1)[-1]
     msgs = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q0.question}"}, {"role": "assistant", "content": q0.answer},
             {"role": "user", "content": user}, rec["messages"][1]]

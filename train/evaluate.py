@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,11 +83,11 @@ def evaluate_model(model: Any, cfg: Any, tok: Any, items: Sequence[dict], root: 
 def second_turn_items(items: Sequence[dict], seed: int) -> list[dict]:
     """Each item as the second question of a chat: an opening perception question about the same
     scene (seeded by the item id) with its gold answer comes first, with the image."""
-    from .world import Scene, opening_question
+    from .world import opening_for
 
     out = []
     for it in items:
-        q0 = opening_question(Scene.from_key(it["scene"]), np.random.default_rng([seed, 59, zlib.crc32(it["id"].encode())]))
+        q0 = opening_for(it["scene"], seed, 59, it["id"])
         out.append(dict(it, history=[(q0.question, q0.answer)]))
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,13 @@ def opening_question(scene: Scene, rng: np.random.Generator) -> Question:
     fams = [f for f in PERCEPTION if not (f == "digit" and not scene.digits)
             and not (f == "shape" and len(scene.digits) == 4)]
     return ask(scene, fams[int(rng.integers(len(fams)))], rng)
+
+
+def opening_for(scene_key: str, seed: int, salt: int, item_id: str) -> Question:
+    """The opening question of the chat that asks item `item_id` (scene `scene_key`) second,
+    seeded by (seed, salt, item id): the same for every run, batch and process layout."""
+    rng = np.random.default_rng([seed, salt, zlib.crc32(item_id.encode())])
+    return opening_question(Scene.from_key(scene_key), rng)
 
 
 def make_example(seed: int, index: int, family: str, split: str = "train") -> tuple[Scene, Question]:
