@@ -6,6 +6,7 @@ and the GGUF so other runtimes agree.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,6 +15,8 @@ from ..errors import GenerationOptionError
 IMAGE_PLACEHOLDER = "<image>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
 
 # What follows the assistant header in each thinking mode (R4B.md).
 MODE_SUFFIX = {
@@ -21,6 +24,8 @@ MODE_SUFFIX = {
     "long": "<think>\n",
     "short": "<think>\n\n</think>\n\n",
 }
+# Earlier assistant turns: the answer only, behind an empty think block.
+HISTORY_THINK = MODE_SUFFIX["short"]
 # The empty think block as the model writes it after an auto-mode `<think>`.
 EMPTY_THINK_CONTINUATION = "\n\n</think>\n\n"
 
@@ -62,19 +67,19 @@ def render_prompt(messages: Sequence[Message], thinking_mode: str = "auto",
         raise GenerationOptionError("the conversation must end with a user turn")
     parts: list[str] = []
     if system:
-        parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
+        parts.append(f"{IM_START}system\n{system}{IM_END}\n")
     for m in messages:
         if m.role == "user":
             body = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(m.images)) + m.content
-            parts.append(f"<|im_start|>user\n{body}<|im_end|>\n")
+            parts.append(f"{IM_START}user\n{body}{IM_END}\n")
         elif m.role == "assistant":
             # History keeps the answer only, behind an empty think block.
-            parts.append(f"<|im_start|>assistant\n<think>\n\n</think>\n\n{m.content}<|im_end|>\n")
+            parts.append(f"{IM_START}assistant\n{HISTORY_THINK}{m.content}{IM_END}\n")
         elif m.role == "system":
-            parts.append(f"<|im_start|>system\n{m.content}<|im_end|>\n")
+            parts.append(f"{IM_START}system\n{m.content}{IM_END}\n")
         else:
             raise GenerationOptionError(f"unknown role {m.role!r}: use 'system', 'user' or 'assistant'")
-    parts.append("<|im_start|>assistant\n" + MODE_SUFFIX[mode])
+    parts.append(f"{IM_START}assistant\n" + MODE_SUFFIX[mode])
     return "".join(parts)
 
 
@@ -95,28 +100,87 @@ def phase_after(prompt: str) -> str:
     return "reasoning" if opened > closed else "answer"
 
 
-CHAT_TEMPLATE = (
-    "{%- set mode = thinking_mode | default('auto') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '<|im_start|>user\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for c in message['content'] if c['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for c in message['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
-    "{%- endif -%}{{ '<|im_end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'].split('</think>')[-1].lstrip() }}"
-    "{%- else -%}{%- for c in message['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
-    "{%- endif -%}{{ '<|im_end|>\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if mode == 'long' -%}{{ '<think>\\n' }}"
-    "{%- elif mode == 'short' -%}{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else -%}{{ '<think>' }}{%- endif -%}"
-    "{%- endif -%}"
-)
+
+
+# ---- the Jinja copy (GGUF `tokenizer.chat_template`, HF tokenizer/processor) ----------------
+# llama.cpp's media markers: `<__media__>` (mtmd_default_marker(): llama-cpp-python's
+# MTMDChatHandler, llama-mtmd-cli) and `<__media_<random>__>` (llama-server). Stock tools put
+# them into the user text where the image goes; the template moves each one to the front,
+# followed by a newline, exactly where r4b-edge renders `<image>\n`.
+MEDIA_MARKER_HEAD = "<__media"
+MEDIA_MARKER_TAIL = "__>"
+
+
+def _lit(s: str) -> str:
+    """A Jinja string literal (json.dumps escapes are valid Jinja escapes)."""
+    return json.dumps(s, ensure_ascii=True)
+
+
+def chat_template_jinja(default_mode: str = "auto") -> str:
+    """The chat template as Jinja, built from this module's constants.
+
+    Renders what `render_prompt` renders for the message shapes callers send: string
+    content; `text`, `image`, `image_url` and llama.cpp `media_marker` parts; text holding
+    media markers; system/developer, user and assistant turns (an earlier assistant turn keeps
+    only the text after its last `</think>`, behind an empty think block). `thinking_mode`
+    (auto | long | short, or the API names in MODE_ALIASES) picks the generation suffix; an
+    unknown mode raises. `default_mode` applies when the caller passes no `thinking_mode`
+    (for tools that cannot pass template kwargs, e.g. llama-mtmd-cli)."""
+    default = template_mode(default_mode)
+    head, tail, nl = _lit(MEDIA_MARKER_HEAD), _lit(MEDIA_MARKER_TAIL), _lit("\n")
+    by_name: dict[str, list[str]] = {}
+    for alias, name in MODE_ALIASES.items():
+        by_name.setdefault(name, []).append(alias)
+    gen = "".join(
+        ("{%- if" if i == 0 else "{%- elif") + f" mode in [{', '.join(map(_lit, aliases))}] -%}}"
+        f"{{{{ {_lit(MODE_SUFFIX[name])} }}}}"
+        for i, (name, aliases) in enumerate(by_name.items())
+    )
+    unknown = _lit(f"unknown thinking_mode: use one of {', '.join(MODE_ALIASES)}")
+    return (
+        f"{{%- set mode = {_lit(default)} -%}}"
+        "{%- if thinking_mode is defined and thinking_mode is not none -%}"
+        "{%- set mode = thinking_mode -%}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- set role = message['role'] -%}"
+        "{%- set content = message['content'] if message['content'] is defined "
+        "and message['content'] is not none else '' -%}"
+        "{%- set parts = [{'type': 'text', 'text': content}] if content is string else content -%}"
+        "{%- set ns = namespace(media='', text='') -%}"
+        "{%- for part in parts -%}"
+        "{%- if part['type'] in ['image', 'image_url'] -%}"
+        f"{{%- set ns.media = ns.media + {_lit(IMAGE_PLACEHOLDER + chr(10))} -%}}"
+        "{%- elif part['type'] == 'media_marker' -%}"
+        f"{{%- set ns.media = ns.media + part['text'] + {nl} -%}}"
+        "{%- elif part['type'] == 'text' -%}"
+        f"{{%- set segs = part['text'].split({head}) -%}}"
+        "{%- set ns.text = ns.text + segs[0] -%}"
+        "{%- for s in segs[1:] -%}"
+        f"{{%- if {tail} in s -%}}"
+        f"{{%- set ns.media = ns.media + {head} + s.split({tail})[0] + {tail} + {nl} -%}}"
+        f"{{%- set ns.text = ns.text + (s.split({tail})[1:] | join({tail})) -%}}"
+        f"{{%- else -%}}{{%- set ns.text = ns.text + {head} + s -%}}{{%- endif -%}}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if role == 'user' -%}"
+        f"{{{{ {_lit(IM_START + 'user' + chr(10))} + ns.media + ns.text + {_lit(IM_END + chr(10))} }}}}"
+        "{%- elif role == 'assistant' -%}"
+        "{%- set answer = ns.text -%}"
+        f"{{%- if {_lit(THINK_CLOSE)} in answer -%}}"
+        f"{{%- set answer = (answer.split({_lit(THINK_CLOSE)}) | last).lstrip() -%}}{{%- endif -%}}"
+        f"{{{{ {_lit(IM_START + 'assistant' + chr(10) + HISTORY_THINK)} + answer + {_lit(IM_END + chr(10))} }}}}"
+        "{%- elif role in ['system', 'developer'] -%}"
+        f"{{{{ {_lit(IM_START + 'system' + chr(10))} + ns.text + {_lit(IM_END + chr(10))} }}}}"
+        "{%- else -%}"
+        f"{{{{ {_lit(IM_START)} + role + {nl} + ns.text + {_lit(IM_END + chr(10))} }}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        f"{{{{ {_lit(IM_START + 'assistant' + chr(10))} }}}}"
+        f"{gen}{{%- else -%}}{{{{ raise_exception({unknown}) }}}}{{%- endif -%}}"
+        "{%- endif -%}"
+    )
+
+
+CHAT_TEMPLATE = chat_template_jinja()
