@@ -14,6 +14,7 @@ from .errors import (
 
 __all__ = [
     "load", "Model", "Conversation", "GenerationOptions",
+    "Score", "TokenLogprob", "TopLogprob",
     "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
     "R4BError", "ImageError", "ModelFormatError", "ModelNotFoundError", "BackendUnavailableError",
     "ContextLengthError", "GenerationOptionError", "ExportError", "TrainingError",
@@ -29,4 +30,8 @@ def __getattr__(name: str):
         from .engine.generate import GenerationOptions
 
         return GenerationOptions
+    if name in ("Score", "TokenLogprob", "TopLogprob"):
+        from .engine import logprobs
+
+        return getattr(logprobs, name)
     raise AttributeError(f"module 'r4b_edge' has no attribute {name!r}")

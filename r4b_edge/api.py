@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, overload
 
 from .backends import create_backend
 from .backends.base import Backend
 from .engine.events import Done, Event, Result
 from .engine.generate import Engine, GenerationOptions
+from .engine.logprobs import Score
+from .engine.score import score_prompt
 from .errors import ModelNotFoundError
 from .model.processing import DEFAULT_MAX_PIXELS, PreparedImage, load_image, prepare_image
-from .model.template import Message
+from .model.template import Message, render_prompt
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
@@ -116,6 +118,32 @@ class Model:
     def chat(self, image: ImageInput | None, prompt: str, **options: Any) -> Result:
         """Blocking one-shot reply; see `stream` for the options."""
         return self.conversation(image).ask(prompt, **options)
+
+    @overload
+    def score(self, image: ImageInput | None, prompt: str, continuation: str, mode: str = ...,
+              system: str | None = ..., top_logprobs: int = ...) -> Score: ...
+
+    @overload
+    def score(self, image: ImageInput | None, prompt: str, continuation: Sequence[str], mode: str = ...,
+              system: str | None = ..., top_logprobs: int = ...) -> list[Score]: ...
+
+    def score(self, image, prompt, continuation, mode="no-think", system=None, top_logprobs=0):
+        """Log-probabilities of `continuation` as the assistant's reply to one question.
+
+        The continuation starts right after the rendered prompt, which ends with
+        the assistant header and `mode`'s think prefix: no-think (the default,
+        for scoring answers) `<think>\\n\\n</think>\\n\\n`; think `<think>\\n`
+        (the continuation is read as reasoning); auto `<think>` (so the
+        continuation "\\n\\n</think>\\n\\nB" scores the model's choice not to
+        think plus the answer). A list of continuations (the choices of a
+        multiple-choice question) gives a list of `Score`s for one prefill."""
+        prepared = self.prepare(image) if image is not None else None
+        msgs = [Message("user", prompt, images=1 if prepared is not None else 0)]
+        rendered = render_prompt(msgs, mode, system=system)
+        single = isinstance(continuation, str)
+        conts = [continuation] if single else list(continuation)
+        out = score_prompt(self.engine, rendered, [prepared] if prepared is not None else [], conts, top_logprobs)
+        return out[0] if single else out
 
     def info(self) -> dict:
         i = self.backend.info()

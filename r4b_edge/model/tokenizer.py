@@ -39,6 +39,8 @@ class Tokenizer:
         self.special_ids: set[int] = {
             tid for tid, at in tok.get_added_tokens_decoder().items() if at.special
         } | {self.im_start, self.im_end, self.think, self.end_think, self.image}
+        self._bytes: dict[int, bytes] = {}
+        self._byte_level: bool | None = None
 
     def _required(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -94,6 +96,31 @@ class Tokenizer:
         """Text of `ids`; `skip_special` drops special tokens."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def token_bytes(self, tid: int) -> bytes:
+        """The exact bytes token `tid` stands for (OpenAI's logprobs `bytes`): an
+        added token's UTF-8 content; a byte-level BPE piece mapped back through
+        GPT-2's byte table (so a token holding half of a UTF-8 character gives
+        its real bytes, where `decode([tid])` would give U+FFFD)."""
+        hit = self._bytes.get(tid)
+        if hit is not None:
+            return hit
+        if self._byte_level is None:
+            dec = json.loads(self._tok.to_str()).get("decoder") or {}
+            self._byte_level = dec.get("type") == "ByteLevel"
+        added = self._tok.get_added_tokens_decoder().get(tid)
+        piece = self._tok.id_to_token(tid)
+        if piece is None:
+            raise ValueError(f"token id {tid} is outside the vocabulary of {self.vocab_size} ids")
+        if added is not None:
+            out = added.content.encode("utf-8")
+        elif self._byte_level:
+            table = _unicode_to_byte()
+            out = bytes(table[c] for c in piece)
+        else:  # other decoders (sentencepiece-style): the token's own text
+            out = self.decode([tid]).encode("utf-8")
+        self._bytes[tid] = out
+        return out
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -117,6 +144,25 @@ class Tokenizer:
         }
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False),
                                                    encoding="utf-8")
+
+
+_U2B: dict[str, int] = {}
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character a byte-level BPE
+    vocabulary writes for each byte -> that byte."""
+    if not _U2B:
+        bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+        cs = list(bs)
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _U2B.update({chr(c): b for b, c in zip(bs, cs)})
+    return _U2B
 
 
 class StreamDecoder:
