@@ -1,0 +1,192 @@
+"""Stock llama-cpp-python (no r4b-edge code in its path) on r4b-edge's GGUF pair of the bundled model.
+
+- Token ids: for a set of message lists and all three thinking modes, the ids stock
+  `MTMDChatHandler` feeds the model (captured from `Llama.eval` and the image chunk positions)
+  equal the ids r4b-edge's engine renders and tokenizes (`Engine._segments`, image slots
+  expanded to the backend's image token count). Text-only chats also through llama-cpp-python's
+  default handler (`Jinja2ChatFormatter` on the GGUF's template).
+- Answers: greedy, the README example ("What is the sum of all the digits?" on example.png, 18)
+  and held-out world questions get the same answers from stock llama-cpp-python as from
+  r4b-edge's llama backend on the same files.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+
+import r4b_edge
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+from llama_cpp import Llama  # noqa: E402
+from llama_cpp.llama_chat_format import MTMDChatHandler  # noqa: E402
+
+from r4b_edge.model.template import Message, render_prompt  # noqa: E402
+
+ASSETS = Path(r4b_edge.__file__).resolve().parent / "assets"
+BUNDLED, EXAMPLE = ASSETS / "model", ASSETS / "example.png"
+pytestmark = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="no bundled model")
+MODES = {"auto": "auto", "long": "think", "short": "no-think"}  # template name -> r4b-edge API name
+README_Q = "What is the sum of all the digits?"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory):
+    from r4b_edge.export.gguf import export_gguf
+
+    return export_gguf(BUNDLED, tmp_path_factory.mktemp("stock-gguf") / "f16", quant="F16")
+
+
+@pytest.fixture(scope="module")
+def stock(pair):
+    """Stock llama-cpp-python: Llama + MTMDChatHandler, and a recorder of every Llama.eval."""
+    handler = MTMDChatHandler(clip_model_path=str(pair.mmproj), verbose=False)
+    llm = Llama(model_path=str(pair.text), chat_handler=handler, n_ctx=1024, n_threads=1, verbose=False)
+    calls: list[tuple[int, list[int]]] = []
+    real_eval = llm.eval
+
+    def recording_eval(tokens):
+        calls.append((llm.n_tokens, list(tokens)))
+        return real_eval(tokens)
+
+    llm.eval = recording_eval
+    yield llm, handler, calls
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def ours(pair):
+    m = r4b_edge.load(pair.out_dir, backend="llama", device="cpu")
+    yield m
+    close = getattr(m.backend, "close", None)
+    if close:
+        close()
+
+
+def _uri(image) -> str:
+    if isinstance(image, Path):
+        data = image.read_bytes()
+    else:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def stock_run(stock, messages: list, mode: str, max_tokens: int = 1) -> tuple[list[int], list[int], dict]:
+    """Greedy stock chat completion. Returns the prompt as stock fed it (text ids at their
+    positions, -1 where an image chunk went), the reply ids it fed back (every sampled token
+    but the last, which ends the reply) and the response."""
+    llm, handler, calls = stock
+    calls.clear()
+    r = handler(llama=llm, messages=messages, thinking_mode=mode, max_tokens=max_tokens, temperature=0.0,
+                repeat_penalty=1.0)
+    n = r["usage"]["prompt_tokens"]
+    fed: dict[int, int] = {}
+    for start, toks in calls:
+        fed.update({start + i: t for i, t in enumerate(toks)})
+    prompt = [fed.get(i, -1) for i in range(n)]
+    reply = [fed[i] for i in range(n, n + r["usage"]["completion_tokens"]) if i in fed]
+    return prompt, reply, r
+
+
+def our_prompt_ids(model, msgs: list[Message], mode: str, images: list) -> list[int]:
+    prepared = [model.prepare(i) for i in images]
+    segs = model.engine._segments(render_prompt(msgs, mode), prepared)
+    out: list[int] = []
+    for s in segs:
+        out += [-1] * model.backend.image_token_count(s) if not isinstance(s, list) else s
+    return out
+
+
+def _image_and_text(uri: str, q: str, image_first: bool = True) -> list:
+    parts = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": q}]
+    return parts if image_first else parts[::-1]
+
+
+def conversations(uri: str) -> dict[str, tuple[list, list[Message], int]]:
+    """name -> (OpenAI-style messages, the same conversation as r4b-edge Messages, images)."""
+    return {
+        "image_then_text": ([{"role": "user", "content": _image_and_text(uri, README_Q)}],
+                            [Message("user", README_Q, images=1)], 1),
+        "text_then_image": ([{"role": "user", "content": _image_and_text(uri, README_Q, False)}],
+                            [Message("user", README_Q, images=1)], 1),
+        "system_and_history": (
+            [{"role": "system", "content": "Answer briefly."},
+             {"role": "user", "content": _image_and_text(uri, "How many digits are there?")},
+             {"role": "assistant", "content": "<think>\ncounting\n</think>\n\n4"},
+             {"role": "user", "content": [{"type": "text", "text": README_Q}]}],
+            [Message("system", "Answer briefly."), Message("user", "How many digits are there?", images=1),
+             Message("assistant", "4", reasoning="counting"), Message("user", README_Q)], 1),
+        "text_only_string": ([{"role": "user", "content": "What colour is the sky?"}],
+                             [Message("user", "What colour is the sky?")], 0),
+    }
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("name", ["image_then_text", "text_then_image", "system_and_history", "text_only_string"])
+def test_stock_mtmd_handler_feeds_our_ids(stock, ours, name: str, mode: str) -> None:
+    messages, msgs, n_images = conversations(_uri(EXAMPLE))[name]
+    got, _, _ = stock_run(stock, messages, mode)
+    want = our_prompt_ids(ours, msgs, mode, [EXAMPLE] * n_images)
+    assert got.count(-1) == want.count(-1) == n_images * ours.backend.image_token_count(ours.prepare(EXAMPLE))
+    assert got == want
+
+
+def test_default_handler_renders_our_text_prompt(pair) -> None:
+    """llama-cpp-python without a chat handler uses the GGUF's template (Jinja2ChatFormatter)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = Llama(model_path=str(pair.text), n_ctx=512, n_threads=1, verbose=False)
+    try:
+        fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
+                                  bos_token="<|endoftext|>")
+        messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"},
+                    {"role": "user", "content": "Another one?"}]
+        msgs = [Message("user", "Name a colour."), Message("assistant", "red"), Message("user", "Another one?")]
+        for mode in MODES:
+            assert fmt(messages=messages, thinking_mode=mode).prompt == render_prompt(msgs, mode)
+        r = llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)  # auto: the default
+        want = llm.tokenize(render_prompt(msgs, "auto").encode(), add_bos=False, special=True)
+        assert r["usage"]["prompt_tokens"] == len(want)
+    finally:
+        llm.close()
+
+
+def _stock_answer(stock, image, question: str, mode: str) -> str:
+    """The answer: the reply after its last `</think>` token (llama-cpp-python drops control
+    tokens from the text, so the split is made on the ids it fed back)."""
+    llm = stock[0]
+    messages = [{"role": "user", "content": _image_and_text(_uri(image), question)}]
+    _, reply, r = stock_run(stock, messages, mode, max_tokens=256)
+    assert r["choices"][0]["finish_reason"] == "stop"
+    end_think = llm.tokenize(b"</think>", add_bos=False, special=True)
+    assert len(end_think) == 1
+    cut = len(reply) - reply[::-1].index(end_think[0]) if end_think[0] in reply else 0
+    answer = llm.detokenize(reply[cut:]).decode("utf-8").strip()
+    assert r["choices"][0]["message"]["content"].strip().endswith(answer)
+    return answer
+
+
+def test_readme_example_same_answer(stock, ours) -> None:
+    for mode, api in MODES.items():
+        want = ours.chat(EXAMPLE, README_Q, mode=api, max_tokens=256).answer.strip()
+        got = _stock_answer(stock, EXAMPLE, README_Q, mode)
+        assert got == want, f"{mode}: stock {got!r} vs r4b-edge {want!r}"
+        if mode == "auto":
+            assert want == "18"
+
+
+@pytest.mark.slow
+def test_world_questions_same_answers(stock, ours) -> None:
+    from r4b_edge.export.parity_report import world_prompts
+
+    items = world_prompts(8)
+    same = [(_stock_answer(stock, img, q, "auto"), ours.chat(img, q, max_tokens=256).answer.strip())
+            for img, q in items]
+    diff = [(q, s, o) for (img, q), (s, o) in zip(items, same) if s != o]
+    assert not diff, f"{len(diff)}/{len(items)} differ: {diff}"
