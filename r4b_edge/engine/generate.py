@@ -29,7 +29,7 @@ from ..model.template import (
 from ..model.tokenizer import StreamDecoder
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
 from .memory import peak_rss_mb
-from .sampling import Sampler, SamplingParams, log_softmax
+from .sampling import Sampler, SamplingParams, token_logprobs
 
 DEFAULT_BUDGET_CLOSING = "\n\nThe thinking budget is used up, so I answer now.\n"
 
@@ -161,7 +161,7 @@ class Engine:
         n0 = be.n_past
         sfx_logits = be.forward(sfx)
         rows = np.vstack([logits[None, :], sfx_logits[:-1]])
-        lp = log_softmax(rows)[np.arange(len(sfx)), sfx]
+        lp = token_logprobs(rows, sfx)
         p_think = float(min(1.0, max(0.0, 1.0 - math.exp(float(lp.sum())))))
 
         if mode == "auto" and opts.think_threshold is None:

@@ -1,0 +1,235 @@
+"""The sampler against a plain float64 reference: the same distribution (chi-square,
+fixed seeds), the same support, the same greedy tokens, reproducible draws."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from r4b_edge.engine.sampling import (
+    Sampler, SamplingParams, log_softmax, logsumexp, token_logprobs, _nucleus_by_buckets,
+)
+from r4b_edge.errors import GenerationOptionError
+
+
+def reference_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The textbook sampler: softmax(logits / T), top-k mask (ties at the k-th kept), then the
+    smallest prefix of the sorted probabilities (ties by lower id) whose mass reaches top_p."""
+    x = logits.astype(np.float64) / temperature
+    n = len(x)
+    if top_k and top_k < n:
+        kth = np.sort(x)[n - top_k]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.lexsort((np.arange(n), -p))
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return p
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(chi-square with `dof` degrees of freedom > x): the regularised upper incomplete gamma
+    Q(dof/2, x/2) (series below a + 1, continued fraction above; Numerical Recipes 6.2)."""
+    a, y = dof / 2.0, x / 2.0
+    if y <= 0:
+        return 1.0
+    lg = math.lgamma(a)
+    if y < a + 1.0:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10000):
+            ap += 1.0
+            term *= y / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return 1.0 - total * math.exp(-y + a * math.log(y) - lg)
+    b = y + 1.0 - a
+    c, d = 1.0 / 1e-300, 1.0 / b
+    h = d
+    for i in range(1, 10000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1.0 / d
+        h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return math.exp(-y + a * math.log(y) - lg) * h
+
+
+def test_chi2_sf_matches_known_values():
+    # scipy.stats.chi2.sf(x, k) (scipy 1.17.1) for these (x, k)
+    assert chi2_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-9)
+    assert chi2_sf(18.307038053275146, 10) == pytest.approx(0.05, rel=1e-9)
+    assert chi2_sf(10.0, 30) == pytest.approx(0.9997737463238232, rel=1e-9)
+    assert chi2_sf(100.0, 30) == pytest.approx(1.8568023365102314e-09, rel=1e-6)
+    assert chi2_sf(50.0, 5) == pytest.approx(1.3857973367009573e-09, rel=1e-6)
+    assert chi2_sf(300.0, 250) == pytest.approx(0.016518273157868715, rel=1e-6)
+
+
+def gof_pvalue(draws: np.ndarray, p: np.ndarray) -> float:
+    """Chi-square goodness of fit of `draws` to `p` over its support (tokens with expected
+    count < 5 pooled into one bin; draws outside the support are checked separately)."""
+    n = len(draws)
+    counts = np.bincount(draws, minlength=len(p)).astype(np.float64)[p > 0]
+    exp_ = p[p > 0] * n
+    big = exp_ >= 5
+    pool = (~big).any()
+    obs = list(counts[big]) + ([counts[~big].sum()] if pool else [])
+    ex = list(exp_[big]) + ([exp_[~big].sum()] if pool else [])
+    obs, ex = np.array(obs), np.array(ex)
+    if len(ex) < 2:
+        return 1.0
+    stat = float(((obs - ex) ** 2 / ex).sum())
+    return chi2_sf(stat, len(ex) - 1)
+
+
+def _logit_sets(V: int = 60) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    peaked = rng.normal(0, 2.5, V)
+    peaked[[3, 17, 40]] = [9.0, 8.2, 7.5]
+    return {
+        "peaked": peaked.astype(np.float32),
+        "flat": rng.normal(0, 0.4, V).astype(np.float32),
+        "spread": np.linspace(-30, 5, V).astype(np.float32)[rng.permutation(V)],
+        "ties": rng.integers(-3, 3, V).astype(np.float32),
+        "cliff": np.concatenate([[30.0, 29.5, 29.0], rng.normal(0, 1, V - 3)]).astype(np.float32),
+    }
+
+
+SETTINGS = [
+    dict(temperature=0.7),
+    dict(temperature=1.5),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.0, top_p=0.9),
+    dict(temperature=0.7, top_p=0.95),
+    dict(temperature=0.6, top_p=0.95, top_k=20),
+    dict(temperature=1.0, top_k=1),
+]
+
+
+@pytest.mark.parametrize("tail_nats", [17.0, 0.5])
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_distribution_matches_reference(setting, tail_nats):
+    """6,000 draws per logit set; a correct sampler fails a set with probability 1e-4."""
+    n_draws = 6000
+    for k, (name, logits) in enumerate(_logit_sets().items()):
+        ref = reference_probs(logits, **setting)
+        s = Sampler(SamplingParams(seed=1000 + k, **setting), tail_nats=tail_nats)
+        draws = np.array([s(logits) for _ in range(n_draws)])
+        assert ref[draws].min() > 0, f"{name}: drew a token outside the reference support"
+        pv = gof_pvalue(draws, ref)
+        assert pv > 1e-4, f"{name} {setting}: chi-square p = {pv:.2e}"
+        if setting.get("top_k") or setting.get("top_p", 1.0) < 1.0:  # the filtered set itself, exactly
+            ids, w = s.candidates(logits)
+            got = np.zeros(len(logits))
+            got[ids] = w / w.sum()
+            np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12, err_msg=name)
+
+
+def test_every_code_path_is_exercised():
+    """The settings above reach the head-only, exact-tail, dense and rejection paths."""
+    sets = _logit_sets()
+    seen = {"dense": 0, "exact_tail": 0, "head_only_top_p": 0}
+    for logits in sets.values():
+        for nats in (17.0, 0.5):
+            s = Sampler(SamplingParams(temperature=1.0, seed=0), tail_nats=nats)
+            for _ in range(50):
+                s(logits)
+            seen["dense"] += s.dense_draws
+            s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=0), tail_nats=nats)
+            for _ in range(50):
+                s(logits)
+            seen["exact_tail"] += s.exact_tail_sums
+            seen["head_only_top_p"] += 50 - s.exact_tail_sums
+    assert all(v > 0 for v in seen.values()), seen
+
+
+def test_rejection_path_draws_tail_tokens():
+    """Small head margin: tail tokens are proposed, accepted, and come out in proportion."""
+    logits = np.array([0.0] + [-3.0] * 20, dtype=np.float32)
+    s = Sampler(SamplingParams(temperature=1.0, seed=3), tail_nats=1.0)
+    draws = np.array([s(logits) for _ in range(20000)])
+    assert s.dense_draws == 0
+    assert gof_pvalue(draws, reference_probs(logits, 1.0)) > 1e-4
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=0.7, top_p=0.95), dict(temperature=1.0, top_p=0.9),
+                                     dict(temperature=0.6, top_p=0.95, top_k=20), dict(temperature=0.7, top_k=20)])
+@pytest.mark.parametrize("gap", [22.0, 12.0, 3.0])
+def test_real_vocab_filtered_set_equals_reference(setting, gap):
+    """At R-4B's vocabulary (151,936): peaked (gap 22), mixed (12) and flat (3) logits."""
+    V = 151936
+    rng = np.random.default_rng(int(gap))
+    x = rng.normal(0, 2.5, V).astype(np.float32)
+    top = rng.choice(V, 32, replace=False)
+    x[top] = gap - np.sort(rng.exponential(1.5, 32)).astype(np.float32)
+    ref = reference_probs(x, **setting)
+    ids, w = Sampler(SamplingParams(seed=0, **setting)).candidates(x)
+    assert set(ids.tolist()) == set(np.flatnonzero(ref).tolist())
+    np.testing.assert_allclose(w / w.sum(), ref[ids], rtol=1e-5)
+
+
+def test_nucleus_by_buckets_equals_sorted_nucleus():
+    rng = np.random.default_rng(5)
+    w = np.exp(rng.normal(0, 3, 5000)).astype(np.float32)
+    w[:40] = w[40]  # ties at one value
+    for p in (0.1, 0.5, 0.9, 0.99, 1.0):
+        target = p * float(w.sum(dtype=np.float64))
+        ids, ws = _nucleus_by_buckets(w, target)
+        order = np.lexsort((np.arange(len(w)), -w.astype(np.float64)))
+        cum = np.cumsum(w[order].astype(np.float64))
+        k = min(int(np.searchsorted(cum, target)) + 1, len(w))
+        assert set(ids.tolist()) == set(order[:k].tolist()), p
+
+
+def test_greedy_is_argmax_whatever_the_filters():
+    rng = np.random.default_rng(0)
+    for params in (SamplingParams(), SamplingParams(0.0, 0.5, 3, seed=1)):
+        s = Sampler(params)
+        for _ in range(50):
+            x = rng.normal(size=151936).astype(np.float32)
+            assert s(x) == int(np.argmax(x))
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:6], ids=str)
+def test_seed_reproducible(setting):
+    rng = np.random.default_rng(1)
+    rows = [rng.normal(0, 3, 4096).astype(np.float32) for _ in range(40)]
+
+    def run(seed):
+        s = Sampler(SamplingParams(seed=seed, **setting))
+        return [s(r) for r in rows for _ in range(5)]
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_logsumexp_and_logprobs_match_float64():
+    rng = np.random.default_rng(2)
+    rows = (rng.normal(0, 4, (3, 151936)) + 30).astype(np.float32)
+    ref = log_softmax(rows.astype(np.float64))
+    lse = logsumexp(rows)
+    np.testing.assert_allclose(rows - lse[:, None], ref, atol=1e-4)
+    ids = np.array([5, 77, 151935])
+    np.testing.assert_allclose(token_logprobs(rows, ids), ref[np.arange(3), ids], atol=1e-4)
+    assert isinstance(logsumexp(rows[0]), float)
+
+
+def test_bad_logits_and_params_raise():
+    with pytest.raises(GenerationOptionError, match="maximum is nan"):
+        Sampler(SamplingParams(temperature=1.0, seed=0))(np.full(10, np.nan, dtype=np.float32))
+    with pytest.raises(GenerationOptionError, match="tail_nats"):
+        Sampler(SamplingParams(), tail_nats=0.0)
+    with pytest.raises(GenerationOptionError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0).validate()
