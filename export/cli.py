@@ -10,8 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-GGUF_QUANTS = ("F16", "Q8_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q5_0", "F32")
-ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+from r4b_edge.formats import GGUF_MMPROJ_QUANTS, GGUF_QUANTS, ONNX_PRECISIONS
 
 
 def register(sub) -> None:
@@ -22,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=["gguf", "onnx"], help="output format")
     p.add_argument("--quant", default=None,
                    help=f"gguf: {', '.join(GGUF_QUANTS)} (default Q4_K_M); onnx: {', '.join(ONNX_PRECISIONS)} (default fp32)")
-    p.add_argument("--mmproj-quant", default=None, choices=["F16", "Q8_0", "F32"],
+    p.add_argument("--mmproj-quant", default=None, choices=GGUF_MMPROJ_QUANTS,
                    help="gguf: type of the vision file (default: Q8_0 with --quant Q8_0, else F16)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", default="model", help="gguf: file stem (default 'model' -> model-Q4_K_M.gguf)")

@@ -33,13 +33,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from r4b_edge.errors import ExportError, R4BError
+from r4b_edge.formats import GGUF_HF_JSON_KEY, GGUF_IMAGE_NEWLINE
+from r4b_edge.formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from r4b_edge.model.template import CHAT_TEMPLATE
 
 from .manifest import atomic_write, is_up_to_date, write_manifest
 from .quantize import QuantSpec, convert_chunk, fits, llama_quantize, quant_spec, tensor_nbytes
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at a time
-R4B_CONFIG_KEY = "r4b.config"
 _LM = "model.language_model."
 _VT = "model.vision_tower.vision_model."
 _PJ = "model.multi_modal_projector."
@@ -114,7 +115,7 @@ def gguf_name(hf: str) -> str | None:
         if part in _PROJ_MAP and kind in ("weight", "bias"):
             return f"{_PROJ_MAP[part]}.{kind}"
     if hf == "model.image_newline":
-        return "v.image_newline"
+        return GGUF_IMAGE_NEWLINE
     if hf == "lm_head.weight":
         return "output.weight"
     raise ExportError(f"tensor {hf!r} has no GGUF mapping: not an R-4B checkpoint layout")
@@ -238,7 +239,7 @@ def _tokenizer_kv(w: Any, src: _Source, data: dict) -> None:
         w.add_bos_token_id(pad)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    w.add_string(gguf.Keys.Tokenizer.HF_JSON, hf.to_str())
+    w.add_string(GGUF_HF_JSON_KEY, hf.to_str())
 
 
 def _text_plan(src: _Source, spec: QuantSpec) -> list[_Tensor]:
@@ -263,7 +264,7 @@ def _vision_plan(src: _Source, mtype: str) -> list[_Tensor]:
         if name is None or not (name.startswith("v.") or name.startswith("mm.")):
             continue
         shape = tuple(shape)
-        if len(shape) < 2 or name == "v.image_newline":
+        if len(shape) < 2 or name == GGUF_IMAGE_NEWLINE:
             t = "F32"
         elif name.startswith(("v.patch_embd", "v.position_embd")):
             t = "F16"

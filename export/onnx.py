@@ -34,16 +34,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from r4b_edge import formats
 from r4b_edge.errors import ExportError, ModelFormatError
+from r4b_edge.formats import ONNX_DECODER_FILE as DECODER_FILE, ONNX_EMBED_FILE as EMBED_FILE
+from r4b_edge.formats import ONNX_FORMAT_NAME as FORMAT_NAME, ONNX_FORMAT_VERSION as FORMAT_VERSION
+from r4b_edge.formats import ONNX_GENAI_CONFIG as GENAI_CONFIG, ONNX_NEWLINE_FILE as NEWLINE_FILE
+from r4b_edge.formats import ONNX_PRECISIONS as PRECISIONS, ONNX_VISION_FILE as VISION_FILE
 from r4b_edge.fsutil import replace_dir
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
-GENAI_CONFIG = "genai_config.json"
-VISION_FILE, EMBED_FILE, DECODER_FILE = "vision.onnx", "embed.onnx", "decoder.onnx"
-NEWLINE_FILE = "image_newline.npy"
-FORMAT_NAME, FORMAT_VERSION = "r4b-edge-onnx", 1
 OPSET = 18
-_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB: switch to external data below it
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
@@ -137,7 +136,7 @@ def _param_bytes(module: Any) -> int:
 
 def _save_program(prog: Any, path: Path, nbytes: int) -> None:
     """Save an ONNXProgram; external data (`<name>.data`) when the weights pass ~1.8 GB."""
-    prog.save(str(path), external_data=nbytes > _EXTERNAL_DATA_BYTES)
+    prog.save(str(path), external_data=nbytes > formats.ONNX_EXTERNAL_DATA_BYTES)
 
 
 def _export_vision(vision: Any, config: Any, path: Path) -> None:
@@ -190,7 +189,7 @@ def _write_embed(weight: np.ndarray, path: Path, fp16: bool) -> None:
         [numpy_helper.from_array(table, "embed_tokens.weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="r4b-edge")
     model.ir_version = min(model.ir_version, 10)
-    big = table.nbytes > _EXTERNAL_DATA_BYTES
+    big = table.nbytes > formats.ONNX_EXTERNAL_DATA_BYTES
     onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from r4b_edge import formats
 from r4b_edge.errors import ExportError
 
 INT4_BLOCK_SIZE = 32
-_EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def _size(path: Path) -> int:
@@ -48,7 +48,7 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
                      op_types_to_quantize=["MatMul", "Gemm"],
-                     use_external_data_format=_size(src) // 4 > _EXTERNAL_DATA_BYTES,
+                     use_external_data_format=_size(src) // 4 > formats.ONNX_EXTERNAL_DATA_BYTES,
                      extra_options={"MatMulConstBOnly": True})
 
 
@@ -83,7 +83,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = INT4_BLOCK
     model = _nbits(model, bits, block_size, accuracy_level, exclude=[head] if head else ())
     if head:
         model = _nbits(model, head_bits, block_size, accuracy_level, include=[head])
-    _save(model, dst, _size(src) * bits // 32 > _EXTERNAL_DATA_BYTES)
+    _save(model, dst, _size(src) * bits // 32 > formats.ONNX_EXTERNAL_DATA_BYTES)
 
 
 def to_fp16(src: Path, dst: Path) -> None:
@@ -92,7 +92,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
-    _save(m, dst, _size(src) // 2 > _EXTERNAL_DATA_BYTES)
+    _save(m, dst, _size(src) // 2 > formats.ONNX_EXTERNAL_DATA_BYTES)
 
 
 def convert(raw: Path, out: Path, precision: str, names: tuple[str, ...]) -> dict[str, str]:

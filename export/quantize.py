@@ -10,47 +10,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from r4b_edge.errors import ExportError
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one `--quant` name is produced."""
-
-    name: str
-    python_type: str | None  # GGMLQuantizationType name written by gguf-py, or None
-    llama_ftype: int | None  # llama_ftype for llama_model_quantize, or None
-    file_type: int           # general.file_type (LlamaFileType value)
-
-
-# LlamaFileType values (gguf.constants.LlamaFileType); llama_ftype uses the same numbers.
-QUANTS: dict[str, QuantSpec] = {
-    "F32": QuantSpec("F32", "F32", None, 0),
-    "F16": QuantSpec("F16", "F16", None, 1),
-    "Q8_0": QuantSpec("Q8_0", "Q8_0", None, 7),
-    "Q4_0": QuantSpec("Q4_0", None, 2, 2),
-    "Q5_0": QuantSpec("Q5_0", None, 8, 8),
-    "Q4_K_S": QuantSpec("Q4_K_S", None, 14, 14),
-    "Q4_K_M": QuantSpec("Q4_K_M", None, 15, 15),
-    "Q5_K_M": QuantSpec("Q5_K_M", None, 17, 17),
-    "Q6_K": QuantSpec("Q6_K", None, 18, 18),
-}
-MMPROJ_QUANTS = ("F16", "Q8_0", "F32")
+from r4b_edge.formats import GGUF_MMPROJ_QUANTS, GGUF_QUANT_SPECS, GGUF_QUANTS, QuantSpec
 
 
 def quant_spec(name: str, mmproj: bool = False) -> QuantSpec:
     """The spec of `name` (case-insensitive); ExportError lists the valid names."""
     key = str(name).upper().replace("-", "_")
-    valid = MMPROJ_QUANTS if mmproj else tuple(QUANTS)
+    valid = GGUF_MMPROJ_QUANTS if mmproj else GGUF_QUANTS
     if key not in valid:
         what = "mmproj quant" if mmproj else "quant type"
         raise ExportError(f"unknown {what} {name!r}: use one of {', '.join(valid)}")
-    return QUANTS[key]
+    return GGUF_QUANT_SPECS[key]
 
 
 def ggml_type(name: str):

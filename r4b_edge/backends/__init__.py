@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, ModelFormatError, ModelNotFoundError
+from ..formats import ONNX_GENAI_CONFIG
 from .base import Backend
 
 # name -> (module that must be importable, extra that installs it, implementation)
@@ -39,12 +40,12 @@ def detect_format(path: str | Path) -> str:
     if p.is_file():
         if p.suffix == ".gguf":
             return "llama"
-        if p.suffix == ".onnx" or p.name == "genai_config.json":
+        if p.suffix == ".onnx" or p.name == ONNX_GENAI_CONFIG:
             return "onnx"
         raise ModelFormatError(f"{p} is not a model: pass an R-4B folder, a .gguf file or an ONNX export folder")
     if (p / "config.json").exists():
         return "torch"
-    if (p / "genai_config.json").exists():
+    if (p / ONNX_GENAI_CONFIG).exists():
         return "onnx"
     if any(p.glob("*.gguf")):
         return "llama"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model.tokenizer import Tokenizer
 
 Segment = Union[Sequence[int], "PreparedImage"]
+IMAGE_CACHE_SIZE = 8  # images whose packed embeddings a backend keeps (a chat re-sends its image every turn)
 
 
 @dataclass
@@ -40,6 +42,35 @@ class BackendInfo:
     model_path: str
     precision: str = ""
     extra: dict = field(default_factory=dict)
+
+
+class ImageCache:
+    """The backends' LRU of packed image embeddings, keyed by `PreparedImage.key` (sha256 of the
+    pixels): a chat that re-sends its image every turn encodes it once."""
+
+    def __init__(self, size: int = IMAGE_CACHE_SIZE) -> None:
+        self.size = int(size)
+        self._items: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        """Drop every entry (the backend is closing)."""
+        self._items.clear()
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """(value, True) when `key` is cached (it becomes the most recent), else
+        (compute(), False), stored and the least recent entry dropped past `size`."""
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            return hit, True
+        value = compute()
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value, False
 
 
 def encode_segments(segments: Sequence[Segment], image_fn: Callable[[Any], tuple[Any, bool]],

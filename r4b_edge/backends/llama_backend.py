@@ -6,7 +6,7 @@ llama-cpp-python's low-level API, images through mtmd. Never imports torch.
 - Images: every view (base view, then AnyRes tiles) is given to mtmd as an
   S x S RGB bitmap (the exact uint8 pixels `prepare_image` normalised), so
   mtmd does no resizing; the views' projected features are packed in numpy
-  exactly like the torch model (unpadding + `image_newline` per row) and fed
+  by `processing.pack_anyres` like the torch model (unpadding + `image_newline` per row), fed
   at the image's positions. Embeddings are cached by `PreparedImage.key`.
 - Tokenizer and R-4B config come from the text GGUF (`tokenizer.huggingface.json`,
   `r4b.config`), so one .gguf file (+ its mmproj beside it) is a whole model.
@@ -17,22 +17,21 @@ import ctypes
 import json
 import os
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError, ModelNotFoundError
+from ..formats import GGUF_HF_JSON_KEY as HF_JSON_KEY
+from ..formats import GGUF_IMAGE_NEWLINE
+from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from ..model.config import RConfig
-from ..model.processing import PreparedImage, anyres_layout, count_image_tokens
+from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
 from ..model.tokenizer import IM_END, Tokenizer
-from .base import Backend, BackendInfo, PrefillTimings, encode_segments
+from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
 
-R4B_CONFIG_KEY = "r4b.config"
-HF_JSON_KEY = "tokenizer.huggingface.json"
 DEFAULT_N_CTX = 8192
-_IMAGE_CACHE_SIZE = 8
 GPU_BUILD_HINT = ("reinstall llama-cpp-python with GPU support: "
                   "CMAKE_ARGS=\"-DGGML_CUDA=on\" (NVIDIA) or CMAKE_ARGS=\"-DGGML_METAL=on\" (Apple) "
                   "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36")
@@ -143,51 +142,9 @@ def _read_meta(text: Path, mmproj: Path) -> tuple[dict, str, str | None, np.ndar
     m = gguf.GGUFReader(str(mmproj))
     newline = None
     for t in m.tensors:
-        if t.name == "v.image_newline":
+        if t.name == GGUF_IMAGE_NEWLINE:
             newline = np.array(t.data, dtype=np.float32).reshape(-1)
     return cfg, str(tok_f.contents()), (str(tmpl_f.contents()) if tmpl_f is not None else None), newline, ftype
-
-
-def _resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """torch.nn.functional.interpolate(mode='bilinear', align_corners=False) of x [C, H, W]."""
-    C, H, W = x.shape
-    oh, ow = out_hw
-
-    def coords(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        s = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        i0 = np.minimum(np.floor(s).astype(np.int64), n_in - 1)
-        i1 = np.minimum(i0 + 1, n_in - 1)
-        return i0, i1, (s - i0).astype(x.dtype)
-
-    y0, y1, wy = coords(H, oh)
-    x0, x1, wx = coords(W, ow)
-    top = x[:, y0][:, :, x0] * (1 - wx) + x[:, y0][:, :, x1] * wx
-    bot = x[:, y1][:, :, x0] * (1 - wx) + x[:, y1][:, :, x1] * wx
-    return top * (1 - wy)[None, :, None] + bot * wy[None, :, None]
-
-
-def pack_anyres(feats: np.ndarray, image: PreparedImage, config: RConfig,
-                newline: np.ndarray | None) -> np.ndarray:
-    """[V, P*P, H] view features -> [n_tokens, H] in R-4B's order (as modeling.image_features)."""
-    rows, cols = image.grid
-    base = feats[0]
-    if rows * cols == 0:
-        return base
-    if newline is None:
-        raise ModelFormatError("the mmproj has no v.image_newline but the image is tiled (AnyRes): re-export it")
-    P = config.image_size // config.patch_size
-    H = feats.shape[-1]
-    fmap = feats[1:].reshape(rows, cols, P, P, H).transpose(4, 0, 2, 1, 3).reshape(H, rows * P, cols * P)
-    lay = anyres_layout(image.orig_size, config)
-    uh, uw = lay["unpadded"]
-    top, left = (rows * P - uh) // 2, (cols * P - uw) // 2
-    fmap = fmap[:, top:top + uh, left:left + uw]
-    if tuple(lay["feature"]) != (uh, uw):
-        fmap = _resize_bilinear(fmap, tuple(lay["feature"]))
-    fh, fw = fmap.shape[1:]
-    nl = np.broadcast_to(newline.astype(fmap.dtype)[:, None, None], (H, fh, 1))
-    fmap = np.concatenate([fmap, nl], axis=-1).reshape(H, fh * (fw + 1)).T
-    return np.concatenate([base, fmap], axis=0)
 
 
 # ---- backend ----------------------------------------------------------------------------------
@@ -256,7 +213,7 @@ class LlamaBackend(Backend):
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
         self._n = 0
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._images = ImageCache()
         self.timings = PrefillTimings()
         self.vision_encodes = 0  # views encoded since load (tests check the cache)
 
@@ -406,20 +363,16 @@ class LlamaBackend(Backend):
 
     def image_embeddings(self, image: PreparedImage) -> tuple[np.ndarray, bool]:
         """Packed image embeddings [n_tokens, hidden] (cached by image.key) and whether it was a cache hit."""
-        hit = self._images.get(image.key)
-        if hit is not None:
-            self._images.move_to_end(image.key)
-            return hit, True
+        return self._images.get_or_compute(image.key, lambda: self._encode_image(image))
+
+    def _encode_image(self, image: PreparedImage) -> np.ndarray:
         views = self._views_u8(image)
         feats = np.stack([self._encode_view(v) for v in views])
-        emb = pack_anyres(feats, image, self.config, self._newline)
+        emb = pack_anyres(feats, image.grid, image.orig_size, self.config, self._newline)
         if emb.shape[0] != self.image_token_count(image):
             raise ModelFormatError(f"image embeddings have {emb.shape[0]} rows; the prompt reserved "
                                    f"{self.image_token_count(image)}")
-        self._images[image.key] = emb
-        if len(self._images) > _IMAGE_CACHE_SIZE:
-            self._images.popitem(last=False)
-        return emb, False
+        return emb
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=self.precision,

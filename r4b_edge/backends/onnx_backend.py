@@ -3,15 +3,14 @@
 Three sessions (vision, embed, decoder; see r4b_edge/export/onnx.py for their IO). The KV cache
 lives in OrtValues: each decoder step binds the previous step's `present.*` outputs as the next
 `past_key_values.*` inputs (IO binding), so the cache is not copied to numpy and back every
-token; on CUDA it stays on the GPU. AnyRes packing (unpadding, `image_newline` per row) is done
-here in numpy, exactly as `RForConditionalGeneration.image_features` does it in torch.
+token; on CUDA it stays on the GPU. AnyRes packing (unpadding, `image_newline` per row) is
+`processing.pack_anyres` (numpy), exactly as `RForConditionalGeneration.image_features` does it in torch.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,13 +18,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError, ModelNotFoundError
+from ..formats import ONNX_FORMAT_NAME, ONNX_FORMAT_VERSION
+from ..formats import ONNX_GENAI_CONFIG as GENAI_CONFIG
 from ..model.config import RConfig
-from ..model.processing import PreparedImage, anyres_layout
+from ..model.processing import PreparedImage, pack_anyres
 from ..model.tokenizer import Tokenizer
-from .base import Backend, BackendInfo, PrefillTimings, encode_segments
+from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
 
-GENAI_CONFIG = "genai_config.json"
-_IMAGE_CACHE_SIZE = 8
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider", "cpu": "CPUExecutionProvider"}
 _DEVICE_ALIASES = {"gpu": "cuda", "mps": "coreml", "metal": "coreml", "apple": "coreml"}
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -53,45 +52,6 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None)
     return dev
 
 
-def _bilinear(fmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) of [C, h, w]."""
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
-
-    y0, y1, wy = axis(fmap.shape[1], size[0])
-    x0, x1, wx = axis(fmap.shape[2], size[1])
-    top = fmap[:, y0][:, :, x0] * (1 - wx) + fmap[:, y0][:, :, x1] * wx
-    bot = fmap[:, y1][:, :, x0] * (1 - wx) + fmap[:, y1][:, :, x1] * wx
-    return (top * (1 - wy)[:, None] + bot * wy[:, None]).astype(fmap.dtype)
-
-
-def pack_image_features(feats: np.ndarray, grid: Sequence[int], orig_size: Sequence[int],
-                        config: RConfig, newline: np.ndarray) -> np.ndarray:
-    """Per-view projected features [V, P*P, H] -> the image's sequence [n_tokens, H]: base view,
-    then the tile feature map unpadded to the image's aspect with `newline` after every row."""
-    P = config.image_size // config.patch_size
-    rows, cols = int(grid[0]), int(grid[1])
-    if feats.shape[0] != 1 + rows * cols:
-        raise ModelFormatError(f"vision graph returned {feats.shape[0]} views; grid {rows}x{cols} needs {1 + rows * cols}")
-    base = feats[0]
-    if rows * cols == 0:
-        return base
-    H = feats.shape[-1]
-    fmap = feats[1:].reshape(rows, cols, P, P, H).transpose(4, 0, 2, 1, 3).reshape(H, rows * P, cols * P)
-    lay = anyres_layout((int(orig_size[0]), int(orig_size[1])), config)
-    uh, uw = lay["unpadded"]
-    top, left = (rows * P - uh) // 2, (cols * P - uw) // 2
-    fmap = fmap[:, top:top + uh, left:left + uw]
-    if tuple(lay["feature"]) != (uh, uw):  # anyres_max_N downsampling
-        fmap = _bilinear(fmap, tuple(lay["feature"]))
-    fh = fmap.shape[1]
-    nl = np.broadcast_to(newline.astype(fmap.dtype)[:, None, None], (H, fh, 1))
-    packed = np.concatenate([fmap, nl], axis=-1).reshape(H, -1).T
-    return np.concatenate([base, packed], axis=0)
-
-
 def read_genai_config(folder: Path) -> dict:
     """Parse and check `genai_config.json` of an ONNX export folder."""
     p = folder / GENAI_CONFIG
@@ -102,10 +62,11 @@ def read_genai_config(folder: Path) -> dict:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"{p}: cannot be read as JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != "r4b-edge-onnx" or not isinstance(doc.get("model"), dict):
+    if not isinstance(doc, dict) or doc.get("format") != ONNX_FORMAT_NAME or not isinstance(doc.get("model"), dict):
         raise ModelFormatError(f"{p} is not an r4b-edge ONNX export (format field missing): re-export it")
-    if int(doc.get("format_version", 0)) > 1:
-        raise ModelFormatError(f"{p} has format_version {doc['format_version']}; this r4b-edge reads 1: upgrade r4b-edge")
+    if int(doc.get("format_version", 0)) > ONNX_FORMAT_VERSION:
+        raise ModelFormatError(f"{p} has format_version {doc['format_version']}; this r4b-edge reads "
+                               f"{ONNX_FORMAT_VERSION}: upgrade r4b-edge")
     for part in ("embedding", "vision", "decoder"):
         fn = doc["model"].get(part, {}).get("filename")
         if not fn or not (folder / fn).is_file():
@@ -157,7 +118,7 @@ class OnnxBackend(Backend):
         self._ort_device = "cuda" if self.device == "cuda" else "cpu"
         self._past: list[ort.OrtValue] = []
         self._n = 0
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._images = ImageCache()
         self.timings = PrefillTimings()
         self._reset()
 
@@ -190,18 +151,14 @@ class OnnxBackend(Backend):
 
     def image_features(self, image: PreparedImage) -> tuple[np.ndarray, bool]:
         """Packed features [n_tokens, hidden] of `image` (cached by `image.key`) and whether cached."""
-        hit = self._images.get(image.key)
-        if hit is not None:
-            self._images.move_to_end(image.key)
-            return hit, True
+        return self._images.get_or_compute(image.key, lambda: self._encode_image(image))
+
+    def _encode_image(self, image: PreparedImage) -> np.ndarray:
         feats = self._vision.run(None, {"pixel_values": np.ascontiguousarray(image.pixel_values, dtype=np.float32)})[0]
-        packed = pack_image_features(feats, image.grid, image.orig_size, self.config, self._newline)
+        packed = pack_anyres(feats, image.grid, image.orig_size, self.config, self._newline)
         if packed.shape[0] != image.n_tokens:
             raise ModelFormatError(f"image features have {packed.shape[0]} rows; processing said {image.n_tokens}")
-        self._images[image.key] = packed
-        if len(self._images) > _IMAGE_CACHE_SIZE:
-            self._images.popitem(last=False)
-        return packed, False
+        return packed
 
     def _run(self, embeds: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
         """Evaluate embeddings [1, k, H] at positions n..; return float32 logits [len(index), V]."""
@@ -269,4 +226,4 @@ class OnnxBackend(Backend):
                 delattr(self, attr)
 
 
-__all__ = ["OnnxBackend", "pack_image_features", "read_genai_config", "resolve_device", "PROVIDERS"]
+__all__ = ["OnnxBackend", "read_genai_config", "resolve_device", "PROVIDERS"]

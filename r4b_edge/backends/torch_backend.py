@@ -6,7 +6,6 @@ sequence from its embeddings); it exists only to check the cached path.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -17,9 +16,7 @@ from ..errors import BackendUnavailableError
 from ..model.checkpoint import load_checkpoint
 from ..model.modeling import truncate_cache
 from ..model.processing import PreparedImage
-from .base import Backend, BackendInfo, PrefillTimings, encode_segments
-
-_IMAGE_CACHE_SIZE = 8
+from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
 
 
 def resolve_torch_device(device: str = "auto") -> str:
@@ -64,7 +61,7 @@ class TorchBackend(Backend):
         self._cache = None
         self._embeds: torch.Tensor | None = None  # naive path: the whole sequence
         self._n = 0
-        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._images = ImageCache()
         self.timings = PrefillTimings()
 
     @property
@@ -74,18 +71,13 @@ class TorchBackend(Backend):
     def image_token_count(self, image: PreparedImage) -> int:
         return image.n_tokens
 
-    @torch.inference_mode()
     def _image_embeds(self, image: PreparedImage) -> tuple[torch.Tensor, bool]:
-        hit = self._images.get(image.key)
-        if hit is not None:
-            self._images.move_to_end(image.key)
-            return hit, True
+        return self._images.get_or_compute(image.key, lambda: self._encode_image(image))
+
+    @torch.inference_mode()
+    def _encode_image(self, image: PreparedImage) -> torch.Tensor:
         pv = torch.from_numpy(image.pixel_values).to(self.device, self.dtype)
-        feats = self.model.image_features(pv, image.grid, image.orig_size)
-        self._images[image.key] = feats
-        if len(self._images) > _IMAGE_CACHE_SIZE:
-            self._images.popitem(last=False)
-        return feats, False
+        return self.model.image_features(pv, image.grid, image.orig_size)
 
     def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, ModelFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RConfig
@@ -245,6 +245,51 @@ def count_image_tokens(orig_size: tuple[int, int], config: "RConfig") -> int:
         return config.tokens_per_view
     fh, fw = lay["feature"]
     return config.tokens_per_view + fh * fw + fh
+
+
+def _bilinear(fmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) of [C, h, w]."""
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
+
+    y0, y1, wy = axis(fmap.shape[1], size[0])
+    x0, x1, wx = axis(fmap.shape[2], size[1])
+    top = fmap[:, y0][:, :, x0] * (1 - wx) + fmap[:, y0][:, :, x1] * wx
+    bot = fmap[:, y1][:, :, x0] * (1 - wx) + fmap[:, y1][:, :, x1] * wx
+    return (top * (1 - wy)[:, None] + bot * wy[:, None]).astype(fmap.dtype)
+
+
+def pack_anyres(feats: np.ndarray, grid: tuple[int, int], orig_size: tuple[int, int], config: "RConfig",
+                newline: np.ndarray | None) -> np.ndarray:
+    """Per-view projected features [V, P*P, H] -> the image's sequence [n_tokens, H] (numpy, as
+    `RForConditionalGeneration.image_features` does in torch): base view, then the tile feature
+    map unpadded to the image's aspect (downsampled for `anyres_max_N`) with `newline` after every
+    row. The llama and onnx backends both pack with this."""
+    P = config.image_size // config.patch_size
+    rows, cols = int(grid[0]), int(grid[1])
+    if feats.shape[0] != 1 + rows * cols:
+        raise ModelFormatError(f"the vision encoder returned {feats.shape[0]} views; grid {rows}x{cols} "
+                               f"needs {1 + rows * cols}")
+    base = feats[0]
+    if rows * cols == 0:
+        return base
+    if newline is None:
+        raise ModelFormatError(f"the image is tiled {rows}x{cols} (AnyRes) but the model files have no "
+                               "image_newline: re-export them")
+    H = feats.shape[-1]
+    fmap = feats[1:].reshape(rows, cols, P, P, H).transpose(4, 0, 2, 1, 3).reshape(H, rows * P, cols * P)
+    lay = anyres_layout((int(orig_size[0]), int(orig_size[1])), config)
+    uh, uw = lay["unpadded"]
+    top, left = (rows * P - uh) // 2, (cols * P - uw) // 2
+    fmap = fmap[:, top:top + uh, left:left + uw]
+    if tuple(lay["feature"]) != (uh, uw):  # anyres_max_N downsampling
+        fmap = _bilinear(fmap, tuple(lay["feature"]))
+    fh = fmap.shape[1]
+    nl = np.broadcast_to(newline.astype(fmap.dtype)[:, None, None], (H, fh, 1))
+    packed = np.concatenate([fmap, nl], axis=-1).reshape(H, -1).T
+    return np.concatenate([base, packed], axis=0)
 
 
 # ---- preprocessing ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The onnx backend: parity with torch (greedy tokens + logits), AnyRes packing in numpy, KV
+"""The onnx backend: parity with torch (greedy tokens + logits), KV
 cache (IO binding, truncate), image cache, devices/providers, the engine and CLI on top."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from r4b_edge.backends import create_backend, detect_format
-from r4b_edge.backends.onnx_backend import OnnxBackend, pack_image_features, resolve_device
+from r4b_edge.backends.onnx_backend import OnnxBackend, resolve_device
 from r4b_edge.backends.torch_backend import TorchBackend
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.errors import BackendUnavailableError, ModelFormatError, ModelNotFoundError
@@ -130,28 +130,6 @@ def test_base_only_checkpoint(tmp_path_factory, tiny_ckpt_base):
     tt, rt = _greedy(tb, segs, 32)
     assert ta == tt
     assert max(float(np.abs(a - b).max()) for a, b in zip(ra, rt)) < LOGIT_BOUND
-
-
-@pytest.mark.parametrize("aspect,size", [("anyres", (50, 70)), ("anyres", (70, 20)), ("anyres_max_1", (64, 64)),
-                                         ("anyres_max_1", (30, 70))])
-def test_numpy_packing_equals_torch_image_features(aspect, size):
-    """pack_image_features mirrors RForConditionalGeneration.image_features (incl. anyres_max_N)."""
-    base = tiny_config(anyres=True).to_dict()
-    base["vision_aspect_ratio"] = aspect
-    cfg = RConfig.from_dict(base)
-    torch.manual_seed(0)
-    model = RForConditionalGeneration(cfg).eval()
-    img = prepare_image(_img(2, size), cfg)
-    from r4b_edge.model.processing import anyres_layout
-
-    lay = anyres_layout(img.orig_size, cfg)
-    assert (lay["feature"] != lay["unpadded"]) == aspect.startswith("anyres_max")  # downsampling exercised
-    with torch.no_grad():
-        ref = model.image_features(img.pixel_values, img.grid, img.orig_size).numpy()
-        per_view = model.model.multi_modal_projector(model.vision_hidden_states(torch.from_numpy(img.pixel_values))).numpy()
-    got = pack_image_features(per_view, img.grid, img.orig_size, cfg, model.model.image_newline.detach().numpy())
-    assert got.shape == ref.shape == (img.n_tokens, 64)
-    assert np.abs(got - ref).max() < 1e-5
 
 
 def test_resolve_device():

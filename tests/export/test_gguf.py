@@ -208,13 +208,6 @@ def test_cli_export_verb(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.Capture
     assert "unknown ONNX precision" in capsys.readouterr().err and not bad.exists()
 
 
-def test_cli_lists_every_quant_type() -> None:
-    from r4b_edge.export.cli import GGUF_QUANTS
-    from r4b_edge.export.quantize import QUANTS
-
-    assert set(GGUF_QUANTS) == set(QUANTS)
-
-
 def test_old_transformers_layout_exports_the_same(f16, tiny_ckpt: Path, tmp_path: Path) -> None:
     """A checkpoint saved with pre-4.52 names (language_model.model.*, vision_tower.*, ...)
     plus the unused SigLIP post_layernorm gives the same GGUF tensors."""

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from r4b_edge import formats
 from r4b_edge.errors import ExportError
 from r4b_edge.export import onnx as onnx_export
 from r4b_edge.export.manifest import read_manifest, sha256_file
@@ -243,7 +244,7 @@ def test_precisions(tmp_path_factory, tiny_ckpt, fp32, precision, ops, bound):
 @pytest.mark.slow
 def test_external_data_for_big_graphs(tmp_path, tiny_ckpt, monkeypatch):
     """Graphs over the limit (here: 0 bytes) are saved as <graph>.onnx + <graph>.onnx.data."""
-    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(formats, "ONNX_EXTERNAL_DATA_BYTES", 0)
     out = export_onnx(tiny_ckpt, tmp_path / "ext", "fp32")
     for g in ("decoder.onnx", "vision.onnx", "embed.onnx"):
         assert (out / (g + ".data")).is_file(), sorted(p.name for p in out.iterdir())

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from r4b_edge.errors import ImageError
-from r4b_edge.model.config import tiny_config
+from r4b_edge.errors import ImageError, ModelFormatError
+from r4b_edge.model.config import RConfig, tiny_config
 from r4b_edge.model.modeling import RForConditionalGeneration, truncate_cache
-from r4b_edge.model.processing import count_image_tokens, prepare_image
+from r4b_edge.model.processing import anyres_layout, count_image_tokens, pack_anyres, prepare_image
 
 torch.set_num_threads(1)
 
@@ -191,3 +191,31 @@ def test_an_older_transformers_cache_api_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(modeling.Qwen3Model, "forward", old_forward)
     with pytest.raises(BackendUnavailableError, match=r"past_key_values.*transformers==5.24.0"):
         modeling.check_transformers()
+
+
+@pytest.mark.parametrize("aspect,size", [("anyres", (50, 70)), ("anyres", (70, 20)), ("anyres_max_1", (64, 64)),
+                                         ("anyres_max_1", (30, 70)), ("base", (50, 30))])
+def test_numpy_pack_anyres_equals_torch_image_features(aspect: str, size: tuple[int, int]) -> None:
+    """processing.pack_anyres (what the llama and onnx backends pack with) gives the torch model's
+    image_features, incl. the anyres_max_N downsampling and base-only configs."""
+    base = tiny_config(anyres=aspect != "base").to_dict()
+    base["vision_aspect_ratio"] = aspect
+    cfg = RConfig.from_dict(base)
+    torch.manual_seed(0)
+    m = RForConditionalGeneration(cfg).eval()
+    rng = np.random.default_rng(2)
+    img = prepare_image(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), cfg)
+    lay = anyres_layout(img.orig_size, cfg)
+    assert (lay.get("feature") != lay.get("unpadded")) == aspect.startswith("anyres_max")  # downsampling exercised
+    newline = m.model.image_newline.detach().numpy()
+    with torch.no_grad():
+        ref = m.image_features(img.pixel_values, img.grid, img.orig_size).numpy()
+        per_view = m.model.multi_modal_projector(m.vision_hidden_states(torch.from_numpy(img.pixel_values))).numpy()
+    got = pack_anyres(per_view, img.grid, img.orig_size, cfg, newline)
+    assert got.shape == ref.shape == (img.n_tokens, 64)
+    assert np.abs(got - ref).max() < 1e-5
+    with pytest.raises(ModelFormatError, match=f"returned {per_view.shape[0] - 1} views"):
+        pack_anyres(per_view[:-1], img.grid, img.orig_size, cfg, newline)
+    if img.grid != (0, 0):
+        with pytest.raises(ModelFormatError, match="no image_newline"):
+            pack_anyres(per_view, img.grid, img.orig_size, cfg, None)
