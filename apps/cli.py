@@ -20,6 +20,9 @@ VERBS = {
     "train": "r4b_edge.train.cli",
     "eval": "r4b_edge.train.cli_eval",
     "bench": "r4b_edge.benchmarks.bench",
+    "pull": "r4b_edge.export.pull",
+    "list": "r4b_edge.apps.store_list",
+    "rm": "r4b_edge.apps.store_rm",
 }
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model path: R-4B folder, .gguf file/folder or ONNX export folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="stored model name (r4b-edge list) or path: R-4B folder, .gguf file/folder or ONNX export folder (default: the bundled model)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama", "onnx"], help="inference backend (default: by the model's files)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS/Metal/CoreML, then CPU), cpu, cuda, mps, metal (torch/llama), coreml (onnx)")
 

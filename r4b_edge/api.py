@@ -22,6 +22,7 @@ from .engine.score import score_prompt
 from .errors import ModelNotFoundError
 from .model.processing import DEFAULT_MAX_PIXELS, PreparedImage, load_image, prepare_image
 from .model.template import Message, render_prompt
+from .store import resolve_model
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
@@ -161,8 +162,11 @@ class Model:
 
 def load(path: str | Path | None = None, backend: str = "auto", device: str = "auto", **kwargs: Any) -> Model:
     """Load a model: an R-4B folder (torch), a .gguf file or folder (llama),
-    or an ONNX export folder (onnx). `path=None` loads the bundled model.
+    or an ONNX export folder (onnx), or a model-store name (`r4b-edge pull`), which wins over a
+    path. `path=None` loads the bundled model.
     `device`: auto (CUDA, then Apple MPS/Metal, then CPU), cpu, cuda, mps."""
     if path is None:
         path = default_model_path()
+    else:
+        path = resolve_model(path, backend)
     return Model(create_backend(path, backend=backend, device=device, **kwargs))

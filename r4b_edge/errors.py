@@ -37,3 +37,11 @@ class ExportError(R4BError):
 
 class TrainingError(R4BError):
     """Training data, config or checkpoint problem."""
+
+
+class StoreError(R4BError):
+    """The model store (r4b-edge pull/list/rm) cannot do what was asked."""
+
+
+class DownloadError(R4BError):
+    """A model could not be downloaded from the hub, or what arrived is wrong."""

@@ -1,0 +1,189 @@
+"""A tiny Hugging Face Hub on 127.0.0.1 for tests (no network): the routes huggingface_hub
+uses to list a repository and download its files, with hooks that misbehave on purpose.
+
+Routes (as huggingface_hub 2.4 calls them):
+- GET  /api/models/{repo}[/revision/{rev}][?blobs=true]  -> {"id", "sha", "siblings": [...]}
+  (siblings carry size, blobId and, for LFS files, lfs {size, sha256, pointerSize})
+- HEAD /{repo}/resolve/{rev}/{file} -> X-Repo-Commit, ETag, and for LFS files X-Linked-Etag
+  (the sha256) and X-Linked-Size; Content-Length
+- GET  /{repo}/resolve/{rev}/{file} -> the bytes; `Range: bytes=N-` answers 206 + Content-Range
+- errors carry X-Error-Code (RepoNotFound, GatedRepo, RevisionNotFound, EntryNotFound) as the hub does
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+
+
+@dataclass
+class Repo:
+    commit: str
+    files: dict[str, bytes]
+    lfs: set[str] = field(default_factory=set)
+    gated: bool = False
+
+    @classmethod
+    def from_folder(cls, folder: Path, commit: str, lfs_suffixes=(".safetensors", "tokenizer.json")) -> "Repo":
+        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+        return cls(commit, files, {n for n in files if n.endswith(lfs_suffixes)})
+
+    def etag(self, name: str) -> str:
+        data = self.files[name]
+        return hashlib.sha256(data).hexdigest() if name in self.lfs else git_blob_sha1(data)
+
+    def sibling(self, name: str) -> dict:
+        data = self.files[name]
+        d = {"rfilename": name, "size": len(data), "blobId": git_blob_sha1(data)}
+        if name in self.lfs:
+            d["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+            d["size"] = len(data)
+        return d
+
+
+class LocalHub:
+    """Serve `repos` on a free port in a daemon thread. Hooks (sets of file names):
+    `drop_once` sends half a file then closes the connection (once per file);
+    `corrupt` serves bytes that differ from the hashes; `stall` sends half then waits for
+    `release` (for Ctrl-C tests). `requests` logs (method, path, Range header)."""
+
+    def __init__(self, repos: dict[str, Repo]):
+        self.repos = repos
+        self.drop_once: set[str] = set()
+        self.corrupt: set[str] = set()
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.requests: list[tuple[str, str, str | None]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_HEAD(self) -> None:
+                hub._handle(self, head=True)
+
+            def do_GET(self) -> None:
+                hub._handle(self, head=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def requested(self, name: str) -> list[tuple[str, str, str | None]]:
+        """Logged requests for file `name` (any repo, any revision)."""
+        return [r for r in self.requests if "/resolve/" in r[1] and r[1].endswith("/" + name)]
+
+    # ---- routing --------------------------------------------------------------------------
+    def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, head: bool) -> None:
+        body = json.dumps({"error": code}).encode()
+        h.send_response(status)
+        h.send_header("X-Error-Code", code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+    def _repo(self, h, repo_id: str, head: bool) -> Repo | None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            self._error(h, 401, "RepoNotFound", head)
+            return None
+        if repo.gated and "authorization" not in {k.lower() for k in h.headers}:
+            self._error(h, 401, "GatedRepo", head)
+            return None
+        return repo
+
+    def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = unquote(urlsplit(h.path).path)
+        self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        if path.startswith("/api/models/"):
+            rest = path[len("/api/models/"):]
+            repo_id, _, rev = rest.partition("/revision/")
+            repo = self._repo(h, repo_id, head)
+            if repo is None:
+                return
+            if rev not in ("", "main", repo.commit):
+                return self._error(h, 404, "RevisionNotFound", head)
+            doc = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False, "gated": repo.gated,
+                   "siblings": [repo.sibling(n) for n in repo.files]}
+            return self._send(h, json.dumps(doc).encode(), {"Content-Type": "application/json"}, head)
+        parts = path.lstrip("/").split("/")
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+            repo = self._repo(h, repo_id, head)
+            if repo is None:
+                return
+            if rev not in ("main", repo.commit):
+                return self._error(h, 404, "RevisionNotFound", head)
+            if name not in repo.files:
+                return self._error(h, 404, "EntryNotFound", head)
+            return self._file(h, repo, name, head)
+        self._error(h, 404, "NotFound", head)
+
+    def _send(self, h, body: bytes, headers: dict[str, str], head: bool, status: int = 200) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+    def _file(self, h, repo: Repo, name: str, head: bool) -> None:
+        data = repo.files[name]
+        headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{repo.etag(name)}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if name in repo.lfs:
+            headers["X-Linked-Etag"] = f'"{repo.etag(name)}"'
+            headers["X-Linked-Size"] = str(len(data))
+        if head:
+            return self._send(h, data, headers, head=True)
+        if name in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        start, status = 0, 200
+        rng = h.headers.get("Range")
+        if rng and rng.startswith("bytes=") and rng.endswith("-"):
+            start, status = int(rng[len("bytes="):-1]), 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        if name in self.drop_once or name in self.stall:
+            h.send_response(status)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            if name in self.stall:
+                self.stall.discard(name)
+                self.stalled.set()
+                self.release.wait(60)
+            self.drop_once.discard(name)
+            h.close_connection = True
+            try:
+                h.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self._send(h, body, headers, head=False, status=status)
