@@ -22,13 +22,14 @@ def collect(model: str | None) -> dict:
     from r4b_edge.api import default_model_path
     from r4b_edge.backends import BACKENDS, available_backends, backend_devices, detect_format
     from r4b_edge.errors import R4BError
+    from r4b_edge.store import resolve_model
 
     info: dict = {"version": __version__, "backends": {}}
     for name, ok in available_backends().items():
         info["backends"][name] = {"installed": ok, "extra": BACKENDS[name][1],
                                   "devices": backend_devices(name) if ok else []}
     try:
-        path = Path(model) if model else default_model_path()
+        path = resolve_model(model) if model else default_model_path()
         fmt = detect_format(path)
         m: dict = {"path": str(path), "format": fmt, "size_mb": round(_dir_size(path) / 2**20, 2)}
         cfg_file = path / "config.json" if path.is_dir() else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -92,6 +93,8 @@ def test_pull_gguf_chat_by_name_list_rm(hub, source, tmp_path, capsys):
     for shard in source.glob("*.safetensors"):
         assert [r[0] for r in hub.requested(shard.name)] == ["HEAD", "GET"]
 
+    assert main(["info", "--model", REPO]) == 0
+    assert str(e.path) in capsys.readouterr().out
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert "test/tiny-r4b:gguf-Q4_K_M" in listing and "Q4_K_M" in listing and COMMIT[:12] in listing
@@ -167,6 +170,16 @@ def test_ctrl_c_leaves_a_resumable_download(hub, big_source):
     gets = [r for r in hub.requested("model.safetensors") if r[0] == "GET"]
     assert gets[-1][2] == f"bytes={have}-"  # the second run continued, not restarted
     _same_files(big_source, e.path, ["model.safetensors"])
+
+
+def test_progress_bar_shows_size_and_rate(hub, source):
+    env = {**os.environ, "TQDM_POSITION": "-1"}  # huggingface_hub's switch: bars on without a terminal
+    r = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "pull", REPO, "--format", "hf"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shard = _shard(source)
+    bars = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.startswith(f"{shard}: 100%")]
+    assert bars and re.search(r"\| \d+k/\d+k \[[\d:]+<[\d:]+, +[\d.]+[kMG]?B/s\]", bars[-1]), bars
 
 
 def test_corrupted_file_is_detected_and_deleted(hub, source):
