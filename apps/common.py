@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from r4b_edge.model.template import API_MODES
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="stored model name (r4b-edge list) or path: R-4B folder, .gguf file/folder or ONNX export folder (default: the bundled model)")
@@ -12,7 +14,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="auto", choices=["auto", "think", "no-think"], help="auto: the model decides; think / no-think: forced")
+    p.add_argument("--mode", default="auto", choices=list(API_MODES), help="auto: the model decides; think / no-think: forced")
     p.add_argument("--think-threshold", type=float, default=None, metavar="P", help="think iff p_think >= P (auto mode)")
     p.add_argument("--max-think-tokens", type=int, default=None, metavar="N", help="thinking budget: close the reasoning after N tokens")
     p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="bound on the whole reply (default 1024)")

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-MODES = ("auto", "think", "no-think")
+from r4b_edge.model.template import API_MODES
+
+MODES = API_MODES
 
 
 def register(sub) -> None:

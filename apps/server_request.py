@@ -16,15 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from r4b_edge.model.template import Message
-
-#: reasoning_effort -> engine mode. `none`/`minimal` never think, `high` always
-#: thinks, `low`/`medium`/`auto` let the model decide (as when it is unset).
-EFFORT_MODES = {"none": "no-think", "minimal": "no-think", "low": "auto", "medium": "auto",
-                "auto": "auto", "high": "think"}
-#: chat_template_kwargs.thinking_mode (vLLM's R-4B names, plus the API's) -> engine mode.
-THINKING_MODES = {"auto": "auto", "long": "think", "short": "no-think",
-                  "think": "think", "no-think": "no-think"}
+from r4b_edge.model.template import EFFORT_MODES, THINKING_MODES, Message
 ROLES = ("system", "developer", "user", "assistant")
 
 

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from r4b_edge.model.template import API_MODES
+
 DEFAULT_PRECISIONS = {"torch": "fp32", "llama": "F16,Q8_0,Q4_K_M", "onnx": "fp32,int8,int4"}
 QUICK_PRECISIONS = {"torch": "fp32", "llama": "Q4_K_M", "onnx": "int8"}
 
@@ -90,7 +92,7 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
     if bad:
         raise R4BError(f"unknown backend(s) {bad}: use torch, llama, onnx")
     modes = _list(a.modes)
-    if any(m not in ("auto", "think", "no-think") for m in modes):
+    if any(m not in API_MODES for m in modes):
         raise R4BError(f"--modes takes auto, think, no-think; got {a.modes!r}")
     prec = QUICK_PRECISIONS if q else DEFAULT_PRECISIONS
     s = {

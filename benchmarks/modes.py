@@ -15,9 +15,11 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from r4b_edge.model.template import API_MODES
+
 from .latency import BenchSkip, open_backend, peak_rss_mb, run_isolated, summarize
 
-MODES = ("auto", "think", "no-think")
+MODES = API_MODES
 
 
 def eval_items(per_family: int, seed: int, families: Sequence[str] | None = None) -> list[dict]:

@@ -11,8 +11,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.template import IMAGE_PLACEHOLDER, TARGET_MODES, Message, render_conversation
 
-IMAGE_PLACEHOLDER = "<image>"
 IGNORE = -100
 MODES = ("think", "direct")
 
@@ -110,47 +110,27 @@ def convert_llava(entries: str | Path | list[dict], image_root: str = "") -> lis
     return out
 
 
-# ---- rendering ---------------------------------------------------------------
+# ---- rendering (r4b_edge.model.template.render_conversation is the one renderer) ------------
 
-def prompt_text(question: str, has_image: bool = True) -> str:
-    """The ChatML prompt up to and including the assistant header (no mode suffix)."""
-    user = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question
-    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-
-MODE_SUFFIX = {"auto": "<think>", "think": "<think>\n", "no-think": "<think>\n\n</think>\n\n"}
-
-
-def response_pieces(answer: str, mode: str, trace: str | None, mask_empty_think: bool) -> list[tuple[str, bool]]:
-    """(text, trained) pieces after the assistant header; `<think>` is never trained.
-
-    `forced-think` is a think response whose decision token (the `\n` after `<think>`) is not
-    trained either: the trace is learned as the answer to a forced-think prompt without teaching
-    the model to choose thinking for that question."""
-    if mode in ("think", "forced-think"):
-        if not trace:
-            raise TrainingError("a think-mode response needs a trace")
-        if mode == "forced-think":
-            return [("<think>", False), ("\n", False), (f"{trace}\n</think>\n\n{answer}<|im_end|>", True)]
-        return [("<think>", False), (f"\n{trace}\n</think>\n\n{answer}<|im_end|>", True)]
-    if mode == "direct":
-        return [("<think>", False), ("\n\n</think>\n\n", not mask_empty_think), (f"{answer}<|im_end|>", True)]
-    raise TrainingError(f"mode must be 'think', 'forced-think' or 'direct', got {mode!r}")
+def record_messages(rec: dict) -> list[Message]:
+    """A record's turns as template Messages; the last assistant turn carries the record's trace."""
+    msgs = [Message(m["role"], m["content"]) for m in rec["messages"]]
+    msgs[-1].reasoning = rec.get("trace") or ""
+    return msgs
 
 
 def record_pieces(rec: dict, mode: str | None = None, mask_empty_think: bool = False) -> list[tuple[str, bool]]:
-    """All (text, trained) pieces of a record; earlier assistant turns are direct."""
-    msgs = rec["messages"]
+    """All (text, trained) pieces of a record: `render_conversation` with the last turn in `mode`
+    (think | forced-think | direct; default the record's mode, else direct); earlier assistant
+    turns are direct. `<think>` is never trained; `forced-think` leaves the decision token (the
+    `\n` after `<think>`) untrained too, so the trace is learned as the answer to a forced-think
+    prompt without teaching the model to choose thinking for that question."""
     final_mode = mode or rec.get("mode") or "direct"
-    pieces: list[tuple[str, bool]] = []
-    for i in range(0, len(msgs), 2):
-        last = i + 2 >= len(msgs)
-        pieces.append((f"<|im_start|>user\n{msgs[i]['content']}<|im_end|>\n<|im_start|>assistant\n", False))
-        m = final_mode if last else "direct"
-        pieces += response_pieces(msgs[i + 1]["content"], m, rec.get("trace") if last else None, mask_empty_think)
-        if not last:
-            pieces.append(("\n", False))
-    return pieces
+    if final_mode not in TARGET_MODES:
+        raise TrainingError(f"mode must be 'think', 'forced-think' or 'direct', got {final_mode!r}")
+    if final_mode != "direct" and not rec.get("trace"):
+        raise TrainingError("a think-mode response needs a trace")
+    return render_conversation(record_messages(rec), final_mode, mask_empty_think=mask_empty_think)
 
 
 @dataclass

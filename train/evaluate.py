@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.template import API_MODES
 
 from .common import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl
@@ -19,7 +20,7 @@ from .pretrain import ensure_world, stage_model_dir
 from .rollout import Roller, items_from_records
 from .world import PERCEPTION, REASONING
 
-MODES = ("auto", "think", "no-think")
+MODES = API_MODES
 TIERS = ("perception", "reasoning")
 EVAL_SEED_OFFSET = 100
 

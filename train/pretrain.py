@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.template import CHAT_TEMPLATE
+from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
 
 from .common import Recipe, barrier, is_main, load_recipe, model_config, set_threads, setup_dist
 from .data import Encoded, PixelCache, encode_record, read_jsonl
@@ -35,7 +35,8 @@ def ensure_world(run: Path, name: str, seed: int, counts: dict[str, int], split:
 
 def tokenizer_texts(seed: int, n: int = 300) -> list[str]:
     """World text for BPE training: templates, captions, traces, answers of every family."""
-    texts = [f"<|im_start|>user\n<image>\n{t}<|im_end|>\n<|im_start|>assistant\n" for t in TEMPLATES.values()]
+    heads = (render_conversation([Message("user", t, images=1)], None) for t in TEMPLATES.values())
+    texts = ["".join(x for x, _ in pieces) for pieces in heads]
     for i in range(n):
         for fam in FAMILIES:
             scene, q = make_example(seed, 10_000_000 + i, fam)

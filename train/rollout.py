@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from r4b_edge.model.template import MODE_SUFFIX, THINK_OPEN, Message, render_prompt, template_mode
+
 from .common import embed_inputs
-from .data import MODE_SUFFIX, prompt_text
 
 
 @dataclass
@@ -26,15 +27,14 @@ def encode_prompt(tok: Any, question: str, mode: str, image_id: int, n_image_tok
                   history: Sequence[tuple[str, str]] = ()) -> list[int]:
     """Prompt ids for `mode` (auto | think | no-think), image placeholder expanded. With
     `history` ((question, answer) turns before this one), the image goes with the first
-    question and earlier answers sit behind empty think blocks, as the runtime renders them."""
-    if history:
-        text = "".join(prompt_text(q, has_image=k == 0) + f"{MODE_SUFFIX['no-think']}{a}<|im_end|>\n"
-                       for k, (q, a) in enumerate(history))
-        text += prompt_text(question, has_image=False) + MODE_SUFFIX[mode]
-    else:
-        text = prompt_text(question) + MODE_SUFFIX[mode]
+    question and earlier answers sit behind empty think blocks, as the runtime renders them
+    (both are `render_prompt`)."""
+    msgs: list[Message] = []
+    for k, (q, a) in enumerate(history):
+        msgs += [Message("user", q, images=int(k == 0)), Message("assistant", a)]
+    msgs.append(Message("user", question, images=int(not history)))
     out: list[int] = []
-    for t in tok.encode(text, add_special_tokens=False).ids:
+    for t in tok.encode(render_prompt(msgs, mode), add_special_tokens=False).ids:
         out += [t] * (n_image_tokens if t == image_id else 1)
     return out
 
@@ -123,7 +123,7 @@ class Parsed:
 
 def parse_response(tok: Any, mode: str, gen: Sequence[int], eos_ids: set[int]) -> Parsed:
     """Split (forced suffix + generated) text after `<think>` into reasoning / answer."""
-    forced = MODE_SUFFIX[mode][len("<think>"):]
+    forced = MODE_SUFFIX[template_mode(mode)][len(THINK_OPEN):]
     n_forced = len(tok.encode(forced, add_special_tokens=False).ids) if forced else 0
     ids = list(gen)
     if ids and ids[-1] in eos_ids:

@@ -29,11 +29,21 @@ HISTORY_THINK = MODE_SUFFIX["short"]
 # The empty think block as the model writes it after an auto-mode `<think>`.
 EMPTY_THINK_CONTINUATION = "\n\n</think>\n\n"
 
-# API names -> template names.
+# ---- the one table of modes ------------------------------------------------------------------
+# Template names (vLLM's R-4B `thinking_mode`) are the keys of MODE_SUFFIX; the API's names:
+API_MODE = {"auto": "auto", "long": "think", "short": "no-think"}
+API_MODES = tuple(API_MODE.values())  # what users pass: auto | think | no-think
+# Every accepted name -> template name.
 MODE_ALIASES = {
-    "auto": "auto", "think": "long", "no-think": "short",
-    "long": "long", "short": "short", "nothink": "short", "no_think": "short",
+    **{m: m for m in MODE_SUFFIX}, **{api: t for t, api in API_MODE.items()},
+    "nothink": "short", "no_think": "short",
 }
+# OpenAI `reasoning_effort` -> API mode: `none`/`minimal` never think, `high` always thinks,
+# `low`/`medium`/`auto` let the model decide (as when it is unset).
+EFFORT_MODES = {"none": "no-think", "minimal": "no-think", "low": "auto", "medium": "auto",
+                "auto": "auto", "high": "think"}
+# `chat_template_kwargs.thinking_mode` (the template's names, plus the API's) -> API mode.
+THINKING_MODES = {**API_MODE, **{api: api for api in API_MODES}}
 
 
 def template_mode(mode: str) -> str:
@@ -46,11 +56,17 @@ def template_mode(mode: str) -> str:
         ) from None
 
 
+def api_mode(mode: str) -> str:
+    """Any accepted mode name -> the API's name (`auto`, `think`, `no-think`)."""
+    return API_MODE[template_mode(mode)]
+
+
 @dataclass
 class Message:
     """One chat turn. `images` counts the images of a user turn (rendered as
-    `<image>` lines before the text); `reasoning` is kept for the record only:
-    earlier turns' reasoning is dropped from the prompt."""
+    `<image>` lines before the text). `reasoning` of an assistant turn is the trace
+    a training conversation's last turn teaches in `think` mode; earlier turns'
+    reasoning is dropped (history keeps the answer only)."""
 
     role: str
     content: str
@@ -58,36 +74,79 @@ class Message:
     reasoning: str = ""
 
 
+#: How the last assistant turn of a training conversation is rendered (the `mode` field of a
+#: training record, docs/data-format.md): `think` is the long mode with the turn's reasoning
+#: as the trace; `forced-think` the same with the decision `\n` after `<think>` untrained;
+#: `direct` is the short mode (empty think block, then the answer).
+TARGET_MODES = ("think", "forced-think", "direct")
+
+
+def _target_pieces(m: Message, mode: str, mask_empty_think: bool) -> list[tuple[str, bool]]:
+    """(text, trained) of one assistant turn after its header; `<think>` is never trained."""
+    answer = f"{m.content}{IM_END}"
+    if mode == "direct":
+        return [(THINK_OPEN, False), (EMPTY_THINK_CONTINUATION, not mask_empty_think), (answer, True)]
+    if mode not in ("think", "forced-think"):
+        raise GenerationOptionError(f"a conversation ending with an assistant turn is rendered in one of "
+                                    f"{', '.join(TARGET_MODES)}, got {mode!r}")
+    if not m.reasoning:
+        raise GenerationOptionError(f"mode {mode!r} needs the last assistant turn's reasoning (the trace)")
+    if mode == "forced-think":
+        return [(THINK_OPEN, False), ("\n", False), (f"{m.reasoning}\n{THINK_CLOSE}\n\n{answer}", True)]
+    return [(THINK_OPEN, False), (f"\n{m.reasoning}\n{THINK_CLOSE}\n\n{answer}", True)]
+
+
+def render_conversation(messages: Sequence[Message], mode: str | None = "auto", system: str | None = None,
+                        mask_empty_think: bool = False) -> list[tuple[str, bool]]:
+    """The one chat renderer: (text, trained) pieces whose concatenation is the exact text the
+    tokenizer sees (nanochat's `render_conversation`). The engine (`render_prompt`), training
+    (`train.data.record_pieces`), rollouts and eval use it; the Jinja template renders the same text.
+
+    - system and user turns and the `<|im_start|>...` headers are never trained; a user turn puts
+      one `<image>` line per image before its text;
+    - earlier assistant turns are direct answers (the empty think block, then the answer; their
+      reasoning is dropped), trained after `<think>` (`mask_empty_think`: not the empty block);
+    - ending with a user turn it is a prompt: the assistant header, then `mode`'s think suffix
+      (any `MODE_ALIASES` name; None: the header only), nothing trained;
+    - ending with an assistant turn it is a training example whose last turn is rendered in
+      `mode`, one of `TARGET_MODES`.
+    """
+    if not messages or messages[-1].role not in ("user", "assistant"):
+        raise GenerationOptionError("the conversation must end with a user turn")
+    prompt = messages[-1].role == "user"
+    suffix = MODE_SUFFIX[template_mode(mode)] if prompt and mode is not None else ""
+    pieces: list[tuple[str, bool]] = []
+    if system:
+        pieces.append((f"{IM_START}system\n{system}{IM_END}\n", False))
+    for k, m in enumerate(messages):
+        if m.role == "user":
+            body = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(m.images)) + m.content
+            nxt = messages[k + 1].role if k + 1 < len(messages) else None
+            head = f"{IM_START}assistant\n" if nxt in (None, "assistant") else ""
+            pieces.append((f"{IM_START}user\n{body}{IM_END}\n{head}", False))
+        elif m.role == "assistant":
+            if k == 0 or messages[k - 1].role != "user":
+                pieces.append((f"{IM_START}assistant\n", False))
+            last = k == len(messages) - 1
+            pieces += _target_pieces(m, mode if last else "direct", mask_empty_think)
+            if not last:
+                pieces.append(("\n", False))
+        elif m.role == "system":
+            pieces.append((f"{IM_START}system\n{m.content}{IM_END}\n", False))
+        else:
+            raise GenerationOptionError(f"unknown role {m.role!r}: use 'system', 'user' or 'assistant'")
+    if suffix:
+        pieces.append((suffix, False))
+    return pieces
+
+
 def render_prompt(messages: Sequence[Message], thinking_mode: str = "auto",
                   system: str | None = None) -> str:
     """Render a conversation up to and including the assistant header plus the
-    mode's think suffix."""
-    mode = template_mode(thinking_mode)
+    mode's think suffix (the text of `render_conversation`)."""
     if not messages or messages[-1].role != "user":
         raise GenerationOptionError("the conversation must end with a user turn")
-    parts: list[str] = []
-    if system:
-        parts.append(f"{IM_START}system\n{system}{IM_END}\n")
-    for m in messages:
-        if m.role == "user":
-            body = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(m.images)) + m.content
-            parts.append(f"{IM_START}user\n{body}{IM_END}\n")
-        elif m.role == "assistant":
-            # History keeps the answer only, behind an empty think block.
-            parts.append(f"{IM_START}assistant\n{HISTORY_THINK}{m.content}{IM_END}\n")
-        elif m.role == "system":
-            parts.append(f"{IM_START}system\n{m.content}{IM_END}\n")
-        else:
-            raise GenerationOptionError(f"unknown role {m.role!r}: use 'system', 'user' or 'assistant'")
-    parts.append(f"{IM_START}assistant\n" + MODE_SUFFIX[mode])
-    return "".join(parts)
-
-
-def render_target(answer: str, reasoning: str | None) -> str:
-    """The assistant text a training sample teaches (after the header)."""
-    if reasoning:
-        return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer}<|im_end|>"
-    return f"<think>\n\n</think>\n\n{answer}<|im_end|>"
+    return "".join(t for t, _ in render_conversation(messages, thinking_mode, system))
 
 
 def phase_after(prompt: str) -> str:

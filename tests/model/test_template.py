@@ -6,7 +6,7 @@ import pytest
 
 from r4b_edge.errors import GenerationOptionError
 from r4b_edge.model.template import (
-    CHAT_TEMPLATE, Message, phase_after, render_prompt, render_target, template_mode,
+    CHAT_TEMPLATE, Message, phase_after, render_conversation, render_prompt, template_mode,
 )
 
 HEAD = "<|im_start|>user\n<image>\nWhat is the sum?<|im_end|>\n<|im_start|>assistant\n"
@@ -57,9 +57,38 @@ def test_jinja_copy_renders_the_same(mode):
     assert t.render(messages=msgs, add_generation_prompt=True, thinking_mode=mode) == ours
 
 
-def test_targets():
-    assert render_target("7", "3 + 4 = 7") == "<think>\n3 + 4 = 7\n</think>\n\n7<|im_end|>"
-    assert render_target("red", None) == "<think>\n\n</think>\n\nred<|im_end|>"
+def test_training_conversation_pieces():
+    """The renderer's trained pieces are what a training example teaches after the header."""
+    q = [Message("user", "What is the sum?", images=1)]
+
+    def trained(mode, reasoning="", mask=False):
+        pieces = render_conversation(q + [Message("assistant", "7", reasoning=reasoning)], mode, mask_empty_think=mask)
+        assert "".join(t for t, _ in pieces).startswith(HEAD)
+        return [t for t, on in pieces if on]
+
+    assert trained("think", "3 + 4 = 7") == ["\n3 + 4 = 7\n</think>\n\n7<|im_end|>"]
+    assert trained("forced-think", "3 + 4 = 7") == ["3 + 4 = 7\n</think>\n\n7<|im_end|>"]
+    assert trained("direct") == ["\n\n</think>\n\n", "7<|im_end|>"]
+    assert trained("direct", mask=True) == ["7<|im_end|>"]
+    # a prompt is never trained; its text is render_prompt's; mode None stops after the header
+    assert not any(on for _, on in render_conversation(q, "think"))
+    assert "".join(t for t, _ in render_conversation(q, None)) == HEAD
+    with pytest.raises(GenerationOptionError, match="needs the last assistant turn's reasoning"):
+        trained("think")
+    with pytest.raises(GenerationOptionError, match="got 'auto'"):
+        trained("auto")
+
+
+def test_history_answers_are_trained_direct_turns():
+    msgs = [Message("user", "How many dots?", images=1), Message("assistant", "3", reasoning="one, two, three"),
+            Message("user", "And squares?"), Message("assistant", "2", reasoning="a, b")]
+    pieces = render_conversation(msgs, "think")
+    assert "".join(t for t, _ in pieces) == (
+        "<|im_start|>user\n<image>\nHow many dots?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n3<|im_end|>\n"
+        "<|im_start|>user\nAnd squares?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\na, b\n</think>\n\n2<|im_end|>")
+    assert [t for t, on in pieces if on] == ["\n\n</think>\n\n", "3<|im_end|>", "\na, b\n</think>\n\n2<|im_end|>"]
 
 
 @pytest.mark.parametrize("prompt,phase", [

@@ -58,15 +58,19 @@ def test_llava_conversion():
 
 
 def test_rendered_text_is_the_design_format():
-    from r4b_edge.model.template import render_target
+    from r4b_edge.model.template import Message, render_prompt
 
     head = "<|im_start|>user\n<image>\nWhat is the sum of all the digits?<|im_end|>\n<|im_start|>assistant\n"
     think = "".join(t for t, _ in D.record_pieces(rec(), "think"))
     direct = "".join(t for t, _ in D.record_pieces(rec(), "direct"))
-    assert think == head + "<think>\n3+4=7\n</think>\n\n7<|im_end|>" == head + render_target("7", "3+4=7")
-    assert direct == head + "<think>\n\n</think>\n\n7<|im_end|>" == head + render_target("7", None)
-    assert D.prompt_text("Q?") + D.MODE_SUFFIX["no-think"] == head.replace(
+    assert think == head + "<think>\n3+4=7\n</think>\n\n7<|im_end|>"
+    assert direct == head + "<think>\n\n</think>\n\n7<|im_end|>"
+    assert render_prompt([Message("user", "Q?", images=1)], "no-think") == head.replace(
         "What is the sum of all the digits?", "Q?") + "<think>\n\n</think>\n\n"
+    with pytest.raises(TrainingError, match="needs a trace"):
+        D.record_pieces({**rec(), "trace": None}, "forced-think")
+    with pytest.raises(TrainingError, match="got 'auto'"):
+        D.record_pieces(rec(), "auto")
 
 
 @pytest.mark.parametrize("mode,mask", [("think", False), ("direct", False), ("direct", True)])
