@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from r4b_edge.model.template import API_MODES
@@ -22,12 +23,20 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where TEXT appears (repeatable; TEXT itself is not printed; "
+                        "the reasoning is never cut); \\n, \\t, \\r and \\\\ are understood")
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(mode=args.mode, think_threshold=args.think_threshold, max_think_tokens=args.max_think_tokens,
                 max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed)
+                seed=args.seed, stop=[unescape(s) for s in getattr(args, "stop", None) or []])
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line -> the characters."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 def load_model(args: argparse.Namespace):

@@ -7,7 +7,10 @@ Benchmarks read the same `Stats` the API returns.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .logprobs import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -21,12 +24,20 @@ class Decision:
 
 @dataclass(frozen=True)
 class ReasoningDelta:
+    """New reasoning text. With `logprobs=True`, `logprobs` holds the entries
+    of the tokens sampled since the previous delta (text held back is
+    reported with the delta that shows it)."""
+
     text: str
+    logprobs: tuple["TokenLogprob", ...] = ()
 
 
 @dataclass(frozen=True)
 class AnswerDelta:
+    """New answer text; `logprobs` as for `ReasoningDelta`."""
+
     text: str
+    logprobs: tuple["TokenLogprob", ...] = ()
 
 
 @dataclass
@@ -76,6 +87,11 @@ class Result:
     forced: bool
     stats: Stats = field(default_factory=Stats)
     token_ids: list[int] = field(default_factory=list)
+    #: with `logprobs=True`: one entry per sampled answer / reasoning token (else None)
+    logprobs: Optional[list["TokenLogprob"]] = None
+    reasoning_logprobs: Optional[list["TokenLogprob"]] = None
+    #: the stop string that ended the answer (finish_reason "stop"), else None
+    stop_sequence: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -28,8 +28,10 @@ from ..model.template import (
 )
 from ..model.tokenizer import StreamDecoder
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
+from .logprobs import LogprobRecorder, check_top_logprobs
 from .memory import peak_rss_mb
 from .sampling import Sampler, SamplingParams, token_logprobs
+from .stop import StopFilter, normalize_stop
 
 DEFAULT_BUDGET_CLOSING = "\n\nThe thinking budget is used up, so I answer now.\n"
 
@@ -49,6 +51,9 @@ class GenerationOptions:
     top_k: int = 0
     seed: int | None = None
     budget_closing: str = DEFAULT_BUDGET_CLOSING
+    stop: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def validate(self) -> "GenerationOptions":
         template_mode(self.mode)
@@ -60,6 +65,8 @@ class GenerationOptions:
         if self.max_tokens < 1:
             raise GenerationOptionError(f"max_tokens must be >= 1, got {self.max_tokens}")
         self.sampling.validate()
+        self.stop = normalize_stop(self.stop)
+        check_top_logprobs(self.logprobs, self.top_logprobs)
         return self
 
     @property
@@ -112,6 +119,10 @@ class _State:
     finish_reason: str = ""
     first_answer_at: float | None = None
     first_token_at: float | None = None
+    stop: StopFilter = field(default_factory=StopFilter)
+    recorder: LogprobRecorder | None = None
+    entries: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
+    unsent: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
 
 
 class Engine:
@@ -152,11 +163,11 @@ class Engine:
 
     # ---- decision --------------------------------------------------------
     def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions,
-                sampler: Sampler) -> tuple[Decision, np.ndarray, list[int], str]:
+                sampler: Sampler) -> tuple[Decision, np.ndarray, list[int], str, np.ndarray | None]:
         """At a prompt ending in `<think>`: teacher-force the empty-think
         continuation to get p_think, then settle the mode. Returns the decision,
-        the logits to continue from, reply tokens already in the cache, and the
-        phase to continue in."""
+        the logits to continue from, reply tokens already in the cache, the
+        phase to continue in, and the logits each of those tokens was drawn from."""
         be, sfx = self.backend, self._suffix_ids
         n0 = be.n_past
         sfx_logits = be.forward(sfx)
@@ -170,29 +181,45 @@ class Engine:
                 if got != want:
                     be.truncate(n0 + i)
                     drawn = list(sfx[:i]) + [got]
-                    return Decision(True, p_think, False), rows[i], drawn, "reasoning"
-            return Decision(False, p_think, False), sfx_logits[-1], [], "answer"
+                    return Decision(True, p_think, False), rows[i], drawn, "reasoning", rows[:i + 1]
+            return Decision(False, p_think, False), sfx_logits[-1], [], "answer", None
 
         if mode == "auto":
             think, forced = p_think >= float(opts.think_threshold), True
         else:
             think, forced = mode == "long", True
         if not think:
-            return Decision(False, p_think, forced), sfx_logits[-1], [], "answer"
+            return Decision(False, p_think, forced), sfx_logits[-1], [], "answer", None
         be.truncate(n0)
         out = be.forward(self._long_rest)
-        return Decision(True, p_think, forced), out[-1], [], "reasoning"
+        return Decision(True, p_think, forced), out[-1], [], "reasoning", None
 
     # ---- step ------------------------------------------------------------
-    def _emit(self, st: _State, phase: str, token_ids: Sequence[int]) -> list[Event]:
+    def _emit(self, st: _State, phase: str, token_ids: Sequence[int], row: np.ndarray | None = None) -> list[Event]:
+        """Text of `token_ids`. `row`: the logits the (single) token was sampled
+        from, for its logprob entry; forced tokens have none."""
+        if row is not None and st.recorder is not None:
+            e = st.recorder.entry(row, token_ids[0])
+            st.entries[phase].append(e)
+            st.unsent[phase].append(e)
         events: list[Event] = []
         for t in token_ids:
             piece = st.decoders[phase].push(t)
+            if piece and phase == "answer":
+                piece = st.stop.push(piece)
+                if st.stop.hit is not None:
+                    st.done, st.finish_reason = True, "stop"
             if piece:
-                delta = st.texts[phase].push(piece)
-                if delta:
-                    events.append(ReasoningDelta(delta) if phase == "reasoning" else AnswerDelta(delta))
+                events.extend(self._delta(st, phase, st.texts[phase].push(piece)))
         return events
+
+    def _delta(self, st: _State, phase: str, text: str) -> list[Event]:
+        """A delta event for `text` (none if empty), carrying the entries not sent yet."""
+        if not text:
+            return []
+        lps = tuple(st.unsent[phase])
+        st.unsent[phase].clear()
+        return [ReasoningDelta(text, lps) if phase == "reasoning" else AnswerDelta(text, lps)]
 
     def _feed(self, st: _State, ids: Sequence[int]) -> None:
         st.reply_ids.extend(ids)
@@ -208,8 +235,9 @@ class Engine:
         st.phase = "answer"
         return events
 
-    def _accept(self, st: _State, t: int) -> list[Event]:
-        """File a sampled token (not yet in the cache) as reasoning or answer."""
+    def _accept(self, st: _State, t: int, row: np.ndarray | None = None) -> list[Event]:
+        """File a sampled token (not yet in the cache) as reasoning or answer;
+        `row`: the logits it was drawn from."""
         tok, now = self.tok, time.perf_counter()
         if st.first_token_at is None:
             st.first_token_at = now
@@ -230,7 +258,9 @@ class Engine:
                 st.stats.answer_tokens += 1
                 if st.first_answer_at is None:
                     st.first_answer_at = now
-            events = self._emit(st, st.phase, [t])
+            events = self._emit(st, st.phase, [t], row)
+        if st.done:
+            return events
         if st.n_reply >= st.options.max_tokens or self.backend.n_past + 1 >= st.n_ctx:
             st.done, st.finish_reason = True, "length"
         return events
@@ -242,7 +272,7 @@ class Engine:
                 and st.stats.think_tokens >= opts.max_think_tokens:
             return self._close_reasoning(st)
         t = st.sampler(st.logits)
-        events = self._accept(st, t)
+        events = self._accept(st, t, st.logits)
         if not st.done:
             st.logits = self.backend.forward([t])[-1]
         return events
@@ -278,15 +308,17 @@ class Engine:
         sampler = Sampler(opts.sampling)
         t_dec = time.perf_counter()
         if tail_mode is not None:
-            decision, logits, drawn, phase = self._decide(logits, mode, opts, sampler)
+            decision, logits, drawn, phase, drawn_rows = self._decide(logits, mode, opts, sampler)
         else:
             phase = phase_after(prompt)
-            decision, drawn = Decision(phase == "reasoning", float(phase == "reasoning"), True), []
+            decision, drawn, drawn_rows = Decision(phase == "reasoning", float(phase == "reasoning"), True), [], None
         stats.decision_ms = (time.perf_counter() - t_dec) * 1000.0
         st = _State(logits=logits, phase=phase, sampler=sampler, options=opts, n_ctx=self.backend.n_ctx,
                     t0=t0, stats=stats)
         st.decoders = {p: StreamDecoder(self.tok) for p in ("reasoning", "answer")}
         st.texts = {p: _TrimmedText() for p in ("reasoning", "answer")}
+        st.stop = StopFilter(opts.stop)
+        st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None
         yield decision
         budget = opts.max_think_tokens
         if budget is not None and len(drawn) > budget:
@@ -297,8 +329,8 @@ class Engine:
             pending = False
         else:
             pending = bool(drawn)  # the last drawn token is not in the cache yet
-        for t in drawn:  # tokens the decision already sampled: file them like any other
-            yield from self._accept(st, t)
+        for i, t in enumerate(drawn):  # tokens the decision already sampled: file them like any other
+            yield from self._accept(st, t, drawn_rows[i] if drawn_rows is not None else None)
             if st.done:
                 break
         if pending and not st.done:
@@ -310,10 +342,10 @@ class Engine:
         t_end = time.perf_counter()
         for p in ("reasoning", "answer"):
             rest = st.decoders[p].flush()
+            if p == "answer":  # the stop filter's held tail is answer text after all
+                rest = st.stop.push(rest) + st.stop.flush()
             if rest:
-                delta = st.texts[p].push(rest)
-                if delta:
-                    yield ReasoningDelta(delta) if p == "reasoning" else AnswerDelta(delta)
+                yield from self._delta(st, p, st.texts[p].push(rest))
         stats.finish_reason = st.finish_reason
         stats.ttft_ms = ((st.first_token_at or t_end) - t0) * 1000.0
         stats.time_to_answer_ms = ((st.first_answer_at or t_end) - t0) * 1000.0
@@ -324,7 +356,10 @@ class Engine:
         stats.peak_rss_mb = peak_rss_mb()
         reasoning, answer = st.texts["reasoning"].text, st.texts["answer"].text
         result = Result(answer=answer, reasoning=reasoning, thought=decision.think, p_think=decision.p_think,
-                        mode=opts.mode, forced=decision.forced, stats=stats, token_ids=st.reply_ids)
+                        mode=opts.mode, forced=decision.forced, stats=stats, token_ids=st.reply_ids,
+                        stop_sequence=st.stop.hit)
+        if opts.logprobs:
+            result.logprobs, result.reasoning_logprobs = st.entries["answer"], st.entries["reasoning"]
         yield Done(result)
 
     def generate(self, messages: Sequence[Message], images: Sequence[PreparedImage],
