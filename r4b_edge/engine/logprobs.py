@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..errors import GenerationOptionError
+from .sampling import logsumexp
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.tokenizer import Tokenizer
@@ -64,14 +65,6 @@ class Score:
     greedy: bool
     prompt_tokens: int = 0
     top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
-
-
-def logsumexp(rows: np.ndarray) -> np.ndarray:
-    """log(sum(exp(x))) over the last axis: float32 passes, a float64 sum."""
-    x = np.asarray(rows)
-    m = x.max(axis=-1, keepdims=True)
-    s = np.exp(x - m).sum(axis=-1, dtype=np.float64)
-    return np.log(s) + m[..., 0].astype(np.float64)
 
 
 def check_top_logprobs(logprobs: object, top_logprobs: object) -> None:
@@ -124,7 +117,7 @@ def score_rows(rows: np.ndarray, ids: Sequence[int], tokenizer: "Tokenizer", con
                prompt_tokens: int, top_logprobs: int = 0) -> Score:
     """Score of `ids` where rows[i] are the logits that predict ids[i]."""
     ids = [int(t) for t in ids]
-    lse = logsumexp(rows)
+    lse = np.atleast_1d(logsumexp(rows))
     idx = np.asarray(ids, dtype=np.int64)
     lps = rows[np.arange(len(ids)), idx].astype(np.float64) - lse
     greedy = bool(np.all(rows.argmax(axis=-1) == idx))
