@@ -100,3 +100,21 @@ def test_info(tiny_ckpt, capsys):
     assert info["model"]["format"] == "torch" and info["model"]["size_mb"] > 0
     assert info["backends"]["torch"]["installed"] is True
     assert "cpu" in info["backends"]["torch"]["devices"]
+
+
+def test_chat_stop_repeatable(tiny_ckpt, png, capsys):
+    base = ["chat", str(png), "what?", "--model", str(tiny_ckpt), "--max-tokens", "16", "--mode", "no-think", "--json"]
+    assert main(base) == 0
+    full = json.loads(capsys.readouterr().out)["answer"]
+    assert len(full) >= 6, f"fixture: the tiny model writes a few characters ({full!r})"
+    stop = full[3:5]
+    want = full[:full.find(stop)].rstrip()
+    assert main(base + ["--stop", "never\\there", "--stop", stop]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["answer"] == want and r["stop_sequence"] == stop and r["stats"]["finish_reason"] == "stop"
+
+
+def test_unescape_stop_text():
+    from r4b_edge.apps.common import unescape
+
+    assert unescape(r"a\nb\tc\\n\r") == "a\nb\tc\\n\r"
