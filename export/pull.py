@@ -16,6 +16,7 @@ HF_HUB_OFFLINE, R4B_EDGE_HOME (the store; default: the platform's cache folder).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import shutil
@@ -23,6 +24,8 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Optional
+
+from filelock import FileLock, Timeout
 
 from r4b_edge import store
 from r4b_edge.errors import DownloadError, ExportError
@@ -56,6 +59,7 @@ def register(sub) -> None:
                         "(default fp32)")
     p.add_argument("--keep-source", action="store_true",
                    help="keep the downloaded repository in the store's downloads/ folder after converting")
+    p.add_argument("--force", action="store_true", help="convert again even if this commit is already stored")
     p.set_defaults(func=run)
 
 
@@ -120,9 +124,10 @@ def _convert(fmt: str, quant: str, src: Path, out: Path, log: Log) -> None:
 
 
 def pull(ref: str, fmt: str = "gguf", quant: Optional[str] = None, keep_source: bool = False,
-         token: Optional[str] = None, log: Log = _stderr) -> store.Entry:
+         force: bool = False, token: Optional[str] = None, log: Log = _stderr) -> store.Entry:
     """Download `ref` (owner/name[@revision]), convert it to `fmt`/`quant`, store it; returns the entry.
-    Nothing appears in the store unless every step succeeded."""
+    Nothing appears in the store unless every step succeeded; an entry already made from the same
+    commit is returned as is unless `force`. One pull per repository commit at a time (a file lock)."""
     try:
         import huggingface_hub  # noqa: F401
     except ImportError:
@@ -137,7 +142,28 @@ def pull(ref: str, fmt: str = "gguf", quant: Optional[str] = None, keep_source: 
     log(f"pull {repo}@{revision} from {hub.endpoint()} -> {name} (store: {root})")
     listing = hub.list_repo(repo, revision, token)
     log(f"  commit {listing.commit}")
+    have = store.find(name, root=root)
+    if have is not None and have.commit == listing.commit and not force:
+        log(f"  {name} is already stored from this commit: nothing to do (--force converts again)")
+        return have
     src = store.downloads_dir(root) / repo.replace("/", "--") / listing.commit
+    locks = root / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{repo.replace('/', '--')}--{listing.commit}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise DownloadError(f"another r4b-edge pull of {repo}@{listing.commit[:12]} is running "
+                            f"(lock {lock.lock_file}); wait for it to finish") from None
+    try:
+        return _fetch_and_store(listing, src, name, fmt, quant, keep_source, token, root, log)
+    finally:
+        lock.release()
+
+
+def _fetch_and_store(listing: hub.Listing, src: Path, name: str, fmt: str, quant: Optional[str],
+                     keep_source: bool, token: Optional[str], root: Path, log: Log) -> store.Entry:
+    repo, revision = listing.repo, listing.revision
     dl = hub.Downloader(listing, src, token)
 
     small = [f for f in hub.wanted_files(listing) if f.name in hub.SMALL_FILES]
@@ -174,20 +200,25 @@ def pull(ref: str, fmt: str = "gguf", quant: Optional[str] = None, keep_source: 
         entry = store.Entry(name=name, repo=repo, revision=revision, commit=listing.commit, format=fmt,
                             quant=quant, size=0, created=now, source=str(src) if keep_source else None)
         entry = store.commit_entry(out, entry, root)
-    except (ExportError, OSError) as e:
-        raise DownloadError(f"the download is complete ({src}) but storing {name} failed, so nothing was "
-                            f"stored: {e}; fix the cause and run the pull again (the download is reused)") from None
+    except BaseException as e:
+        if fmt == "hf" and not keep_source and out.exists() and not src.exists():
+            os.replace(out, src)  # the download was moved in: give it back for the next run
+        if isinstance(e, (ExportError, OSError)):
+            raise DownloadError(f"the download is complete ({src}) but storing {name} failed, so nothing was "
+                                f"stored: {e}; fix the cause and run the pull again (the download is reused)"
+                                ) from None
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not keep_source:
         shutil.rmtree(src, ignore_errors=True)
-        if src.parent.is_dir() and not any(src.parent.iterdir()):
-            src.parent.rmdir()
+        with contextlib.suppress(OSError):
+            src.parent.rmdir()  # only when no other commit of the repo is kept
     return entry
 
 
 def run(args: argparse.Namespace) -> int:
-    e = pull(args.repo, fmt=args.format, quant=args.quant, keep_source=args.keep_source)
+    e = pull(args.repo, fmt=args.format, quant=args.quant, keep_source=args.keep_source, force=args.force)
     print(f"stored {e.name}  ({e.size / 2**20:.1f} MiB, {e.format} {e.quant or ''}, commit {e.commit[:12]})")
     print(f"  {e.path}")
     if e.source:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import shutil
 import re
 import resource
 import signal
@@ -93,6 +95,10 @@ def test_pull_gguf_chat_by_name_list_rm(hub, source, tmp_path, capsys):
     for shard in source.glob("*.safetensors"):
         assert [r[0] for r in hub.requested(shard.name)] == ["HEAD", "GET"]
 
+    n_gets = len([r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]])
+    assert main(["pull", REPO]) == 0  # same commit already stored: nothing fetched or converted
+    assert "already stored from this commit" in capsys.readouterr().err
+    assert len([r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]) == n_gets
     assert main(["info", "--model", REPO]) == 0
     assert str(e.path) in capsys.readouterr().out
     assert main(["list"]) == 0
@@ -172,6 +178,18 @@ def test_ctrl_c_leaves_a_resumable_download(hub, big_source):
     _same_files(big_source, e.path, ["model.safetensors"])
 
 
+def test_one_pull_per_commit_at_a_time(hub):
+    from filelock import FileLock
+
+    lock = FileLock(str(store.store_root() / "locks" / f"test--tiny-r4b--{COMMIT}.lock"))
+    (store.store_root() / "locks").mkdir(parents=True)
+    with lock:  # what a running pull holds
+        with pytest.raises(DownloadError, match=f"another r4b-edge pull of {REPO}@{COMMIT[:12]} is running"):
+            pull(REPO, fmt="hf", log=lambda m: None)
+    assert not hub.requested("config.json")
+    assert pull(REPO, fmt="hf", log=lambda m: None).commit == COMMIT
+
+
 def test_progress_bar_shows_size_and_rate(hub, source):
     env = {**os.environ, "TQDM_POSITION": "-1"}  # huggingface_hub's switch: bars on without a terminal
     r = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "pull", REPO, "--format", "hf"],
@@ -246,6 +264,22 @@ def test_full_disk_during_conversion_leaves_no_entry(hub, source):
     assert [e.name for e in store.list_entries()] == [f"{REPO}:hf"]
     assert not any(store.tmp_dir().iterdir())
     assert (store.downloads_dir() / "test--tiny-r4b" / COMMIT / _shard(source)).is_file()  # reusable
+
+
+def test_small_disk_is_refused_before_the_weights(hub, source, tmp_path):
+    """A real 16 MB tmpfs (own user + mount namespace, so no root needed) as the store."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no user/mount namespaces here (unshare -rm)")
+    home = tmp_path / "small"
+    home.mkdir()
+    cmd = (f"mount -t tmpfs -o size=16m tmpfs {shlex.quote(str(home))} && "
+           f"{shlex.quote(sys.executable)} -m r4b_edge.apps.cli pull {REPO} --quant F32")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "R4B_EDGE_HOME": str(home)})
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"not enough disk space under .*: downloading .* needs about 0\.\d+ GB, 0\.02 GB are free",
+                     r.stderr), r.stderr
+    assert hub.requested("config.json") and not any(hub.requested(p.name) for p in source.glob("*.safetensors"))
 
 
 def test_disk_check_and_estimates(tmp_path):
