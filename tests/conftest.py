@@ -5,10 +5,6 @@ from pathlib import Path
 
 import pytest
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def tiny_corpus() -> list[str]:
@@ -27,6 +23,7 @@ def tiny_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with tokenizer.json + tokenizer_config.json of a small byte-level BPE."""
+    from r4b_edge.model.template import CHAT_TEMPLATE  # the template every r4b-edge folder carries
     from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")

@@ -2,12 +2,13 @@
 
 Folder layout: config.json, model.safetensors or model-0000k-of-0000n.safetensors +
 model.safetensors.index.json, tokenizer.json, tokenizer_config.json (chat_template),
-optionally chat_template.jinja, generation_config.json, preprocessor_config.json.
+optionally chat_template.jinja, generation_config.json, preprocessor_config.json. Folders this
+module writes also carry the transformers remote code and processor configs (hf_folder.py).
 
 Everything is validated from the safetensors headers before any weight is read. Tensors the
 model does not use are accepted and ignored: the SigLIP `post_layernorm.*` (R-4B's projector
-`pre_norm` takes its place) and the SigLIP pooling `head.*`. Files in the pre-4.52 transformers
-layout (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`, ...) are renamed.
+`pre_norm` takes its place) and the SigLIP pooling `head.*`. Tensor names in the other layouts
+transformers writes are renamed by one table, CHECKPOINT_RENAMES (see its comment).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ModelFormatError, ModelNotFoundError
 from ..fsutil import replace_dir
 from .config import RConfig
+from .hf_folder import write_hf_files
 from .modeling import RForConditionalGeneration
 from .tokenizer import Tokenizer
 
@@ -37,23 +39,31 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 #: Tensors a checkpoint may carry that this model does not use (ignored on load).
 IGNORED_TENSORS = re.compile(r"^model\.vision_tower\.vision_model\.(post_layernorm|head)\.")
-_OLD_LAYOUT = (  # pre-4.52 transformers names -> R-4B names
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
+#: Tensor names -> R-4B names, like transformers' `_checkpoint_conversion_mapping`: the first
+#: pattern that matches renames (re.subn), names that match none are kept. It covers
+#:   R-4B / transformers >= 4.52: model.language_model.*, model.vision_tower.vision_model.*,
+#:     model.multi_modal_projector.*, model.image_newline, lm_head.* (kept as they are);
+#:   transformers < 4.52: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*,
+#:     multi_modal_projector.*, image_newline;
+#:   transformers 5 `save_pretrained` of a model built from a config (LlavaOnevision classes): as
+#:     < 4.52 but the SigLIP tower without its `vision_model.` level (vision_tower.embeddings.*), and
+#:     its in-memory state_dict (model.vision_tower.embeddings.*).
+CHECKPOINT_RENAMES: dict[str, str] = {
+    r"^language_model\.model\.": "model.language_model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^(?:model\.)?vision_tower\.(?:vision_model\.)?": "model.vision_tower.vision_model.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+    r"^image_newline$": "model.image_newline",
+}
+_RENAMES = [(re.compile(k), v) for k, v in CHECKPOINT_RENAMES.items()]
 
 
 def canonical_name(name: str) -> str:
-    """R-4B tensor name of `name` (renames the pre-4.52 layout; leaves R-4B names alone)."""
-    if name.startswith(("model.", "lm_head.")):
-        return name
-    if name == "image_newline":
-        return "model.image_newline"
-    for old, new in _OLD_LAYOUT:
-        if name.startswith(old):
-            return new + name[len(old):]
+    """R-4B tensor name of `name` (CHECKPOINT_RENAMES; R-4B names are returned unchanged)."""
+    for pattern, repl in _RENAMES:
+        new, n = pattern.subn(repl, name, count=1)
+        if n:
+            return new
     return name
 
 
@@ -95,7 +105,12 @@ def read_headers(files: Sequence[Path], weight_map: dict[str, str] | None) -> di
                 for k in sf.keys():
                     if weight_map is not None and weight_map.get(k) not in (None, f.name):
                         continue  # the index says this tensor lives in another shard
-                    out[canonical_name(k)] = (str(f), list(sf.get_slice(k).get_shape()), k)
+                    name = canonical_name(k)
+                    if name in out:
+                        raise ModelFormatError(
+                            f"{f.name}: tensors {out[name][2]!r} and {k!r} both map to {name!r} "
+                            "(a checkpoint mixes two naming layouts)")
+                    out[name] = (str(f), list(sf.get_slice(k).get_shape()), k)
         except ModelFormatError:
             raise
         except Exception as e:  # safetensors raises SafetensorError/OSError on bad files
@@ -225,7 +240,10 @@ def _write_tokenizer(src: "Tokenizer | str | os.PathLike | Sequence[str | os.Pat
 def save_checkpoint(model: RForConditionalGeneration, config: RConfig,
                     tokenizer_dir_or_files: "Tokenizer | str | os.PathLike | Sequence[str | os.PathLike]",
                     out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write the R-4B folder atomically (temp folder, then rename); returns the folder path."""
+    """Write the R-4B folder atomically (temp folder, then rename); returns the folder path.
+
+    The folder is also a complete Hugging Face repo (hf_folder.write_hf_files): remote code,
+    `auto_map`, processor configs and the chat template."""
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -256,6 +274,7 @@ def save_checkpoint(model: RForConditionalGeneration, config: RConfig,
         gen = {"eos_token_id": sorted(tok.eos_ids), "pad_token_id": tok.token_to_id("<|endoftext|>"),
                "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        write_hf_files(tmp, config)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ _VISION_REQUIRED = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "image_size", "patch_size",
 )
-_ANYRES_MAX = re.compile(r"^anyres_max_(\d+)$")
+_ANYRES_MAX = re.compile(r"^anyres_max_([1-9]\d*)$")
 
 
 def _err(field_name: str, problem: str, source: str = "config.json") -> ModelFormatError:
@@ -175,8 +175,9 @@ class RConfig:
                 out.append([int(p[0]), int(p[1])])
             pins = out
         var = d.get("vision_aspect_ratio", "anyres" if pins else "base")
-        if not isinstance(var, str):
-            raise _err("vision_aspect_ratio", f"must be a string (got {var!r})", source)
+        if not isinstance(var, str) or not (var in ("base", "anyres") or _ANYRES_MAX.match(var)):
+            raise _err("vision_aspect_ratio", f"must be 'anyres', 'anyres_max_N' (N >= 1) or 'base' (got {var!r})",
+                       source)
         act = d.get("projector_hidden_act", "gelu")
         if act != "gelu":
             raise _err("projector_hidden_act", f"must be 'gelu' (got {act!r})", source)
@@ -189,24 +190,20 @@ class RConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RConfig":
-        """Read `config.json` (a file, or a folder holding it; + preprocessor_config.json if present)."""
+        """Read `config.json` (a file, or a folder holding it) and, when present beside it,
+        `preprocessor_config.json` (see `merge_preprocessor` for which file decides what)."""
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
             raise ModelFormatError(f"config.json not found at {p}")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFormatError(f"{p}: cannot be read as JSON ({e})") from None
+        d = read_json(p)
+        pp = p.parent / PREPROCESSOR_CONFIG
+        if not pp.is_file():
+            return cls.from_dict(d, source=str(p))
+        d, pixels = merge_preprocessor(d, read_json(pp), source=str(pp))
         cfg = cls.from_dict(d, source=str(p))
-        pp = p.parent / "preprocessor_config.json"
-        if pp.is_file():
-            try:
-                pd = json.loads(pp.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ModelFormatError(f"{pp}: cannot be read as JSON ({e})") from None
-            cfg.preprocessor = {k: pd[k] for k in ("image_mean", "image_std") if k in pd}
+        cfg.preprocessor = pixels
         return cfg
 
     def to_dict(self) -> dict:
@@ -234,6 +231,76 @@ class RConfig:
     def save(self, path: str | Path) -> None:
         """Write config.json to `path` (a file path)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_BICUBIC = 3  # PIL.Image.BICUBIC, transformers' PILImageResampling.BICUBIC
+
+
+def read_json(p: Path) -> dict:
+    """A JSON object from `p`; ModelFormatError names the file otherwise."""
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{p}: cannot be read as JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelFormatError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _stat3(v: Any, key: str, source: str) -> list[float]:
+    """A mean/std as the HF image processor takes it: one number for all channels, or three."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [float(v)] * 3
+    if (isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+        return [float(x) for x in v]
+    raise _err(key, f"must be a number or a list of 3 numbers (got {v!r})", source)
+
+
+def merge_preprocessor(d: dict, pre: dict, source: str = PREPROCESSOR_CONFIG) -> tuple[dict, dict]:
+    """Fold preprocessor_config.json (`pre`) into the config.json dict `d`, read the way
+    transformers' LLaVA-OneVision image processor reads it. Returns (config dict, pixel stats).
+
+    Precedence (docs/interop.md): preprocessor_config.json decides how pixels are made
+    (`image_mean`/`image_std`, over the config.json copies; `do_normalize: false` means mean 0,
+    std 1); config.json decides the model. What both files name must agree, else ModelFormatError:
+    `size` ({"height", "width"} or {"shortest_edge"}) must be the tower's `vision_config.image_size`,
+    and `image_grid_pinpoints` must equal config.json's when config.json has them (when it has
+    none, the preprocessor's are used). Settings r4b-edge does not implement (another `resample`
+    than bicubic, a `rescale_factor` other than 1/255, center cropping) are errors too.
+    """
+    d = copy.deepcopy(d)
+    if pre.get("do_normalize", True) is False:
+        pixels = {"image_mean": [0.0] * 3, "image_std": [1.0] * 3}
+    else:
+        pixels = {k: _stat3(pre[k], k, source) for k in ("image_mean", "image_std") if pre.get(k) is not None}
+    if pre.get("resample", _BICUBIC) != _BICUBIC:
+        raise _err("resample", f"must be {_BICUBIC} (bicubic, what r4b-edge resizes with; got {pre['resample']!r})",
+                   source)
+    rf = pre.get("rescale_factor", 1 / 255) if pre.get("do_rescale", True) is not False else None
+    if rf is None or not isinstance(rf, (int, float)) or abs(rf - 1 / 255) > 1e-9:
+        raise _err("rescale_factor", f"must be 1/255 with do_rescale on (got do_rescale="
+                   f"{pre.get('do_rescale', True)!r}, rescale_factor={rf!r})", source)
+    if pre.get("do_center_crop"):
+        raise _err("do_center_crop", "must be off (R-4B resizes the whole image)", source)
+    vc = d.get("vision_config") if isinstance(d.get("vision_config"), dict) else {}
+    size, view = pre.get("size"), vc.get("image_size")
+    if size is not None:
+        if not isinstance(size, dict):
+            raise _err("size", f"must be an object with height/width or shortest_edge (got {size!r})", source)
+        sides = {size.get("height"), size.get("width")} if "height" in size else {size.get("shortest_edge")}
+        if len(sides) != 1 or (view is not None and sides != {view}):
+            raise _err("size", f"{size} must be square and equal config.json vision_config.image_size ({view})",
+                       source)
+    pins = pre.get("image_grid_pinpoints")
+    if pins is not None:
+        have = d.get("image_grid_pinpoints")
+        if have is None:
+            d["image_grid_pinpoints"] = copy.deepcopy(pins)
+        elif [list(p) for p in have] != [list(p) for p in pins]:
+            raise _err("image_grid_pinpoints", f"{pins} differ from config.json's {have}", source)
+    return d, pixels
 
 
 def tiny_config(anyres: bool = True, vocab_size: int = 1024, image_token_index: int | None = None,

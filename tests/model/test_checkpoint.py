@@ -169,3 +169,75 @@ def test_tied_embeddings_round_trip(tiny_tokenizer, tmp_path: Path) -> None:
     assert "lm_head.weight" not in _single_state(out)
     model = load_checkpoint(out)[0]
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("stored", [
+    "model.language_model.layers.0.mlp.up_proj.weight",          # R-4B / transformers >= 4.52
+    "language_model.model.layers.0.mlp.up_proj.weight",          # < 4.52 and transformers 5 save_pretrained
+])
+def test_rename_table_language_model(stored: str) -> None:
+    from r4b_edge.model.checkpoint import canonical_name
+
+    assert canonical_name(stored) == "model.language_model.layers.0.mlp.up_proj.weight"
+
+
+def test_rename_table_every_layout() -> None:
+    from r4b_edge.model.checkpoint import canonical_name
+
+    want = {
+        "lm_head.weight": ["lm_head.weight", "language_model.lm_head.weight"],
+        "model.image_newline": ["model.image_newline", "image_newline"],
+        "model.multi_modal_projector.pre_norm.bias": ["model.multi_modal_projector.pre_norm.bias",
+                                                      "multi_modal_projector.pre_norm.bias"],
+        "model.vision_tower.vision_model.embeddings.patch_embedding.weight": [
+            "model.vision_tower.vision_model.embeddings.patch_embedding.weight",  # R-4B
+            "vision_tower.vision_model.embeddings.patch_embedding.weight",        # < 4.52
+            "vision_tower.embeddings.patch_embedding.weight",                     # transformers 5 save_pretrained
+            "model.vision_tower.embeddings.patch_embedding.weight"],              # transformers 5 state_dict
+    }
+    for canonical, stored in want.items():
+        assert [canonical_name(s) for s in stored] == [canonical] * len(stored)
+    assert canonical_name("something.else") == "something.else"
+
+
+def test_mixed_layouts_are_refused(tiny_ckpt_base: Path, tmp_path: Path) -> None:
+    ck = _copy(tiny_ckpt_base, tmp_path)
+    sd = _single_state(ck)
+    sd["image_newline"] = sd["model.image_newline"].clone()
+    save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match="'image_newline' and 'model.image_newline' both map to 'model.image_newline'"):
+        load_checkpoint(ck)
+
+
+def test_transformers5_save_pretrained_layout_loads(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A LlavaOnevision built from a config (R-4B's projector swapped in), given this model's weights
+    and saved by transformers 5's save_pretrained, loads with the same logits."""
+    from safetensors import safe_open
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from r4b_edge.model.checkpoint import canonical_name
+    from r4b_edge.model.hf_remote.modeling_r4b import RMultiModalProjector
+    from r4b_edge.model.modeling import qwen3_config, siglip_config
+
+    ref, cfg, tok = load_checkpoint(tiny_ckpt)
+    hf_cfg = LlavaOnevisionConfig(text_config=qwen3_config(cfg).to_dict(), vision_config=siglip_config(cfg).to_dict(),
+                                  image_token_index=cfg.image_token_index, image_grid_pinpoints=cfg.image_grid_pinpoints,
+                                  vision_aspect_ratio="anyres_max_9")
+    hf = LlavaOnevisionForConditionalGeneration(hf_cfg)
+    hf.model.multi_modal_projector = RMultiModalProjector(hf_cfg)
+    ours = ref.state_dict()
+    state = {k: ours[canonical_name(k)] for k in hf.state_dict() if canonical_name(k) in ours}
+    assert set(hf.state_dict()) - set(state) == {"model.vision_tower.post_layernorm.weight",
+                                                 "model.vision_tower.post_layernorm.bias"}  # unused by R-4B
+    hf.load_state_dict(state, strict=False)
+    out = tmp_path / "saved"
+    hf.save_pretrained(out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "vision_tower.embeddings.patch_embedding.weight" in names and "language_model.lm_head.weight" in names
+    assert "model.language_model.norm.weight" not in names and "language_model.model.norm.weight" in names
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # R-4B config + tokenizer beside
+        shutil.copyfile(tiny_ckpt / name, out / name)
+    model = load_checkpoint(out)[0]
+    ids = tok.encode("<|im_start|>user\nhi 12<|im_end|>\n")
+    assert torch.equal(_logits(model, ids), _logits(ref, ids))

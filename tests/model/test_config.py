@@ -68,8 +68,12 @@ def test_base_only_and_anyres_max() -> None:
     d["vision_aspect_ratio"] = "anyres_max_9"
     c = RConfig.from_dict(d)
     assert c.anyres and c.anyres_max_patches == 9
-    d["vision_aspect_ratio"] = "pad"
+    d["vision_aspect_ratio"] = "base"
     assert not RConfig.from_dict(d).anyres
+    for bad in ("pad", "anyres_max_", "anyres_max_0", "anyres_9", 9):
+        d["vision_aspect_ratio"] = bad
+        with pytest.raises(ModelFormatError, match="vision_aspect_ratio"):
+            RConfig.from_dict(d)
 
 
 def test_preprocessor_mean_std(tmp_path) -> None:
@@ -117,3 +121,54 @@ def test_no_torch_import() -> None:
 
     code = "import sys, r4b_edge.model; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _with_pre(tmp_path, pre: dict, **cfg_over) -> RConfig:
+    c = tiny_config()
+    d = {**c.to_dict(), **cfg_over}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    return RConfig.from_file(tmp_path)
+
+
+def test_preprocessor_read_like_the_hf_image_processor(tmp_path) -> None:
+    """One number means all channels; do_normalize false is mean 0 / std 1; size may be either form."""
+    c = _with_pre(tmp_path, {"image_mean": 0.25, "image_std": [0.5, 0.5, 1], "size": {"shortest_edge": 32}})
+    assert c.image_mean == [0.25] * 3 and c.image_std == [0.5, 0.5, 1.0]
+    c = _with_pre(tmp_path, {"do_normalize": False, "image_mean": [0.1] * 3, "size": {"height": 32, "width": 32},
+                             "resample": 3, "rescale_factor": 1 / 255})
+    assert c.image_mean == [0.0] * 3 and c.image_std == [1.0] * 3
+
+
+def test_preprocessor_mean_std_wins_over_config(tmp_path) -> None:
+    d = tiny_config().to_dict()
+    d["vision_config"]["image_mean"] = [0.9] * 3
+    c = _with_pre(tmp_path, {"image_mean": [0.1, 0.2, 0.3]}, vision_config=d["vision_config"])
+    assert c.image_mean == [0.1, 0.2, 0.3] and c.image_std == [0.5] * 3  # std: neither file says -> SigLIP's
+
+
+def test_preprocessor_pinpoints_precedence(tmp_path) -> None:
+    pins = [[32, 64], [64, 32], [64, 64]]
+    # config.json has none: the image processor's pinpoints (and anyres) are used
+    c = _with_pre(tmp_path, {"image_grid_pinpoints": pins}, image_grid_pinpoints=None, vision_aspect_ratio="anyres")
+    assert c.anyres and c.image_grid_pinpoints == pins
+    assert _with_pre(tmp_path, {"image_grid_pinpoints": pins}).image_grid_pinpoints == pins  # equal: fine
+    with pytest.raises(ModelFormatError, match=r"preprocessor_config\.json.*image_grid_pinpoints.*differ"):
+        _with_pre(tmp_path, {"image_grid_pinpoints": [[32, 64]]})
+
+
+@pytest.mark.parametrize("pre, field", [
+    ({"size": {"height": 64, "width": 64}}, "size"),
+    ({"size": {"height": 32, "width": 64}}, "size"),
+    ({"size": 32}, "size"),
+    ({"resample": 2}, "resample"),
+    ({"rescale_factor": 1.0}, "rescale_factor"),
+    ({"do_rescale": False}, "rescale_factor"),
+    ({"do_center_crop": True}, "do_center_crop"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean"),
+    ({"image_std": "0.5"}, "image_std"),
+])
+def test_preprocessor_errors_name_file_and_field(tmp_path, pre, field) -> None:
+    with pytest.raises(ModelFormatError) as e:
+        _with_pre(tmp_path, pre)
+    assert "preprocessor_config.json" in str(e.value) and f"`{field}`" in str(e.value)
