@@ -63,6 +63,7 @@ def test_folder_files_are_the_one_source(which, tiny_ckpt: Path) -> None:
     """The shipped folder and save_checkpoint's output carry copies equal to the source files."""
     folder = BUNDLED_MODEL if which == "bundled" else tiny_ckpt
     cfg = RConfig.from_file(folder)
+    # on a failure for the bundled folder: python -m r4b_edge.model.hf_folder r4b_edge/assets/model
     for name in REMOTE_FILES:
         assert (folder / name).read_bytes() == (source_dir() / name).read_bytes(), name
     assert json.loads((folder / "config.json").read_text())["auto_map"] == AUTO_MAP
