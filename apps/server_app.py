@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
 from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageError, R4BError
 
+from .server_logprobs import choice_logprobs
 from .server_request import APIError, ChatRequest, Limits, bad, check_image, parse_chat_request
 from .server_worker import END, Job, ModelWorker, QueueFull, make_options
 
@@ -166,17 +167,26 @@ class ChatServer:
         message = {"role": "assistant", "content": result.answer,
                    "reasoning_content": result.reasoning if result.reasoning else None}
         return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": None if result.logprobs is None
+                             else choice_logprobs(result.logprobs, result.reasoning_logprobs),
                              "finish_reason": result.stats.finish_reason or "stop"}],
                 "usage": usage(result), **_decision(decision), "stats": asdict(result.stats)}
 
     async def _sse(self, decision: Decision, job: Job, req: ChatRequest, meta: dict) -> AsyncIterator[str]:
-        def chunk(delta: dict, finish: Optional[str] = None, **extra: Any) -> str:
+        def chunk(delta: dict, finish: Optional[str] = None, logprobs: Optional[dict] = None, **extra: Any) -> str:
             body = {**meta, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
             if req.include_usage:
                 body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        sent = {"answer": 0, "reasoning": 0}  # logprob entries already streamed
+
+        def lps(answer: tuple = (), reasoning: tuple = ()) -> Optional[dict]:
+            sent["answer"] += len(answer)
+            sent["reasoning"] += len(reasoning)
+            return choice_logprobs(answer, reasoning) if req.options.get("logprobs") else None
 
         try:
             yield chunk({"role": "assistant", "content": ""}, **_decision(decision))
@@ -188,12 +198,14 @@ class ChatServer:
                     yield f"data: {json.dumps(as_api_error(item).body())}\n\n"
                     break
                 if isinstance(item, ReasoningDelta):
-                    yield chunk({"reasoning_content": item.text})
+                    yield chunk({"reasoning_content": item.text}, logprobs=lps(reasoning=item.logprobs))
                 elif isinstance(item, AnswerDelta):
-                    yield chunk({"content": item.text})
+                    yield chunk({"content": item.text}, logprobs=lps(answer=item.logprobs))
                 elif isinstance(item, Done):
                     r = item.result
-                    yield chunk({}, r.stats.finish_reason or "stop", stats=asdict(r.stats))
+                    tail = lps(tuple((r.logprobs or [])[sent["answer"]:]),
+                               tuple((r.reasoning_logprobs or [])[sent["reasoning"]:]))
+                    yield chunk({}, r.stats.finish_reason or "stop", logprobs=tail, stats=asdict(r.stats))
                     if req.include_usage:
                         body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage(r)}
                         yield f"data: {json.dumps(body)}\n\n"

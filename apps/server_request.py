@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from r4b_edge.model.template import EFFORT_MODES, THINKING_MODES, Message
+
+from .server_logprobs import parse_stop_logprobs
+
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -139,10 +142,7 @@ def _options(body: dict, limits: Limits) -> dict[str, Any]:
     for name in ("tools", "functions"):
         if body.get(name):
             raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    if body.get("stop") not in (None, [], ""):
-        raise bad("'stop' sequences are not supported by this server", "stop", "unsupported_parameter")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise bad("'logprobs' are not returned by this server", "logprobs", "unsupported_parameter")
+    opts.update(parse_stop_logprobs(body, bad))
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise bad("'response_format' other than {\"type\": \"text\"} is not supported", "response_format",
