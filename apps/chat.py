@@ -1,4 +1,8 @@
-"""`r4b-edge chat IMAGE [PROMPT]`: one-shot reply, or a multi-turn REPL."""
+"""`r4b-edge chat IMAGE [PROMPT]`: one-shot reply, or a multi-turn REPL.
+
+In the REPL, Ctrl-C during an answer stops it and returns to the prompt (the
+conversation keeps its earlier turns); Ctrl-C or Ctrl-D at the prompt quits.
+"""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
     p.add_argument("--verbose", "-v", action="store_true", help="print the stats line after each reply")
     p.add_argument("--json", action="store_true", help="print the result object as JSON (one-shot)")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="largest image, width x height (default 64,000,000: the decompression-bomb guard)")
     p.add_argument("--fresh", action="store_true",
                    help="interactive: answer every question on its own, about the image, without the earlier "
                         "turns (the bundled model is trained on single questions; see its model card)")
@@ -57,12 +63,39 @@ def _render(events, args: argparse.Namespace, out: TextIO) -> object:
     return result
 
 
+def _open_conversation(model, image: str | None, max_pixels: int | None):
+    """model.conversation(image); the too-large hint names this command's flag."""
+    from r4b_edge.errors import ImageTooLargeError, R4BError
+
+    if max_pixels is not None:
+        if max_pixels < 1:
+            raise R4BError(f"--max-image-pixels must be >= 1, got {max_pixels}")
+        model.max_pixels = max_pixels
+    try:
+        return model.conversation(image)
+    except ImageTooLargeError as e:
+        size = f"{e.pixels} pixels" if e.pixels else "too many pixels"
+        raise ImageTooLargeError(f"{image}: image is {size}, over the limit of {e.limit} pixels "
+                                 f"(decompression-bomb guard); pass --max-image-pixels {e.pixels or 'N'} "
+                                 "(or larger) to allow it", e.pixels, e.limit) from None
+
+
+def _turn(conv, line: str, opts: dict, args: argparse.Namespace) -> None:
+    """One REPL answer; Ctrl-C stops it and leaves the conversation as it was before the question."""
+    events = conv.stream(line, **opts)
+    try:
+        _render(events, args, sys.stdout)
+    except KeyboardInterrupt:
+        events.close()  # the engine stops now; the unanswered question is not recorded
+        print("\n[stopped]", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     opts = generation_options(args)
     try:
         image = None if args.image.lower() == "none" else args.image
-        conv = model.conversation(image)
+        conv = _open_conversation(model, image, args.max_image_pixels)
         if args.prompt is not None:
             if args.json:
                 r = conv.ask(args.prompt, **opts)
@@ -71,12 +104,14 @@ def run(args: argparse.Namespace) -> int:
                 _render(conv.stream(args.prompt, **opts), args, sys.stdout)
             return 0
         print(f"r4b-edge chat on {args.image} ({model.info()['backend']}/{model.info()['device']}); "
-              "empty line or Ctrl-D to quit, " + ("every question on its own (--fresh)" if args.fresh
-                                                  else "/reset to forget the conversation"))
+              "empty line, Ctrl-D or Ctrl-C to quit, Ctrl-C during an answer stops it, "
+              + ("every question on its own (--fresh)" if args.fresh else "/reset to forget the conversation"),
+              flush=True)
         while True:
             try:
                 line = input(">>> ").strip()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):
+                print()
                 break
             if not line:
                 break
@@ -85,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if args.fresh:
                 conv.reset()
-            _render(conv.stream(line, **opts), args, sys.stdout)
+            _turn(conv, line, opts, args)
         return 0
     finally:
         model.close()

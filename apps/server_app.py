@@ -3,8 +3,12 @@
 Routes: `POST /v1/chat/completions` (JSON or SSE stream), `GET /v1/models`,
 `GET /v1/models/{id}`, `GET /health`. Every error has the OpenAI body
 `{"error": {"message", "type", "param", "code"}}`. The model is used only by
-the `ModelWorker` thread; handlers parse, check and decode images, queue a
-`Job` (503 when the queue is full) and relay its events.
+the `ModelWorker` thread; handlers parse and check a request, take a queue
+place (503 when none is free), then bound its text and decode its images in a
+small pool (one at a time by default, so image memory is bounded), queue a
+`Job` and relay its events. A client that disconnects cancels its job, queued
+or running. `AccessGuard` (server_security) checks Host, Origin and the API key
+first; `GuardedH11Protocol` (server_http) bounds connections and header time.
 """
 from __future__ import annotations
 
@@ -15,21 +19,23 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
 from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageError, R4BError
 
+from .server_http import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, R4BServer, guarded_protocol
 from .server_logprobs import choice_logprobs
-from .server_request import APIError, ChatRequest, Limits, bad, check_image, parse_chat_request
-from .server_worker import END, Job, ModelWorker, QueueFull, make_options
+from .server_request import APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request
+from .server_security import AccessGuard, AccessPolicy
+from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped, make_options
 
 log = logging.getLogger("r4b_edge.serve")
 
@@ -38,10 +44,16 @@ def error_response(e: APIError, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: retry later", None, "shutting_down", "server_error")
+
+
 def as_api_error(e: BaseException) -> APIError:
     """Map an exception from parsing or generation to an HTTP error."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ShuttingDown):
+        return shutting_down()
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), "messages", "context_length_exceeded")
     if isinstance(e, GenerationOptionError):
@@ -53,7 +65,8 @@ def as_api_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, at most `limit` bytes, arriving within `timeout` seconds (408 otherwise)."""
     too_big = APIError(413, f"request body is over this server's limit of {limit} bytes "
                             "(--max-request-mb): send smaller images", None, "request_too_large")
     cl = request.headers.get("content-length")
@@ -62,13 +75,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise bad("invalid Content-Length header", None, "invalid_request")
         if int(cl) > limit:
             raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--request-timeout)",
+                       None, "request_timeout") from None
     return b"".join(chunks)
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns when the client has gone (call only after the body was read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _reject_constant(name: str) -> Any:
@@ -102,11 +130,12 @@ class ChatServer:
     """State shared by the handlers: the model's worker, limits and names."""
 
     def __init__(self, model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
-                 limits: Optional[Limits] = None):
+                 limits: Optional[Limits] = None, decode_workers: int = 1):
         self.model, self.model_name = model, model_name
         self.limits = limits or Limits()
         self.worker = ModelWorker(model, max_queue)
         self.created = int(time.time())
+        self.pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="r4b-decode")
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -114,7 +143,9 @@ class ChatServer:
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "r4b-edge"}
 
-    def _prepare_images(self, req: ChatRequest) -> list:
+    def _prepare(self, req: ChatRequest) -> list:
+        """In the decode pool, after admission: bound the text, then decode and prepare the images."""
+        check_text_fits(self.model.tokenizer.encode, req.messages, self.model.backend.n_ctx)
         out = []
         for data, param in zip(req.images, req.image_params):
             pil = check_image(data, param, self.limits)
@@ -122,35 +153,46 @@ class ChatServer:
                 out.append(self.model.prepare(pil))
             except ImageError as e:
                 raise bad(f"invalid image: {e}", param, "invalid_image") from None
+            del pil
         return out
 
+    def begin_shutdown(self) -> None:
+        """Answer queued requests with 503 now and end the running reply (see ModelWorker)."""
+        self.worker.begin_shutdown()
+
     async def chat(self, request: Request):
-        raw = await _read_body(request, self.limits.max_request_bytes)
+        raw = await _read_body(request, self.limits.max_request_bytes, self.limits.request_timeout)
         req = parse_chat_request(_json(raw), self.limits)
         options = make_options(req.options)
-        if self.worker.full():  # no need to decode images for a request that cannot wait
-            raise QueueFull()
-        images = await run_in_threadpool(self._prepare_images, req) if req.images else []
-        job = Job(req.messages, images, options, asyncio.get_running_loop())
-        self.worker.submit(job)
+        self.worker.admit()  # a place first: nothing is decoded for a request that cannot wait
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        job: Optional[Job] = None
         try:
+            try:
+                loop = asyncio.get_running_loop()
+                images = await loop.run_in_executor(self.pool, self._prepare, req)
+                job = Job(req.messages, images, options, loop)
+                self.worker.submit(job)
+            except BaseException:
+                self.worker.release()
+                raise
+            gone.add_done_callback(lambda t: t.cancelled() or job.cancel())
             first = await job.next()
-        except BaseException:
-            job.cancel()
-            raise
-        if isinstance(first, BaseException):
-            job.cancel()
-            raise first
-        if first is END or not isinstance(first, Decision):
-            raise APIError(503, "the request was dropped: the server is shutting down", None, None, "server_error")
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
-        if req.stream:
-            return StreamingResponse(self._sse(first, job, req, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
+            if isinstance(first, BaseException):
+                raise first
+            if first is END or not isinstance(first, Decision):
+                raise shutting_down()
+            meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                    "model": req.model or self.model_name}
+            if req.stream:  # from here Starlette watches the connection; the stream's finally cancels
+                gone.cancel()
+                return StreamingResponse(self._sse(first, job, req, meta), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return JSONResponse(await self._collect(first, job, meta))
         finally:
-            job.cancel()
+            gone.cancel()
+            if job is not None and not req.stream:
+                job.cancel()
 
     async def _collect(self, decision: Decision, job: Job, meta: dict) -> dict:
         result: Optional[Result] = None
@@ -160,6 +202,8 @@ class ChatServer:
                 break
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, Stopped):
+                raise shutting_down()
             if isinstance(item, Done):
                 result = item.result
         if result is None:
@@ -197,6 +241,9 @@ class ChatServer:
                 if isinstance(item, BaseException):
                     yield f"data: {json.dumps(as_api_error(item).body())}\n\n"
                     break
+                if isinstance(item, Stopped):  # shutdown: a normal last chunk, then [DONE]
+                    yield chunk({}, "stop", stopped=item.reason)
+                    break
                 if isinstance(item, ReasoningDelta):
                     yield chunk({"reasoning_content": item.text}, logprobs=lps(reasoning=item.logprobs))
                 elif isinstance(item, AnswerDelta):
@@ -215,18 +262,22 @@ class ChatServer:
 
 
 def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
-               limits: Optional[Limits] = None) -> FastAPI:
-    """The FastAPI app serving `model` (an `r4b_edge.Model`); starts its worker thread."""
-    srv = ChatServer(model, model_name, max_queue, limits)
+               limits: Optional[Limits] = None, policy: Optional[AccessPolicy] = None,
+               decode_workers: int = 1) -> FastAPI:
+    """The FastAPI app serving `model` (an `r4b_edge.Model`); starts its worker thread.
+    `policy`: Host / Origin / API-key rules (default: loopback names only, no key)."""
+    srv = ChatServer(model, model_name, max_queue, limits, decode_workers)
     srv.worker.start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         srv.worker.stop()
+        srv.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="r4b-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = srv
+    app.add_middleware(AccessGuard, policy=policy or AccessPolicy())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -250,7 +301,7 @@ def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
             return queue_full()
         except Exception as e:  # every failure is an OpenAI-style error body, never a dropped connection
             err = as_api_error(e)
-            if err.status >= 500 and not isinstance(e, (APIError, R4BError)):
+            if err.status >= 500 and not isinstance(e, (APIError, R4BError, ShuttingDown)):
                 log.error("request failed: %s: %s", type(e).__name__, e)
             return error_response(err)
 
@@ -273,28 +324,57 @@ def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
     return app
 
 
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound TCP socket for `host:port`, or ServerBindError with one clear line
+    (busy port, unknown host, address not on this machine)."""
+    from r4b_edge.errors import ServerBindError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ServerBindError(f"cannot listen on {host}:{port}: unknown host ({e})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use (pick another with --port, or 0 for any free port)" \
+            if e.errno in (98, 48, 10048) else (e.strerror or str(e))
+        raise ServerBindError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
 class ServerThread:
     """Run an app with uvicorn in a background thread (tests, embedding):
-    `with ServerThread(app) as s: ... s.url ...`. Port 0 picks a free port."""
+    `with ServerThread(app) as s: ... s.url ...`. Port 0 picks a free port.
+    `run()` serves in the calling thread instead (the CLI: uvicorn then handles signals)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 limit_concurrency: Optional[int] = None, graceful_timeout: Optional[float] = 10.0):
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 graceful_timeout: Optional[float] = 10.0, sock: Optional[socket.socket] = None,
+                 on_started: Optional[Any] = None):
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", limit_concurrency=limit_concurrency,
+        self.sock = sock if sock is not None else bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[0], self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=5,
+                                http=guarded_protocol(max_connections, request_timeout),
                                 timeout_graceful_shutdown=graceful_timeout)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="r4b-uvicorn", daemon=True)
+        srv = getattr(app.state, "server", None)
+        self.server = R4BServer(config, on_started=on_started,
+                                on_shutdown=srv.begin_shutdown if srv is not None else None)
+        self.thread = threading.Thread(target=self.run, name="r4b-uvicorn", daemon=True)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve until stopped (SIGINT / SIGTERM when called in the main thread)."""
+        self.server.run(sockets=[self.sock])
 
     def start(self, timeout: float = 30.0) -> "ServerThread":
         self.thread.start()

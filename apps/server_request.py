@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -39,6 +38,12 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = "invali
     return APIError(400, message, param, code)
 
 
+#: Default number of open connections (at the limit idle ones are closed first).
+DEFAULT_MAX_CONNECTIONS = 256
+#: Default seconds a client has to send a whole request head, and again its body.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+
 @dataclass
 class Limits:
     """What one request may carry."""
@@ -48,6 +53,7 @@ class Limits:
     max_images: int = 8
     max_messages: int = 256
     default_max_tokens: int = 1024
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds for the body to arrive
 
 
 @dataclass
@@ -122,6 +128,21 @@ def _mode(body: dict) -> str:
     return mode_kwargs or mode_effort or "auto"
 
 
+#: Sampling fields this server does not implement, with the value that changes nothing.
+#: A neutral value is accepted (clients send defaults); any other is refused, never ignored.
+NEUTRAL_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {},
+                  "min_p": 0}
+
+
+def _refuse_unimplemented(body: dict) -> None:
+    for name, neutral in NEUTRAL_FIELDS.items():
+        v = body.get(name)
+        if v is not None and v != neutral:
+            raise bad(f"'{name}' is not implemented by this server (only {neutral!r} or no value is accepted, "
+                      f"got {v!r}): sampling uses temperature, top_p, top_k and seed", name,
+                      "unsupported_parameter")
+
+
 def _options(body: dict, limits: Limits) -> dict[str, Any]:
     opts: dict[str, Any] = {"mode": _mode(body)}
     max_tokens = _integer(body, "max_completion_tokens", 1)
@@ -180,29 +201,24 @@ def decode_data_uri(url: Any, param: str) -> bytes:
 
 
 def check_image(data: bytes, param: str, limits: Limits):
-    """Decode one image (bytes only, never a path) under the pixel limit -> RGB PIL image."""
-    from PIL import Image
-
-    from r4b_edge.errors import ImageError
+    """Decode one image (bytes only, never a path; PNG/JPEG/WebP/GIF/BMP only) under the
+    pixel limit -> RGB PIL image. The size is read from the header before anything is decoded."""
+    from r4b_edge.errors import ImageError, ImageTooLargeError
     from r4b_edge.model.processing import load_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception:  # unreadable header: load_image names the problem below
-        w = h = 0
-    if w * h > limits.max_image_pixels:
-        raise bad(f"image is {w}x{h} = {w * h} pixels, over this server's limit of {limits.max_image_pixels} "
-                  "pixels: send a smaller image (or start the server with a larger --max-image-pixels)",
-                  param, "image_too_large")
-    try:
         return load_image(bytes(data), max_pixels=limits.max_image_pixels)
+    except ImageTooLargeError as e:
+        size = f"{e.pixels} pixels" if e.pixels else "too many pixels"
+        raise bad(f"image is {size}, over this server's limit of {limits.max_image_pixels} pixels: send a "
+                  "smaller image (or start the server with a larger --max-image-pixels)",
+                  param, "image_too_large") from None
     except ImageError as e:
         raise bad(f"invalid image: {e}", param, "invalid_image") from None
 
 
 # ---- messages ----------------------------------------------------------------------------------
-def _text_of(content: Any, param: str, allow_images: bool) -> tuple[str, list[tuple[Any, str]]]:
+def _text_of(content: Any, param: str, role: str) -> tuple[str, list[tuple[Any, str]]]:
     """Text and (image url, param) list of one message's content."""
     if isinstance(content, str):
         return content, []
@@ -219,13 +235,15 @@ def _text_of(content: Any, param: str, allow_images: bool) -> tuple[str, list[tu
             if not isinstance(part.get("text"), str):
                 raise bad("a text part needs a string 'text'", f"{pp}.text", "invalid_type")
             texts.append(part["text"])
-        elif kind == "image_url" and allow_images:
+        elif kind == "image_url" and role == "user":
             iu = part.get("image_url")
             url = iu.get("url") if isinstance(iu, dict) else iu
             images.append((url, f"{pp}.image_url.url"))
+        elif kind == "image_url":
+            raise bad(f"an image_url part is not allowed in a {role} message: images go in a user message",
+                      f"{pp}.type")
         else:
-            where = "user messages" if kind == "image_url" else "this server"
-            raise bad(f"content part type {kind!r} is not supported in {where}", f"{pp}.type")
+            raise bad(f"content part type {kind!r} is not supported by this server", f"{pp}.type")
     return "".join(texts), images
 
 
@@ -259,7 +277,7 @@ def _messages(body: dict, limits: Limits) -> tuple[list[Message], list[bytes], l
             content = ""
         if content is None:
             raise bad("message content is required", f"{pm}.content", "missing_required_parameter")
-        text, urls = _text_of(content, f"{pm}.content", allow_images=role == "user")
+        text, urls = _text_of(content, f"{pm}.content", role)
         if urls:
             if images:
                 raise bad("only one user turn may carry images (the first one that has them): "
@@ -296,6 +314,35 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if so is not None and not isinstance(so, dict):
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = bool(so and so.get("include_usage"))
+    _refuse_unimplemented(body)
     options = _options(body, limits)
     messages, images, params = _messages(body, limits)
     return ChatRequest(messages, images, params, options, stream, include_usage, model)
+
+
+# ---- text bound --------------------------------------------------------------------------------
+#: Characters tokenized per call while bounding a prompt (each call holds the GIL; ~10-40 ms).
+TEXT_PIECE = 16_384
+
+
+def check_text_fits(encode: Any, messages: list[Message], n_ctx: int, piece: int = TEXT_PIECE) -> int:
+    """Count the messages' text tokens piece by piece and stop as soon as they cannot fit
+    `n_ctx`, so a 19 MB prompt costs a few pieces, not a 46 s tokenizer call. Pieces end at
+    whitespace (where the pre-tokenizer splits anyway), so the count is the whole text's
+    count give or take a token per piece; the engine counts exactly later. Returns the count;
+    raises APIError(400, context_length_exceeded) when over."""
+    total, cuts = 0, 0
+    for m in messages:
+        text, i = m.content, 0
+        while i < len(text):
+            j = min(len(text), i + piece)
+            if j < len(text):
+                k = max(text.rfind(" ", i + piece // 2, j), text.rfind("\n", i + piece // 2, j))
+                j, cuts = (k if k > i else j), cuts + 1
+            total += len(encode(text[i:j]))
+            if total > n_ctx + cuts:
+                raise APIError(400, f"the messages hold more than {n_ctx} text tokens (counted {total} before "
+                                    f"stopping) but the model's context is {n_ctx} tokens: shorten the "
+                                    "conversation", "messages", "context_length_exceeded")
+            i = j
+    return total

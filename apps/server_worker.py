@@ -1,11 +1,13 @@
 """One worker thread owns the model; requests wait in a bounded queue.
 
 The model holds one KV cache, so replies are produced one at a time. A request
-becomes a `Job`; `ModelWorker.submit` puts it in a `queue.Queue(maxsize)` and
-raises `QueueFull` at once when the queue is full (the server answers 503).
-The worker streams each job's events back to the asyncio loop that waits for
-them; a cancelled job (client gone) stops at the next event and the engine's
-generator is closed, so the next prefill starts from a clean sequence.
+first takes a place with `ModelWorker.admit()` (`QueueFull` at once when all
+`max_queue` places are taken: the server answers 503), then decodes its images
+and is `submit`ted as a `Job`. The worker streams each job's events back to the
+asyncio loop that waits for them; a cancelled job (client gone) is skipped, or
+stops at the next event and the engine's generator is closed, so the next
+prefill starts from a clean sequence. `begin_shutdown()` answers every waiting
+job with `ShuttingDown` and ends the running reply with a `Stopped` event.
 """
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ END = object()  # last item a job ever yields
 
 class QueueFull(Exception):
     """The bounded request queue has no room."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: no new work, waiting work is dropped."""
+
+
+class Stopped:
+    """Last event of a reply cut short by shutdown (before END)."""
+
+    reason = "shutdown"
 
 
 class Job:
@@ -59,7 +71,9 @@ class ModelWorker:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.model = model
         self.max_queue = max_queue
-        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._q: queue.Queue = queue.Queue()  # bounded by admission: at most max_queue jobs wait
+        self._places = 0  # admitted and not yet started (decoding images or queued)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self.busy = False
         self.served = 0
@@ -69,31 +83,55 @@ class ModelWorker:
         self._thread.start()
         return self
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def full(self) -> bool:
-        return self._q.full()
+        return self._places >= self.max_queue
 
     def pending(self) -> int:
-        return self._q.qsize()
+        """Requests holding a place: decoding their images or waiting for the model."""
+        return self._places
+
+    def admit(self) -> None:
+        """Take a queue place, or raise QueueFull / ShuttingDown without waiting.
+        Every admit is followed by exactly one `submit` or `release`."""
+        with self._lock:
+            if self._stop.is_set():
+                raise ShuttingDown()
+            if self._places >= self.max_queue:
+                raise QueueFull(f"all {self.max_queue} queue places are taken")
+            self._places += 1
+
+    def release(self) -> None:
+        """Give back an admitted place that will not be submitted."""
+        with self._lock:
+            self._places -= 1
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull without waiting."""
-        if self._stop.is_set():
-            raise QueueFull("server is shutting down")
-        try:
+        """Queue an admitted job (ShuttingDown once shutdown has begun: then `release` the place)."""
+        with self._lock:
+            if self._stop.is_set():
+                raise ShuttingDown()
             self._q.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"all {self.max_queue} queue places are taken") from None
+
+    def begin_shutdown(self) -> None:
+        """No new jobs; queued jobs get ShuttingDown now; the running reply ends with `Stopped`."""
+        with self._lock:
+            self._stop.set()
+            while True:
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                self._places -= 1
+                job.emit(ShuttingDown())
+                job.emit(END)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current reply; jobs still queued are cancelled."""
-        self._stop.set()
-        while True:
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                break
-            job.emit(RuntimeError("server is shutting down"))
-            job.emit(END)
+        """Shut down (see `begin_shutdown`) and wait for the worker thread."""
+        self.begin_shutdown()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -103,7 +141,10 @@ class ModelWorker:
                 job = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if job.cancelled.is_set():
+            with self._lock:
+                self._places -= 1
+            if job.cancelled.is_set():  # its client left while it waited
+                job.emit(END)
                 continue
             self.busy = True
             try:
@@ -118,7 +159,10 @@ class ModelWorker:
         try:
             gen = self.model.engine.stream(job.messages, job.images, job.options)
             for ev in gen:
-                if job.cancelled.is_set() or self._stop.is_set():
+                if job.cancelled.is_set():
+                    break
+                if self._stop.is_set():
+                    job.emit(Stopped())
                     break
                 job.emit(ev)
         except Exception as e:  # reported to the client; the worker lives on

@@ -11,6 +11,16 @@ class ImageError(R4BError, ValueError):
     """An image could not be read, is not an image, or is too large."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than the caller's limit (the decompression-bomb guard).
+
+    `pixels` is the image's width x height (0 when the header does not say), `limit` the limit."""
+
+    def __init__(self, message: str, pixels: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
+
+
 class ModelFormatError(R4BError):
     """A model folder or file is missing, incomplete, or inconsistent."""
 
@@ -29,6 +39,10 @@ class ContextLengthError(R4BError, ValueError):
 
 class GenerationOptionError(R4BError, ValueError):
     """A generation option (mode, threshold, budget, sampling) is invalid."""
+
+
+class ServerBindError(R4BError, OSError):
+    """`r4b-edge serve` cannot listen on the address asked for."""
 
 
 class ExportError(R4BError):

@@ -30,6 +30,7 @@ from ..model.config import RConfig
 from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
 from ..model.tokenizer import IM_END, Tokenizer
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
+from .gguf_pair import find_gguf_pair
 
 DEFAULT_N_CTX = 8192
 GPU_BUILD_HINT = ("reinstall llama-cpp-python with GPU support: "
@@ -72,56 +73,6 @@ def default_threads() -> int:
 
 
 # ---- files ------------------------------------------------------------------------------------
-def gguf_arch(path: Path) -> str:
-    """general.architecture of a GGUF file (reads the header only)."""
-    import gguf
-
-    try:
-        r = gguf.GGUFReader(str(path))
-        f = r.get_field("general.architecture")
-        return str(f.contents()) if f is not None else ""
-    except Exception as e:
-        raise ModelFormatError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-def find_gguf_pair(path: str | Path, mmproj: str | Path | None = None) -> tuple[Path, Path]:
-    """(text .gguf, mmproj .gguf) from a .gguf file (mmproj beside it) or a folder holding one of each."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelNotFoundError(f"model path {p} does not exist: pass a .gguf file or a folder of GGUF files")
-    folder = p.parent if p.is_file() else p
-    ggufs = sorted(x for x in folder.glob("*.gguf") if not x.name.startswith("."))
-    archs = {x: gguf_arch(x) for x in ggufs}
-    texts = [x for x, a in archs.items() if a != "clip"]
-    projs = [x for x, a in archs.items() if a == "clip"]
-    if p.is_file():
-        if archs.get(p, gguf_arch(p)) == "clip":
-            raise ModelFormatError(f"{p} is an mmproj (vision) file: pass the text model .gguf instead")
-        text = p
-    else:
-        if len(texts) != 1:
-            what = "no text-model .gguf" if not texts else f"{len(texts)} text-model .gguf files ({', '.join(x.name for x in texts)})"
-            raise ModelFormatError(f"{p} holds {what}: pass the .gguf file to use")
-        text = texts[0]
-    if mmproj is not None:
-        mm = Path(mmproj).expanduser()
-        if not mm.is_file():
-            raise ModelNotFoundError(f"mmproj {mm} not found")
-    elif len(projs) == 1:
-        mm = projs[0]
-    elif not projs:
-        raise ModelFormatError(f"no mmproj (arch 'clip') .gguf beside {text.name} in {folder}: "
-                               "export both with `r4b-edge export --format gguf`")
-    else:
-        stem = text.stem.rsplit("-", 1)[0]
-        same = [x for x in projs if stem in x.name]
-        if len(same) != 1:
-            raise ModelFormatError(f"{len(projs)} mmproj files in {folder} ({', '.join(x.name for x in projs)}): "
-                                   "keep one beside the text model")
-        mm = same[0]
-    return text, mm
-
-
 def _read_meta(text: Path, mmproj: Path) -> tuple[dict, str, str | None, np.ndarray | None, str]:
     import gguf
 

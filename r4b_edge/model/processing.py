@@ -20,13 +20,19 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError, ModelFormatError
+from ..errors import ImageError, ImageTooLargeError, ModelFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RConfig
 
 #: Largest image accepted by default (width * height); pass `max_pixels=` to raise it.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: The only formats decoded (Pillow names; JPEG includes the multi-picture JPEG (MPO) many
+#: phones write). Pillow's other decoders (EPS runs Ghostscript, TGA, PCX, SPIDER, ICO, TIFF,
+#: SGI, DDS, ...) never see user data.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+#: How the accepted formats are named in messages and docs.
+IMAGE_FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
 
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 
@@ -44,11 +50,20 @@ class PreparedImage:
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def _bomb(w: int, h: int, max_pixels: int, what: str) -> ImageError:
-    return ImageError(
+def _bomb(w: int, h: int, max_pixels: int, what: str) -> ImageTooLargeError:
+    return ImageTooLargeError(
         f"{what}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels "
-        f"(decompression-bomb guard); pass max_pixels={w * h} (or larger) to load_image to allow it"
+        f"(decompression-bomb guard); pass max_pixels={w * h} (or larger) to load_image to allow it",
+        pixels=w * h, limit=max_pixels,
     )
+
+
+def default_max_pixels(config: "RConfig", factor: int = 4, floor: int = 4096 * 3072) -> int:
+    """A pixel limit fitted to a model: `factor` x the largest AnyRes pinpoint (or base view)
+    area, and never under `floor` (a 12.6 MP phone photo), since larger images are only
+    downscaled to the pinpoint anyway."""
+    areas = [h * w for h, w in (config.image_grid_pinpoints or [])] if config.anyres else []
+    return max(factor * max(areas + [config.image_size ** 2]), floor)
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -105,11 +120,11 @@ def _pil_open(fp: Any, max_pixels: int) -> Image.Image:
     """Image.open (header only); PIL's own bomb limit is lifted to `max_pixels` when that is larger."""
     pil_limit = Image.MAX_IMAGE_PIXELS
     if pil_limit is None or max_pixels < 2 * pil_limit:
-        return Image.open(fp)
+        return Image.open(fp, formats=IMAGE_FORMATS)
     with _PIL_LIMIT_LOCK:
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            return Image.open(fp)
+            return Image.open(fp, formats=IMAGE_FORMATS)
         finally:
             Image.MAX_IMAGE_PIXELS = pil_limit
 
@@ -131,11 +146,13 @@ def _open(fp: Any, what: str, max_pixels: int) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
-        n = m.group(1) if m else "too many"
-        raise ImageError(f"{what}: image is {n} pixels, over the limit of {max_pixels} pixels "
-                         f"(decompression-bomb guard); pass a larger max_pixels to load_image to allow it") from None
+        n = int(m.group(1)) if m else 0
+        raise ImageTooLargeError(f"{what}: image is {n or 'too many'} pixels, over the limit of {max_pixels} pixels "
+                                 f"(decompression-bomb guard); pass a larger max_pixels to load_image to allow it",
+                                 pixels=n, limit=max_pixels) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{what}: not an image (format not recognised; use PNG, JPEG, WebP or BMP)") from None
+        raise ImageError(f"{what}: not an image in an accepted format ({IMAGE_FORMATS_TEXT}; "
+                         "other formats are never decoded)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as e:
         raise ImageError(f"{what}: image is corrupt or truncated ({type(e).__name__}: {e})") from None
 

@@ -118,3 +118,15 @@ def test_unescape_stop_text():
     from r4b_edge.apps.common import unescape
 
     assert unescape(r"a\nb\tc\\n\r") == "a\nb\tc\\n\r"
+
+
+def test_chat_bomb_hint_names_the_flag(tiny_ckpt, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    rc = main(["chat", str(big), "what?", "--model", str(tiny_ckpt), "--max-image-pixels", "10000"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1
+    assert "60000 pixels" in err and "--max-image-pixels 60000" in err and "load_image" not in err
+    rc = main(["chat", str(big), "what?", "--model", str(tiny_ckpt), "--max-image-pixels", "60000",
+               "--max-tokens", "2"])
+    assert rc == 0

@@ -235,6 +235,27 @@ _BIG = {"type": "image_url", "image_url": {"url": _uri(_png(0, (200, 200)))}}
 _TEXT = {"type": "text", "text": "q"}
 
 
+def _huge_png_header(w: int = 20_000, h: int = 10_000) -> bytes:
+    """A PNG that claims 200 MP (over Pillow's own 178 MP bomb limit) in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def _tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+
+
 def _m(*parts, role="user"):
     return {"role": role, "content": list(parts)}
 
@@ -292,7 +313,27 @@ BAD = {
     "tools": ({"messages": [_m(_TEXT)], "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
     "context_length": ({"messages": [{"role": "user", "content": "café 東京 ñ € " * 1500}]}, "messages",
                        "context_length_exceeded"),
+    "eps_as_png": ({"messages": [_m({"type": "image_url", "image_url": {"url": _uri(_EPS)}}, _TEXT)]},
+                   "messages[0].content[0].image_url.url", "invalid_image"),
+    "tiff": ({"messages": [_m({"type": "image_url", "image_url": {"url": _uri(_tiff(), "image/tiff")}}, _TEXT)]},
+             "messages[0].content[0].image_url.url", "invalid_image"),
+    "over_178_mp": ({"messages": [_m({"type": "image_url", "image_url": {"url": _uri(_huge_png_header())}},
+                                     _TEXT)]}, "messages[0].content[0].image_url.url", "image_too_large"),
+    "image_in_system": ({"messages": [_m(_IMG, _TEXT, role="system"), _m(_TEXT)]}, "messages[0].content[0].type",
+                        "invalid_value"),
+    "image_in_assistant": ({"messages": [_m(_TEXT), _m(_IMG, role="assistant"), _m(_TEXT)]},
+                           "messages[1].content[0].type", "invalid_value"),
+    "logit_bias": ({"messages": [_m(_TEXT)], "logit_bias": {"42": 5}}, "logit_bias", "unsupported_parameter"),
+    "frequency_penalty": ({"messages": [_m(_TEXT)], "frequency_penalty": 0.5}, "frequency_penalty",
+                          "unsupported_parameter"),
+    "presence_penalty": ({"messages": [_m(_TEXT)], "presence_penalty": -1}, "presence_penalty",
+                         "unsupported_parameter"),
 }
+
+#: What the message must say, besides the param and code.
+BAD_MESSAGES = {"over_178_mp": "--max-image-pixels", "too_many_pixels": "--max-image-pixels",
+                "image_in_system": "system message", "image_in_assistant": "assistant message",
+                "eps_as_png": "accepted format", "tiff": "accepted format"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -304,6 +345,7 @@ def test_bad_requests_get_400(server, case):
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["message"]
     assert (err["param"], err["code"]) == (param, code)
+    assert BAD_MESSAGES.get(case, "") in err["message"]
 
 
 def test_bad_request_through_openai_client(client):

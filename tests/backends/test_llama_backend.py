@@ -112,6 +112,73 @@ def test_find_pair(gguf_dir: Path, tmp_path: Path) -> None:
     assert find_gguf_pair(lone / "model-other.gguf")[1].name == mm.name
 
 
+def test_named_file_loads_beside_broken_and_foreign_ggufs(gguf_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A half-downloaded .gguf, a non-GGUF file and a huge foreign model beside the pair: naming the
+    good file still loads it; the mmproj is found from header metadata, reading only headers."""
+    import r4b_edge
+    from r4b_edge.backends import gguf_pair
+    from r4b_edge.backends.llama_backend import find_gguf_pair
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    text, mm = gguf_dir / "model-F16.gguf", gguf_dir / "mmproj-model-F16.gguf"
+    shutil.copy(text, d / text.name)
+    shutil.copy(mm, d / mm.name)
+    (d / "partial.gguf").write_bytes(text.read_bytes()[:3000])  # downloads cut short
+    (d / "mmproj-partial.gguf").write_bytes(mm.read_bytes()[: mm.stat().st_size // 2])
+    (d / "notes.gguf").write_bytes(b"this is not a model")
+    huge = d / "zz-other-model.gguf"  # a 4 GB (sparse) text model: only its header may be read
+    with open(huge, "wb") as f:
+        f.write(text.read_bytes()[:200_000])
+        f.truncate(4 << 30)
+    read = [0]
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            b = self.f.read(n)
+            read[0] += len(b)
+            return b
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    monkeypatch.setattr(gguf_pair, "open", lambda p, m="r": Counting(real_open(p, m)), raising=False)
+    assert find_gguf_pair(d / text.name) == (d / text.name, d / mm.name)
+    assert read[0] < 200_000, f"{read[0]} bytes read to find the pair"
+    monkeypatch.undo()
+    with pytest.raises(ModelFormatError, match=r"notes\.gguf.*not a GGUF"):  # a folder alone is ambiguous now
+        find_gguf_pair(d)
+    with r4b_edge.load(d / text.name, backend="llama") as m:
+        assert m.chat(None, "hi", max_tokens=2).stats.backend == "llama"
+
+
+def test_mmproj_chosen_by_metadata(gguf_dir: Path, tmp_path: Path) -> None:
+    from r4b_edge.backends.gguf_pair import gguf_info
+    from r4b_edge.backends.llama_backend import find_gguf_pair
+
+    text, mm = gguf_dir / "model-F16.gguf", gguf_dir / "mmproj-model-F16.gguf"
+    t, m = gguf_info(text), gguf_info(mm)
+    assert (t.is_mmproj, m.is_mmproj) == (False, True) and t.width == m.width and m.name == f"mmproj-{t.name}"
+    d = tmp_path / "two"
+    d.mkdir()
+    shutil.copy(text, d / "a.gguf")
+    shutil.copy(mm, d / "b-vision.gguf")  # file names say nothing: metadata pairs them
+    assert find_gguf_pair(d / "a.gguf") == (d / "a.gguf", d / "b-vision.gguf")
+    shutil.copy(mm, d / "c-vision.gguf")
+    with pytest.raises(ModelFormatError, match="2 mmproj files"):
+        find_gguf_pair(d / "a.gguf")
+
+
 def test_registry_detects_gguf(gguf_dir: Path) -> None:
     from r4b_edge.backends import detect_format
 

@@ -170,3 +170,56 @@ def test_prepare_image_accepts_sources(tmp_path: Path) -> None:
     _img().save(p)
     cfg = tiny_config()
     assert prepare_image(p, cfg).key == prepare_image(np.asarray(_img()), cfg).key
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "TGA", "PCX", "ICO", "SGI", "DDS", "SPIDER", "PPM", "EPS"])
+def test_other_formats_never_decoded(tmp_path: Path, fmt: str) -> None:
+    """Only PNG/JPEG/WebP/GIF/BMP reach a decoder (EPS would run Ghostscript on the bytes)."""
+    if fmt == "EPS":  # a minimal EPS header: Pillow would hand it to Ghostscript on load()
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+    else:
+        buf = io.BytesIO()
+        im = _img(16, 16)
+        (im.convert("F") if fmt == "SPIDER" else im).save(buf, fmt)
+        data = buf.getvalue()
+    for src in (data, tmp_path / "x.png"):
+        (tmp_path / "x.png").write_bytes(data)  # the name does not matter, the bytes do
+        with pytest.raises(ImageError, match="not an image in an accepted format"):
+            load_image(src)
+
+
+def test_gif_and_phone_jpeg_accepted() -> None:
+    buf = io.BytesIO()
+    _img().save(buf, "GIF")
+    assert load_image(buf.getvalue()).size == (30, 20)
+    buf = io.BytesIO()
+    _img().save(buf, "MPO")  # what many phones write: a JPEG with extra pictures
+    assert load_image(buf.getvalue()).size == (30, 20)
+
+
+def test_huge_header_is_image_too_large() -> None:
+    """Over Pillow's own 2 x 89 MP bomb limit the error is still the typed too-large error."""
+    import struct
+    import zlib
+
+    from r4b_edge.errors import ImageTooLargeError
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 2, 0, 0, 0))
+    with pytest.raises(ImageTooLargeError) as e:
+        load_image(png + chunk(b"IEND", b""), max_pixels=25_000_000)
+    assert (e.value.pixels, e.value.limit) == (200_000_000, 25_000_000)
+    with pytest.raises(ImageTooLargeError) as e:
+        load_image(png + chunk(b"IEND", b""), max_pixels=100_000)
+    assert e.value.pixels == 200_000_000
+
+
+def test_default_max_pixels_follows_the_model() -> None:
+    from r4b_edge.model.processing import default_max_pixels
+
+    tiny = tiny_config()
+    assert default_max_pixels(tiny) == 4096 * 3072  # a 64-px model: the floor
+    big = RConfig.from_dict({**tiny.to_dict(), "image_grid_pinpoints": [[384, 384], [2304, 2304]]})
+    assert default_max_pixels(big) == 4 * 2304 * 2304
