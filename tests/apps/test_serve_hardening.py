@@ -24,7 +24,6 @@ import r4b_edge  # noqa: E402
 from r4b_edge.apps import server_app  # noqa: E402
 from r4b_edge.apps.server_app import ServerThread, create_app  # noqa: E402
 from r4b_edge.apps.server_request import Limits  # noqa: E402
-from r4b_edge.apps.server_security import AccessPolicy  # noqa: E402
 from tests.apps.test_serve import _png, _user  # noqa: E402
 
 SLOW_CLI = str(Path(__file__).with_name("slow_cli.py"))
@@ -234,6 +233,8 @@ def test_images_decoded_after_admission_in_a_bounded_pool(tiny_ckpt, monkeypatch
 # ---- 12: Host, Origin and API key ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def guarded(tiny_ckpt):
+    from r4b_edge.apps.server_security import AccessPolicy
+
     model = r4b_edge.load(tiny_ckpt)
     policy = AccessPolicy("127.0.0.1", allowed_hosts=["r4b.lan"], allowed_origins=["https://app.example.com"])
     with ServerThread(create_app(model, "tiny", limits=Limits(), policy=policy)) as s:
@@ -274,6 +275,8 @@ def test_cross_site_post_is_refused_before_the_model_runs(guarded):
 
 
 def test_api_key(tiny_ckpt):
+    from r4b_edge.apps.server_security import AccessPolicy
+
     model = r4b_edge.load(tiny_ckpt)
     with ServerThread(create_app(model, "tiny", limits=Limits(), policy=AccessPolicy(api_key="s3cret"))) as s:
         for key in ("none", "s3cret-not"):
