@@ -57,6 +57,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--roofline-dir", default=None,
                    help="work folder of the roofline model (default <cache>/roofline; the layout of "
                         "`python -m r4b_edge.export.scale_check --work DIR`, whose output it reuses)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="only measure the engine's per-token host cost at vocab 151,936 without the model "
+                        "forward (sampler, stream decoding, events): writes host_overhead.json/.md into --out")
     p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
     p.add_argument("--no-modes", action="store_true", help="skip the accuracy-per-token table")
     p.add_argument("--cache", default="runs/bench-cache", help="folder for exported artefacts")
@@ -334,11 +337,37 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _host_overhead_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --host-overhead`: the per-token host cost table (in this process)."""
+    import json
+
+    from . import host_overhead, report
+
+    repeats = min(args.repeats, 2) if args.quick else args.repeats
+    doc = host_overhead.host_overhead_worker({"model": args.model, "repeats": repeats,
+                                              "n_gen": 64 if args.quick else 256})
+    doc |= {"command": _command(args), "machine": report.machine_info(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    doc["targets"] = host_overhead.targets(doc)
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_overhead.json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = host_overhead.markdown(doc)
+    (out / "host_overhead.md").write_text(f"# Host overhead per token\n\nMeasured {doc['created']} with "
+                                          f"`{doc['command']}`; load average at start "
+                                          f"{doc['machine'].get('load_avg')}.\n\n{md}")
+    print(md)
+    print(f"results: {out / 'host_overhead.json'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `r4b-edge bench`."""
     from r4b_edge.api import default_model_path
     from r4b_edge.errors import ModelNotFoundError, R4BError
 
+    if args.host_overhead:
+        return _host_overhead_main(args)
     s = _settings(args)
     model = Path(args.model).expanduser() if args.model else default_model_path()
     if not (model / "config.json").is_file():

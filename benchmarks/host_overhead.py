@@ -1,13 +1,14 @@
 """Per-token host cost of the engine at R-4B's vocabulary (151,936), without the model forward.
 
 `r4b-edge bench --host-overhead` drives the real `Engine.stream_prompt` over a backend whose
-`forward` returns precomputed logits rows instantly, handed off the way the llama backend
-hands them off (one float32 row copied out of a buffer). The engine's own `Stats` time the
-decode loop: sampler + logits hand-off + token filing + stream decoding + events. The sampler
-and the hand-off are also timed alone on the same rows, so the table shows where time goes.
+`forward_last` returns precomputed logits rows instantly, as a view (the llama backend hands
+llama.cpp's logits buffer over as a read-only view too: no copy). The engine's own `Stats`
+time the decode loop (wall clock): sampler + token filing + stream decoding + events; the
+CPU time of the same loop (`time.thread_time`, which a busy shared machine does not inflate)
+is reported beside it. The sampler is also timed alone on the same rows.
 
 Logits rows (seeded): a bulk of N(0, 2.5) logits over the whole vocabulary plus 32 head
-tokens at `gap - Exp(1.5)` above it. `typical` rows draw gap ~ U(18, 26) (top-1 probability
+tokens at `gap - cumsum(Exp(1.2))` (successive gaps of mean 1.2). `typical` rows draw gap ~ U(18, 26) (top-1 probability
 and entropy are reported, so the realism can be judged); `flat` rows use gap ~ U(10, 14),
 where a good part of the mass sits in the bulk: a worst case for top-p and temperature
 sampling, reported beside the target rows. The head tokens sit on ordinary text ids of the
@@ -46,7 +47,7 @@ def logit_rows(n_rows: int, kind: str, text_ids: Sequence[int], special_ids: Seq
     text_ids = np.asarray(text_ids)
     for r in range(n_rows):
         head = rng.choice(text_ids, min(32, len(text_ids)), replace=False)
-        rows[r, head] = rng.uniform(lo, hi) - np.sort(rng.exponential(1.5, len(head))).astype(np.float32)
+        rows[r, head] = rng.uniform(lo, hi) - np.cumsum(rng.exponential(1.2, len(head))).astype(np.float32)
     rows[:, list(special_ids)] = -np.inf
     return rows
 
@@ -82,7 +83,7 @@ def _host_backend(tok: Any, rows: np.ndarray) -> Any:
     from r4b_edge.backends.base import Backend, PrefillTimings
 
     class HostBackend(Backend):
-        """`forward` costs one logits-row copy (the llama backend's hand-off), nothing else."""
+        """`forward_last` returns a precomputed row (a view), nothing else."""
 
         name = "host"
 
@@ -111,6 +112,10 @@ def _host_backend(tok: Any, rows: np.ndarray) -> Any:
                 out[i] = rows[self._n % len(rows)]
             return out
 
+        def forward_last(self, token_ids: Sequence[int]) -> np.ndarray:
+            self._n += len(token_ids)
+            return rows[self._n % len(rows)]
+
         def truncate(self, n_past: int) -> None:
             self._n = min(self._n, int(n_past))
 
@@ -118,13 +123,13 @@ def _host_backend(tok: Any, rows: np.ndarray) -> Any:
 
 
 def _time_each(fn: Any, rows: np.ndarray, n: int) -> float:
-    """Median seconds of fn(row) over n calls cycling through the rows."""
+    """Median CPU seconds (`time.thread_time`) of fn(row) over n calls cycling through the rows."""
     ts = []
     for i in range(n):
         x = rows[i % len(rows)]
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         fn(x)
-        ts.append(time.perf_counter() - t0)
+        ts.append(time.thread_time() - t0)
     return float(np.median(ts))
 
 
@@ -147,37 +152,43 @@ def host_overhead_worker(p: dict) -> dict:
     for kind in p.get("kinds", ["typical", "flat"]):
         rows = logit_rows(32, kind, text_ids, special, seed=1)
         out["kinds"][kind] = row_stats(rows)
-        handoff = _time_each(lambda x: x[None, :].copy(), rows, 400)
         for name, kw in SETTINGS:
             eng = Engine(_host_backend(tok, rows))
-            per_tok = []
+            per_tok, cpu_tok = [], []
             for r in range(repeats + 1):
                 opts = GenerationOptions(mode="no-think", max_tokens=n_gen, seed=r, **kw)
-                res = None
+                res, c0 = None, 0.0
                 for ev in eng.stream_prompt(prompt, [], opts):
+                    if res is None and c0 == 0.0:
+                        c0 = time.thread_time()  # the Decision event: the decode loop starts
                     res = getattr(ev, "result", res)
+                c1 = time.thread_time()
                 st = res.stats
                 if r and st.decode_tokens:
                     per_tok.append(st.decode_ms / st.decode_tokens)
+                    cpu_tok.append((c1 - c0) * 1e3 / st.decode_tokens)
             s = Sampler(SamplingParams(seed=0, **kw))
             samp = _time_each(s, rows, 400)
             out["rows"].append({"setting": name, "params": kw, "logits": kind,
-                                "engine_ms_per_token": summarize(per_tok), "sampler_ms": samp * 1e3,
-                                "handoff_ms": handoff * 1e3, "dense_draws": s.dense_draws,
-                                "exact_tail_sums": s.exact_tail_sums})
+                                "engine_ms_per_token": summarize(per_tok),
+                                "engine_cpu_ms_per_token": summarize(cpu_tok), "sampler_ms": samp * 1e3,
+                                "dense_draws": s.dense_draws, "exact_tail_sums": s.exact_tail_sums})
     return out
 
 
 def targets(doc: dict) -> list[dict]:
-    """<= 0.3 ms/token every setting, <= 0.05 ms greedy, on the `typical` rows."""
+    """<= 0.3 ms/token every setting, <= 0.05 ms greedy, on the `typical` rows, judged on the
+    CPU time of the decode loop: the host work is one thread, so on an idle machine CPU time
+    is its wall time, and on a shared one the wall clock counts other processes' time slices."""
     res = []
     for row in doc.get("rows", []):
         if row["logits"] != "typical":
             continue
         goal = TARGET_GREEDY_MS if row["setting"] == "greedy" else TARGET_MS
-        v = row["engine_ms_per_token"]["median"]
-        res.append({"name": f"host cost per token, {row['setting']} (vocab {doc['vocab']})", "value": v,
-                    "goal": f"<= {goal} ms", "met": v <= goal, "note": ""})
+        v = row["engine_cpu_ms_per_token"]["median"]
+        wall = row["engine_ms_per_token"]["median"]
+        res.append({"name": f"host CPU per token, {row['setting']} (vocab {doc['vocab']})", "value": v,
+                    "goal": f"<= {goal} ms", "met": v <= goal, "note": f"wall clock {wall:.3f} ms"})
     return res
 
 
@@ -186,17 +197,24 @@ def markdown(doc: dict) -> str:
     k = doc.get("kinds", {})
     lines = [f"Engine per-token host cost at vocab {doc['vocab']:,} without the model forward "
              f"(`Engine.stream_prompt`, {doc['n_gen']} tokens x {doc['repeats']} replies per setting; "
-             "median ms per token, p25-p75). `sampler` and `hand-off` (one logits-row copy) are timed "
-             "alone on the same rows; the rest is token filing, stream decoding and events.", ""]
+             "median ms per token, p25-p75; wall clock from the engine's `Stats`, CPU from "
+             "`time.thread_time`). `sampler` is the sampler alone on the same rows (median CPU ms); the rest "
+             "is token filing, stream decoding and events.", ""]
     for kind, st in k.items():
         lines.append(f"- `{kind}` logits: median top-1 probability {st['top1_prob_median']:.2f}, "
                      f"median entropy {st['entropy_nats_median']:.2f} nats")
-    lines += ["", "| setting | logits | engine ms/token | sampler ms | hand-off ms | target | met |",
+    lines += ["", "Targets are judged on the CPU column: the host work is one thread, so on an idle machine "
+              "its CPU time is its wall time; on this shared machine the wall clock also counts other "
+              "processes' time slices (see the load average).",
+              "", "| setting | logits | engine ms/token (wall) | engine CPU ms/token | sampler CPU ms | target | met |",
               "|---|---|---|---|---|---|---|"]
     for row in doc.get("rows", []):
         e = row["engine_ms_per_token"]
         goal = TARGET_GREEDY_MS if row["setting"] == "greedy" else TARGET_MS
-        met = ("yes" if e["median"] <= goal else "**no**") if row["logits"] == "typical" else "(worst case)"
+        cpu = row["engine_cpu_ms_per_token"]["median"]
+        met = ("yes" if cpu <= goal else "**no**") if row["logits"] == "typical" else "(worst case)"
+        c = row["engine_cpu_ms_per_token"]
         lines.append(f"| {row['setting']} | {row['logits']} | {e['median']:.3f} ({e['p25']:.3f}-{e['p75']:.3f}) "
-                     f"| {row['sampler_ms']:.3f} | {row['handoff_ms']:.3f} | <= {goal} | {met} |")
+                     f"| {c['median']:.3f} ({c['p25']:.3f}-{c['p75']:.3f}) | {row['sampler_ms']:.3f} "
+                     f"| <= {goal} | {met} |")
     return "\n".join(lines) + "\n"

@@ -130,6 +130,12 @@ class Backend(abc.ABC):
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append tokens; return their logits, shape [len(token_ids), vocab]."""
 
+    def forward_last(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append tokens; return only the last one's logits, shape [vocab]. The array may be a
+        read-only view of the backend's own buffer, valid until the next call on the backend
+        (the engine samples from it at once); backends override this to skip the other rows."""
+        return self.forward(token_ids)[-1]
+
     @abc.abstractmethod
     def truncate(self, n_past: int) -> None:
         """Drop cache positions >= n_past."""

@@ -191,8 +191,8 @@ class Engine:
         if not think:
             return Decision(False, p_think, forced), sfx_logits[-1], [], "answer", None
         be.truncate(n0)
-        out = be.forward(self._long_rest)
-        return Decision(True, p_think, forced), out[-1], [], "reasoning", None
+        out = be.forward_last(self._long_rest)
+        return Decision(True, p_think, forced), out, [], "reasoning", None
 
     # ---- step ------------------------------------------------------------
     def _emit(self, st: _State, phase: str, token_ids: Sequence[int], row: np.ndarray | None = None) -> list[Event]:
@@ -224,7 +224,7 @@ class Engine:
     def _feed(self, st: _State, ids: Sequence[int]) -> None:
         st.reply_ids.extend(ids)
         st.n_reply += len(ids)
-        st.logits = self.backend.forward(ids)[-1]
+        st.logits = self.backend.forward_last(ids)
 
     def _close_reasoning(self, st: _State) -> list[Event]:
         """Budget reached: write the closing line and `</think>`, go on to the answer."""
@@ -274,7 +274,7 @@ class Engine:
         t = st.sampler(st.logits)
         events = self._accept(st, t, st.logits)
         if not st.done:
-            st.logits = self.backend.forward([t])[-1]
+            st.logits = self.backend.forward_last([t])
         return events
 
     # ---- stream / generate -----------------------------------------------
@@ -334,7 +334,7 @@ class Engine:
             if st.done:
                 break
         if pending and not st.done:
-            st.logits = self.backend.forward(drawn[-1:])[-1]
+            st.logits = self.backend.forward_last(drawn[-1:])
         t_loop = time.perf_counter()
         n_loop0 = st.n_reply
         while not st.done:

@@ -116,6 +116,32 @@ def _nucleus_by_buckets(w: np.ndarray, target: float) -> tuple[np.ndarray, np.nd
     return np.concatenate([above, inb[:k]]), np.concatenate([w_above, w_inb[:k]])
 
 
+def _sorted_prefix(ids: np.ndarray, w: np.ndarray, total: float, lo: float,
+                   hi: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The smallest prefix of `ids` sorted by decreasing weight `w` (ties by id) whose mass
+    reaches `lo`, if it is also the one that reaches `hi` (the total mass is only known to lie
+    in an interval) and lies within `ids` (hi <= total); else None. Sorts the largest weights
+    64, 512, ... at a time, so a small nucleus in a large head costs one partition."""
+    if hi > total:
+        return None
+    size = 64
+    while True:
+        if size >= len(w):
+            sel = np.arange(len(w))
+        else:  # the `size` largest, plus any tied with the smallest of them
+            kth = np.partition(w, len(w) - size)[len(w) - size]
+            sel = np.flatnonzero(w >= kth)
+        sel = sel[np.lexsort((ids[sel], -w[sel]))]
+        cum = np.cumsum(w[sel], dtype=np.float64)
+        if cum[-1] >= hi or len(sel) == len(w):
+            break
+        size *= 8
+    k = _nucleus_len(cum, lo)
+    if k != _nucleus_len(cum, hi):
+        return None
+    return ids[sel[:k]], w[sel[:k]].astype(np.float64)
+
+
 class Sampler:
     """Draws token ids from logits with one seeded generator per reply."""
 
@@ -153,13 +179,23 @@ class Sampler:
         return np.flatnonzero(x >= thr), float(thr)
 
     def _top_k_ids(self, x: np.ndarray, m: float, k: int) -> np.ndarray:
-        """Ids of every logit >= the k-th largest (ties at the k-th kept, as a mask would)."""
-        margin = 8.0
-        while True:
+        """Ids of every logit >= the k-th largest (ties at the k-th kept, as a mask would).
+        A first threshold comes from a strided 1/64 sample (its (k//64 + 3)-th largest: about
+        64x that many tokens pass it), so one compare pass usually finds a small superset."""
+        sub = x[::64]
+        j = min(len(sub), k // 64 + 3)
+        guess = np.partition(sub, len(sub) - j)[len(sub) - j]
+        head = np.flatnonzero(x >= guess)
+        if len(head) >= k and len(head) <= max(64 * k, 4096):
+            vals = x[head]
+            kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+            return head[vals >= kth]
+        margin = 4.0
+        while True:  # widen slowly: one jump too many takes the whole bulk of the vocabulary
             head, _ = self._head(x, m, margin)
             if len(head) >= k or not math.isfinite(margin):
                 break
-            margin = margin * 4.0 if margin < 1e6 else math.inf
+            margin = margin * 2.0 if margin < 1e6 else math.inf
         if len(head) < k:  # -inf logits: fewer than k finite tokens
             head = np.flatnonzero(x > -np.inf)
             if len(head) <= k:
@@ -188,24 +224,38 @@ class Sampler:
         return self._nucleus(x, m, t, p.top_p)
 
     def _nucleus(self, x: np.ndarray, m: float, t: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-        """top-p over the whole vocabulary, exponentiating only the head when that is exact."""
+        """top-p over the whole vocabulary. The head (within `tail_nats` T of the max) is
+        exponentiated in float32 and its largest weights sorted; every tail weight is below
+        the threshold's. If the nucleus is the same for every total mass the tail allows, it is
+        exact. Otherwise (the boundary depends on the tail's mass), or when the head is a large
+        part of the vocabulary, the whole vocabulary is exponentiated and summed once."""
         n = x.shape[-1]
         head, thr = self._head(x, m, t * self.tail_nats)
-        if len(head) <= n // 16:
-            w = np.exp((x[head].astype(np.float64) - m) / t)
-            order = np.lexsort((head, -w))
-            head, w = head[order], w[order]
-            cum = np.cumsum(w)
-            tail_max = (n - len(head)) * math.exp((thr - m) / t)  # every tail weight is below exp((thr-m)/t)
-            lo, hi = top_p * cum[-1], top_p * (cum[-1] + tail_max)
-            if hi <= cum[-1]:
-                k = _nucleus_len(cum, lo)
-                if k == _nucleus_len(cum, hi):
-                    return head[:k], w[:k]
-        # the boundary depends on the tail's mass, or the head is large: the whole vocabulary
+        if len(head) <= n // 8:
+            w = self._weights(x[head], m, t)
+            total = float(w.sum(dtype=np.float64))
+            tail_max = (n - len(head)) * math.exp((thr - m) / t)
+            got = _sorted_prefix(head, w, total, top_p * total, top_p * (total + tail_max))
+            if got is not None:
+                return got
         self.exact_tail_sums += 1
         w_all = self._dense(x, m, t)
-        return _nucleus_by_buckets(w_all, top_p * float(w_all.sum(dtype=np.float64)))
+        target = top_p * float(w_all.sum(dtype=np.float64))
+        ids = np.flatnonzero(w_all >= np.float32(1e-3))  # candidates: weights >= 1e-3 of the max's
+        w = w_all[ids]
+        mass = float(w.sum(dtype=np.float64))
+        if len(ids) > 4096 or mass < target:  # flat: bucket rather than sort
+            return _nucleus_by_buckets(w_all, target)
+        got = _sorted_prefix(ids, w, mass, target, target)
+        return got if got is not None else _nucleus_by_buckets(w_all, target)
+
+    @staticmethod
+    def _weights(xs: np.ndarray, m: float, t: float) -> np.ndarray:
+        """exp((xs - m) / t) in float32 (a fresh array; xs is a gathered copy)."""
+        xs = np.subtract(xs, np.float32(m), out=xs)
+        if t != 1.0:
+            np.multiply(xs, np.float32(1.0 / t), out=xs)
+        return np.exp(xs, out=xs)
 
     def _dense(self, x: np.ndarray, m: float, t: float) -> np.ndarray:
         """exp((x - m) / t) over the whole vocabulary, float32, in a buffer reused across tokens."""
@@ -213,7 +263,8 @@ class Sampler:
         if buf is None or buf.shape != x.shape:
             buf = self._buf = np.empty(x.shape, dtype=np.float32)
         np.subtract(x, np.float32(m), out=buf)
-        np.multiply(buf, np.float32(1.0 / t), out=buf)
+        if t != 1.0:
+            np.multiply(buf, np.float32(1.0 / t), out=buf)
         return np.exp(buf, out=buf)
 
     # ---- temperature only: exact rejection sampling ----------------------------------------------
@@ -223,10 +274,9 @@ class Sampler:
         m = _finite_max(x)
         nats = self.tail_nats
         head, thr = self._head(x, m, t * nats)
-        if len(head) > n // 16:
+        if len(head) > n // 8:
             return self._draw_dense(x, m, t)
-        w = np.exp((x[head].astype(np.float64) - m) / t)
-        cum = np.cumsum(w)
+        cum = np.cumsum(self._weights(x[head], m, t), dtype=np.float64)
         n_tail = n - len(head)
         env = math.exp((thr - m) / t)  # > every tail weight exp((x - m) / t), x < thr
         total = cum[-1] + n_tail * env

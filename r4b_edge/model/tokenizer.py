@@ -169,6 +169,8 @@ class StreamDecoder:
     """Incremental detokenizer: `push(id)` returns only newly stable text.
 
     Text ending in U+FFFD (an incomplete UTF-8 sequence) is held back until completed.
+    After each stable piece only the last token is kept as context (the algorithm of
+    `tokenizers.decoders.DecodeStream`), so a push decodes a handful of ids, not a window.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
@@ -179,15 +181,17 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became stable."""
-        self._ids.append(int(token_id))
-        text = self._tok.decode(self._ids, skip_special=self._skip)
-        if text.endswith("\ufffd"):
+        ids = self._ids
+        ids.append(int(token_id))
+        text = self._tok.decode(ids, skip_special=self._skip)
+        if text.endswith("\ufffd") or len(text) <= self._emitted:
             return ""
         new = text[self._emitted:]
-        self._emitted = len(text)
-        # keep the window short: restart from the current token boundary
-        if len(self._ids) > 64:
-            self._ids, self._emitted = [], 0
+        if len(ids) > 1:  # keep the last token as the prefix that gives the next one its spacing
+            del ids[:-1]
+            self._emitted = len(self._tok.decode(ids, skip_special=self._skip))
+        else:
+            self._emitted = len(text)
         return new
 
     def flush(self) -> str:

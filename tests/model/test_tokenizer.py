@@ -67,3 +67,40 @@ def test_save_reload(tmp_path, tiny_tokenizer: Tokenizer) -> None:
     t2 = Tokenizer.from_dir(tmp_path)
     assert t2.encode("hi <think> 7") == tiny_tokenizer.encode("hi <think> 7")
     assert t2.chat_template == tiny_tokenizer.chat_template and t2.eos_ids == tiny_tokenizer.eos_ids
+
+
+def _metaspace_tokenizer() -> Tokenizer:
+    """A sentencepiece-style tokenizer (Metaspace: the decoder drops the first word's space),
+    where decoding tokens one by one would lose spaces."""
+    from tokenizers import AddedToken, Tokenizer as HF, decoders, models, pre_tokenizers
+
+    words = ["▁hello", "▁world", "▁a", "b", "c", "▁東京", "é", "<0xF0>", "<unk>"]
+    hf = HF(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.add_special_tokens([AddedToken(t, special=True) for t in
+                           ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<image>", "<|endoftext|>")])
+    return Tokenizer(hf, eos_token="<|im_end|>")
+
+
+@pytest.mark.parametrize("which", ["byte-level", "metaspace"])
+def test_stream_decoder_equals_full_decode_and_decode_stream(which, tiny_tokenizer: Tokenizer) -> None:
+    """Random id sequences: the pushes + flush give exactly decode(all ids), and the pieces
+    equal those of the tokenizers library's own `DecodeStream` wherever it emits text."""
+    import random
+
+    from tokenizers.decoders import DecodeStream
+
+    tok = tiny_tokenizer if which == "byte-level" else _metaspace_tokenizer()
+    rng = random.Random(0)
+    pool = [i for i in range(tok.vocab_size) if i not in tok.special_ids]
+    for _ in range(30):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 80))]
+        sd, ds = StreamDecoder(tok), DecodeStream(skip_special_tokens=False)
+        ours, theirs = [], []
+        for i in ids:
+            ours.append(sd.push(i))
+            theirs.append(ds.step(tok.backend, i) or "")
+        assert "".join(ours) + sd.flush() == tok.decode(ids)
+        if "\ufffd" not in tok.decode(ids):
+            assert "".join(ours) == "".join(theirs)
