@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
+from urllib.parse import urlsplit
 
 from r4b_edge.errors import DownloadError, ModelFormatError
 
@@ -138,6 +139,11 @@ def wanted_files(listing: Listing) -> list[RemoteFile]:
     return [f for f in listing.files if "/" not in f.name and f.name.endswith(_WANTED_SUFFIXES)]
 
 
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
+
+
 def _git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
@@ -211,9 +217,9 @@ class Downloader:
         if self._done(rf):
             return final
         repo, commit = self.listing.repo, self.listing.commit
+        url = hf_hub_url(repo, rf.name, revision=commit, endpoint=endpoint())
         with hub_errors(repo, commit):
-            meta = get_hf_file_metadata(hf_hub_url(repo, rf.name, revision=commit, endpoint=endpoint()),
-                                        token=self.token, endpoint=endpoint())
+            meta = get_hf_file_metadata(url, token=self.token, endpoint=endpoint())
         kind, want = _expected_hash(rf, meta.etag)
         size = meta.size if meta.size is not None else rf.size
         part = self.part_path(rf)
@@ -222,9 +228,12 @@ class Downloader:
             part.unlink()
             have = 0
         final.unlink(missing_ok=True)
+        headers = build_hf_headers(token=self.token)
+        if _origin(meta.location) != _origin(url):
+            headers.pop("authorization", None)  # as hf_hub_download: the token stays on the hub, not its CDN
         with hub_errors(repo, commit), open(part, "ab", buffering=0) as f:  # unbuffered: what arrived is on disk
-            http_get(meta.location, f, resume_size=have, headers=build_hf_headers(token=self.token),
-                     expected_size=size, displayed_filename=rf.name)
+            http_get(meta.location, f, resume_size=have, headers=headers, expected_size=size,
+                     displayed_filename=rf.name)
         got = _sha256(part) if kind == "sha256" else _git_blob_sha1(part)
         if got != want:
             part.unlink()

@@ -54,7 +54,7 @@ class LocalHub:
     """Serve `repos` on a free port in a daemon thread. Hooks (sets of file names):
     `drop_once` sends half a file then closes the connection (once per file);
     `corrupt` serves bytes that differ from the hashes; `stall` sends half then waits for
-    `release` (for Ctrl-C tests). `requests` logs (method, path, Range header)."""
+    `release` (for Ctrl-C tests). `requests` logs (method, path, Range header, has Authorization)."""
 
     def __init__(self, repos: dict[str, Repo]):
         self.repos = repos
@@ -63,7 +63,8 @@ class LocalHub:
         self.stall: set[str] = set()
         self.stalled = threading.Event()
         self.release = threading.Event()
-        self.requests: list[tuple[str, str, str | None]] = []
+        self.requests: list[tuple[str, str, str | None, bool]] = []
+        self.cdn_host: str | None = None  # e.g. "localhost": LFS files redirect (302) there, as the hub does
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -89,9 +90,10 @@ class LocalHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def requested(self, name: str) -> list[tuple[str, str, str | None]]:
-        """Logged requests for file `name` (any repo, any revision)."""
-        return [r for r in self.requests if "/resolve/" in r[1] and r[1].endswith("/" + name)]
+    def requested(self, name: str) -> list[tuple[str, str, str | None, bool]]:
+        """Logged requests for file `name` (any repo, any revision, hub or CDN)."""
+        return [r for r in self.requests
+                if ("/resolve/" in r[1] or r[1].startswith("/cdn/")) and r[1].endswith("/" + name)]
 
     # ---- routing --------------------------------------------------------------------------
     def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, head: bool) -> None:
@@ -116,7 +118,15 @@ class LocalHub:
 
     def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlsplit(h.path).path)
-        self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range")))
+        self.requests.append(("HEAD" if head else "GET", path, h.headers.get("Range"),
+                              "authorization" in {k.lower() for k in h.headers}))
+        if path.startswith("/cdn/"):  # the storage host: no auth, bytes only
+            parts = path[len("/cdn/"):].split("/")
+            repo = self.repos.get("/".join(parts[:2]))
+            name = "/".join(parts[3:])
+            if repo is None or name not in repo.files:
+                return self._error(h, 404, "NotFound", head)
+            return self._file(h, repo, name, head)
         if path.startswith("/api/models/"):
             rest = path[len("/api/models/"):]
             repo_id, _, rev = rest.partition("/revision/")
@@ -138,8 +148,21 @@ class LocalHub:
                 return self._error(h, 404, "RevisionNotFound", head)
             if name not in repo.files:
                 return self._error(h, 404, "EntryNotFound", head)
+            if self.cdn_host and name in repo.lfs:
+                return self._redirect(h, repo, repo_id, name)
             return self._file(h, repo, name, head)
         self._error(h, 404, "NotFound", head)
+
+    def _redirect(self, h, repo: Repo, repo_id: str, name: str) -> None:
+        port = self.server.server_address[1]
+        h.send_response(302)
+        h.send_header("Location", f"http://{self.cdn_host}:{port}/cdn/{repo_id}/{repo.commit}/{name}")
+        h.send_header("X-Repo-Commit", repo.commit)
+        h.send_header("X-Linked-Etag", f'"{repo.etag(name)}"')
+        h.send_header("X-Linked-Size", str(len(repo.files[name])))
+        h.send_header("ETag", f'"{repo.etag(name)}"')
+        h.send_header("Content-Length", "0")
+        h.end_headers()
 
     def _send(self, h, body: bytes, headers: dict[str, str], head: bool, status: int = 200) -> None:
         h.send_response(status)

@@ -232,6 +232,18 @@ def test_gated_repository_explains_the_token(hub, capsys):
     assert "has no revision 'v9'" in capsys.readouterr().err
 
 
+def test_gated_repository_with_a_token_and_a_cdn_redirect(hub, source, monkeypatch):
+    """As on huggingface.co: LFS files answer 302 to a storage host; the token goes to the hub only."""
+    hub.cdn_host = "localhost"  # another origin than 127.0.0.1
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    e = pull("test/gated", fmt="hf", log=lambda m: None)
+    _same_files(source, e.path, [p.name for p in source.iterdir() if p.is_file()])
+    cdn = [r for r in hub.requests if r[1].startswith("/cdn/")]
+    hub_side = [r for r in hub.requests if not r[1].startswith("/cdn/")]
+    assert cdn and all(r[0] == "GET" and not r[3] for r in cdn)  # weights fetched from the CDN, no token
+    assert all(r[3] for r in hub_side)  # listing and HEADs carried it
+
+
 def test_unreachable_hub_names_the_settings_and_the_manual_route(hub, monkeypatch, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
