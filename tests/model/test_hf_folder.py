@@ -262,3 +262,38 @@ def test_readme_transformers_snippet_runs(capsys) -> None:
 
     ref = r4b_edge.load(backend="torch").chat(EXAMPLE_IMAGE, "What is the sum of all the digits?", mode="auto")
     assert out.strip().endswith(ref.answer.strip()) and ref.answer.strip() == "18"
+
+
+@pytest.mark.parametrize("ratio", ["anyres", "anyres_max_9", "anyres_max_2"])
+def test_processor_token_count_at_r4b_geometry(ratio: str) -> None:
+    """RProcessor's count = r4b-edge's at R-4B's 384 px / patch 14 (27 x 27 per view), OneVision pinpoints."""
+    from types import SimpleNamespace
+
+    from r4b_edge.model.hf_remote.processing_r4b import RProcessor
+    from r4b_edge.model.processing import count_image_tokens
+
+    pins = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+    cfg = RConfig.from_dict({**tiny_config().to_dict(), "image_grid_pinpoints": pins, "vision_aspect_ratio": ratio,
+                             "vision_config": {**tiny_config().vision_config, "image_size": 384, "patch_size": 14}})
+    proc = RProcessor.__new__(RProcessor)
+    proc.num_image_tokens, proc.vision_aspect_ratio = cfg.tokens_per_view, ratio
+    proc.image_processor = SimpleNamespace(size={"height": 384, "width": 384}, image_grid_pinpoints=pins)
+    rng = np.random.default_rng(0)
+    sizes = [(100, 1000), (1000, 100), (500, 500), (300, 770), (1500, 1100), (7, 9), (2304, 2304), (4000, 300)]
+    sizes += [tuple(int(x) for x in rng.integers(5, 3000, 2)) for _ in range(200)]
+    assert cfg.tokens_per_view == 729
+    assert [proc.num_tokens(*hw) for hw in sizes] == [count_image_tokens(hw, cfg) for hw in sizes]
+
+
+def test_tied_embeddings_folder(tiny_tokenizer, tmp_path: Path) -> None:
+    from r4b_edge.model.checkpoint import write_random_checkpoint
+
+    cfg = RConfig.from_dict({**tiny_config(vocab_size=tiny_tokenizer.vocab_size,
+                                           image_token_index=tiny_tokenizer.image).to_dict(), "tie_word_embeddings": True})
+    out = write_random_checkpoint(tmp_path / "tied", cfg, tiny_tokenizer)
+    hf, info = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and hf.lm_head.weight.data_ptr() == hf.model.language_model.embed_tokens.weight.data_ptr()
+    ours = load_checkpoint(out)[0]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, ours(ours.embed_tokens(ids), use_cache=False)[0], atol=1e-5)
