@@ -44,6 +44,10 @@ def _render(events, args: argparse.Namespace, out: TextIO) -> object:
             tag = "forced, " if ev.forced else ""
             label = f"thinking… p={ev.p_think:.2f}" if ev.think else f"answering directly (p_think={ev.p_think:.2f})"
             print(f"{dim}[{tag}{label}]{reset}", file=out, flush=True)
+            if ev.deadline is not None:
+                d = ev.deadline
+                print(f"{dim}[deadline {d.deadline_ms:.0f} ms: {d.reason}; {d.tok_s:.1f} tok/s "
+                      f"({d.tok_s_source}), expected ~{d.expected_total_ms:.0f} ms]{reset}", file=out, flush=True)
         elif isinstance(ev, ReasoningDelta):
             if not args.hide_thinking:
                 out.write(f"{dim}{ev.text}{reset}")

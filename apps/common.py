@@ -19,6 +19,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-threshold", type=float, default=None, metavar="P", help="think iff p_think >= P (auto mode)")
     p.add_argument("--max-think-tokens", type=int, default=None, metavar="N", help="thinking budget: close the reasoning after N tokens")
     p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="bound on the whole reply (default 1024)")
+    p.add_argument("--deadline", type=float, default=None, metavar="MS",
+                   help="latency budget for the reply in milliseconds: auto mode picks no-think, or think "
+                        "with a reasoning budget that fits (the decision line says what and why)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -31,7 +34,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(mode=args.mode, think_threshold=args.think_threshold, max_think_tokens=args.max_think_tokens,
                 max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, stop=[unescape(s) for s in getattr(args, "stop", None) or []])
+                seed=args.seed, stop=[unescape(s) for s in getattr(args, "stop", None) or []],
+                deadline_ms=getattr(args, "deadline", None))
 
 
 def unescape(text: str) -> str:

@@ -123,7 +123,16 @@ def usage(result: Result) -> dict:
 
 
 def _decision(d: Decision) -> dict:
-    return {"p_think": round(d.p_think, 4), "decision": "thinking" if d.think else "direct", "forced": d.forced}
+    out = {"p_think": round(d.p_think, 4), "decision": "thinking" if d.think else "direct", "forced": d.forced}
+    if d.deadline is not None:  # max_completion_time_ms: what the deadline plan chose and why
+        p = d.deadline
+        out["deadline"] = {"max_completion_time_ms": p.deadline_ms, "elapsed_ms": round(p.elapsed_ms, 1),
+                           "tok_s": round(p.tok_s, 2), "tok_s_source": p.tok_s_source,
+                           "max_thinking_tokens": p.max_think_tokens,
+                           "expected_think_tokens": round(p.expected_think_tokens, 1),
+                           "expected_answer_tokens": round(p.expected_answer_tokens, 1),
+                           "expected_total_ms": round(p.expected_total_ms, 1), "reason": p.reason}
+    return out
 
 
 class ChatServer:

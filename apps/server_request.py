@@ -157,6 +157,7 @@ def _options(body: dict, limits: Limits) -> dict[str, Any]:
     opts["top_k"] = 0 if k is None or k < 0 else k  # vLLM: -1 = off
     opts["seed"] = _integer(body, "seed", 0, 2**63 - 1)
     opts["think_threshold"] = _number(body, "think_threshold", 0.0, 1.0)
+    opts["deadline_ms"] = _number(body, "max_completion_time_ms", 0.0, 3.6e6, lo_open=True)
     n = _integer(body, "n", 1)
     if n not in (None, 1):
         raise bad(f"'n' must be 1: one model instance answers one choice per request, got {n}", "n")

@@ -15,11 +15,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether the reply thinks. `p_think` = 1 - P(empty think block | prompt)."""
+    """Whether the reply thinks. `p_think` = 1 - P(empty think block | prompt).
+    `deadline`: with `deadline_ms`, the plan that chose (see `engine.deadline`)."""
 
     think: bool
     p_think: float
     forced: bool
+    deadline: "DeadlinePlan | None" = None
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ backend gets the same decision, budget and reasoning/answer split.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from ..model.template import (
     render_prompt, template_mode,
 )
 from ..model.tokenizer import StreamDecoder
+from .deadline import DeadlinePlan, DeadlineTracker
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
 from .logprobs import LogprobRecorder, check_top_logprobs
 from .memory import peak_rss_mb
@@ -40,7 +42,9 @@ DEFAULT_BUDGET_CLOSING = "\n\nThe thinking budget is used up, so I answer now.\n
 class GenerationOptions:
     """How to reply. `mode`: auto | think | no-think. `think_threshold`: think
     iff p_think >= threshold (auto mode only). `max_think_tokens`: close the
-    reasoning at this many tokens. `max_tokens`: bound on the whole reply."""
+    reasoning at this many tokens. `max_tokens`: bound on the whole reply.
+    `deadline_ms`: a latency budget for the whole reply; in auto mode it picks
+    no-think or think with a fitting reasoning budget (`engine.deadline`)."""
 
     mode: str = "auto"
     think_threshold: float | None = None
@@ -54,6 +58,7 @@ class GenerationOptions:
     stop: Any = None
     logprobs: bool = False
     top_logprobs: int = 0
+    deadline_ms: float | None = None
 
     def validate(self) -> "GenerationOptions":
         template_mode(self.mode)
@@ -64,6 +69,10 @@ class GenerationOptions:
             raise GenerationOptionError(f"max_think_tokens must be >= 0, got {self.max_think_tokens}")
         if self.max_tokens < 1:
             raise GenerationOptionError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        d = self.deadline_ms
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d)
+                              or d <= 0):
+            raise GenerationOptionError(f"deadline_ms must be a positive number of milliseconds, got {d!r}")
         self.sampling.validate()
         self.stop = normalize_stop(self.stop)
         check_top_logprobs(self.logprobs, self.top_logprobs)
@@ -123,6 +132,11 @@ class _State:
     recorder: LogprobRecorder | None = None
     entries: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
     unsent: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
+    think_budget: int | None = None  # options' max_think_tokens, or the deadline plan's
+    deadline_ms: float | None = None
+    c0: float = 0.0  # engine clock at the start of the reply
+    s_per_token: float = 0.0  # live decode speed (deadline mode)
+    closed_itself: bool = False  # the model wrote `</think>` itself
 
 
 class Engine:
@@ -130,6 +144,8 @@ class Engine:
 
     def __init__(self, backend: Backend):
         self.backend = backend
+        self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
+        self.deadline = DeadlineTracker()
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
         self._long_rest = self.tok.encode(MODE_SUFFIX["long"][len("<think>"):])
@@ -162,12 +178,14 @@ class Engine:
         return n_txt, n_img
 
     # ---- decision --------------------------------------------------------
-    def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions,
-                sampler: Sampler) -> tuple[Decision, np.ndarray, list[int], str, np.ndarray | None]:
+    def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions, sampler: Sampler,
+                choose: Callable[[float], bool] | None = None,
+                ) -> tuple[Decision, np.ndarray, list[int], str, np.ndarray | None]:
         """At a prompt ending in `<think>`: teacher-force the empty-think
         continuation to get p_think, then settle the mode. Returns the decision,
         the logits to continue from, reply tokens already in the cache, the
-        phase to continue in, and the logits each of those tokens was drawn from."""
+        phase to continue in, and the logits each of those tokens was drawn from.
+        `choose(p_think) -> think`: deadline mode's planner (auto mode)."""
         be, sfx = self.backend, self._suffix_ids
         n0 = be.n_past
         sfx_logits = be.forward(sfx)
@@ -175,6 +193,12 @@ class Engine:
         lp = token_logprobs(rows, sfx)
         p_think = float(min(1.0, max(0.0, 1.0 - math.exp(float(lp.sum())))))
 
+        if mode == "auto" and choose is not None:
+            think, forced = choose(p_think), True
+            if not think:
+                return Decision(False, p_think, forced), sfx_logits[-1], [], "answer", None
+            be.truncate(n0)
+            return Decision(True, p_think, forced), be.forward_last(self._long_rest), [], "reasoning", None
         if mode == "auto" and opts.think_threshold is None:
             for i, want in enumerate(sfx):  # the model's own sampled choice
                 got = sampler(rows[i])
@@ -249,6 +273,7 @@ class Engine:
         events: list[Event] = []
         if st.phase == "reasoning" and t == tok.end_think:
             st.phase = "answer"
+            st.closed_itself = True
         elif st.phase == "answer" and t == tok.think:
             st.phase = "reasoning"  # the model opened a think block itself
         else:
@@ -267,14 +292,18 @@ class Engine:
 
     def step(self, st: _State) -> list[Event]:
         """Sample one token and advance the reply; returns its text events."""
-        opts = st.options
-        if st.phase == "reasoning" and opts.max_think_tokens is not None \
-                and st.stats.think_tokens >= opts.max_think_tokens:
+        if st.phase == "reasoning" and (
+                (st.think_budget is not None and st.stats.think_tokens >= st.think_budget)
+                or (st.deadline_ms is not None and self.deadline.must_close(
+                    st.deadline_ms, (self.clock() - st.c0) * 1000.0, st.s_per_token))):
             return self._close_reasoning(st)
+        c = self.clock() if st.deadline_ms is not None else 0.0
         t = st.sampler(st.logits)
         events = self._accept(st, t, st.logits)
         if not st.done:
             st.logits = self.backend.forward_last([t])
+            if st.deadline_ms is not None:  # live speed: a moving average of this reply's steps
+                st.s_per_token = 0.7 * st.s_per_token + 0.3 * (self.clock() - c)
         return events
 
     # ---- stream / generate -----------------------------------------------
@@ -290,7 +319,7 @@ class Engine:
         """Stream a reply to an already rendered prompt. The reasoning/answer
         split starts from what the prompt itself opened or closed."""
         opts = (options or GenerationOptions()).validate()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self.clock()
         mode = template_mode(opts.mode)
         tail_mode = next((m for m in ("short", "long", "auto") if prompt.endswith(MODE_SUFFIX[m])), None)
         if tail_mode is not None:
@@ -306,21 +335,40 @@ class Engine:
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
         stats.prompt_tokens = self.backend.n_past
         sampler = Sampler(opts.sampling)
-        t_dec = time.perf_counter()
+        t_dec, c_dec = time.perf_counter(), self.clock()
+        plan: list[DeadlinePlan] = []
+
+        def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
+            now = self.clock()
+            plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec,
+                                           user_budget=opts.max_think_tokens))
+            return plan[0].think
+
+        chooser = choose if opts.deadline_ms is not None else None
         if tail_mode is not None:
-            decision, logits, drawn, phase, drawn_rows = self._decide(logits, mode, opts, sampler)
+            decision, logits, drawn, phase, drawn_rows = self._decide(logits, mode, opts, sampler, chooser)
         else:
             phase = phase_after(prompt)
             decision, drawn, drawn_rows = Decision(phase == "reasoning", float(phase == "reasoning"), True), [], None
         stats.decision_ms = (time.perf_counter() - t_dec) * 1000.0
+        if opts.deadline_ms is not None:
+            if not plan:  # forced mode (or a prompt that set the phase): only the budget is planned
+                now = self.clock()
+                plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, decision.p_think,
+                                               (now - c_dec) if tail_mode is not None else None,
+                                               allow=(phase == "reasoning",), user_budget=opts.max_think_tokens))
+            decision = dataclasses.replace(decision, deadline=plan[0])
         st = _State(logits=logits, phase=phase, sampler=sampler, options=opts, n_ctx=self.backend.n_ctx,
                     t0=t0, stats=stats)
         st.decoders = {p: StreamDecoder(self.tok) for p in ("reasoning", "answer")}
         st.texts = {p: _TrimmedText() for p in ("reasoning", "answer")}
         st.stop = StopFilter(opts.stop)
         st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None
+        st.think_budget = plan[0].max_think_tokens if plan and plan[0].think else opts.max_think_tokens
+        if plan:
+            st.deadline_ms, st.c0, st.s_per_token = opts.deadline_ms, c0, 1.0 / plan[0].tok_s
         yield decision
-        budget = opts.max_think_tokens
+        budget = st.think_budget
         if budget is not None and len(drawn) > budget:
             # The decision drew more reasoning than the budget allows: keep the
             # first `budget` tokens (all already in the cache), drop the rest.
@@ -335,11 +383,13 @@ class Engine:
                 break
         if pending and not st.done:
             st.logits = self.backend.forward_last(drawn[-1:])
-        t_loop = time.perf_counter()
+        t_loop, c_loop = time.perf_counter(), self.clock()
         n_loop0 = st.n_reply
         while not st.done:
             yield from self.step(st)
         t_end = time.perf_counter()
+        self.deadline.observe(self.clock() - c_loop, st.n_reply - n_loop0, decision.think, st.stats.think_tokens,
+                              st.closed_itself, st.stats.answer_tokens)
         for p in ("reasoning", "answer"):
             rest = st.decoders[p].flush()
             if p == "answer":  # the stop filter's held tail is answer text after all

@@ -130,3 +130,9 @@ def test_chat_bomb_hint_names_the_flag(tiny_ckpt, tmp_path, capsys):
     rc = main(["chat", str(big), "what?", "--model", str(tiny_ckpt), "--max-image-pixels", "60000",
                "--max-tokens", "2"])
     assert rc == 0
+
+
+def test_chat_deadline_prints_the_plan(tiny_ckpt, png, capsys):
+    rc = main(["chat", str(png), "what?", "--model", str(tiny_ckpt), "--max-tokens", "6", "--deadline", "30000"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "[deadline 30000 ms: " in out and "tok/s" in out

@@ -471,3 +471,15 @@ def test_every_backend(tmp_path_factory, tiny_ckpt, backend):
         assert r.choices[0].message.content == want_direct.answer
         assert r.model_extra["stats"]["backend"] == backend
     model.close()
+
+
+def test_max_completion_time_ms_plans_the_reply(client):
+    """Deadline mode through the openai client: the plan comes back with the decision."""
+    r = client.chat.completions.create(model="tiny", messages=[_user("hi", _png(5))], max_tokens=8,
+                                       extra_body={"max_completion_time_ms": 60000})
+    d = r.model_extra["deadline"]
+    assert d["max_completion_time_ms"] == 60000 and d["tok_s"] > 0 and d["reason"]
+    assert (d["max_thinking_tokens"] is not None) == (r.model_extra["decision"] == "thinking")
+    with pytest.raises(openai.BadRequestError, match="max_completion_time_ms"):
+        client.chat.completions.create(model="tiny", messages=[_user("hi", _png(5))], max_tokens=4,
+                                       extra_body={"max_completion_time_ms": 0})

@@ -20,10 +20,23 @@ ANSWER = "four"
 FILLER = " step"
 
 
+class VirtualClock:
+    """A clock the scripted backend advances: `prefill_s` per prefill, `step_s` per forward call
+    (give it to `Engine.clock`, so deadline mode plans in scripted time)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 class ScriptedBackend(Backend):
     name = "scripted"
 
-    def __init__(self, tokenizer, p_think: float, n_ctx: int = 4096):
+    def __init__(self, tokenizer, p_think: float, n_ctx: int = 4096, clock: "VirtualClock | None" = None,
+                 prefill_s: float = 0.0, step_s: float = 0.0):
+        self.clock, self.prefill_s, self.step_s = clock, prefill_s, step_s
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(max_position_embeddings=n_ctx)
         self.p_think = p_think
@@ -83,10 +96,14 @@ class ScriptedBackend(Backend):
                 self.seq += list(s)
         self.n_prompt = len(self.seq)
         self.timings = PrefillTimings(image_tokens=n_img)
+        if self.clock is not None:
+            self.clock.t += self.prefill_s
         return self._logits()
 
     def forward(self, token_ids) -> np.ndarray:
         self.calls += 1
+        if self.clock is not None:  # one decode step per call (a batch costs about one step)
+            self.clock.t += self.step_s
         out = []
         for t in token_ids:
             self.seq.append(int(t))
