@@ -297,3 +297,24 @@ def test_tied_embeddings_folder(tiny_tokenizer, tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids).logits, ours(ours.embed_tokens(ids), use_cache=False)[0], atol=1e-5)
+
+
+def test_tokenized_chat_template_and_pipeline() -> None:
+    """Images inside the messages (apply_chat_template(tokenize=True)) and the image-text-to-text
+    pipeline give the same inputs / answer as r4b-edge."""
+    proc = AutoProcessor.from_pretrained(BUNDLED_MODEL, trust_remote_code=True)
+    img = Image.open(EXAMPLE_IMAGE)
+    q = "What is the sum of all the digits?"
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}]
+    inp = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt", thinking_mode="long")
+    ours, cfg, tok = load_checkpoint(BUNDLED_MODEL)
+    prompt = render_prompt([Message("user", q, images=1)], "long")
+    assert inp["input_ids"][0].tolist() == _expected_ids(tok, cfg, prompt, [prepare_image(img, cfg)])
+    pipe = transformers.pipeline("image-text-to-text", model=str(BUNDLED_MODEL), trust_remote_code=True,
+                                 dtype=torch.float32)
+    out = pipe(text=msgs, max_new_tokens=120, return_full_text=False)[0]["generated_text"]
+    import r4b_edge
+
+    ref = r4b_edge.load(backend="torch").chat(img, q, mode="auto")
+    assert out.strip().endswith(ref.answer.strip()) and ref.answer.strip() == "18"
