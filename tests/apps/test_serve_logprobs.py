@@ -121,3 +121,29 @@ def test_stop_cuts_the_answer(client, ref, stream):
         assert r.choices[0].message.content == want.answer and r.choices[0].finish_reason == "stop"
         one = client.chat.completions.create(**{**kw, "stop": stop})  # a single string works too
         assert one.choices[0].message.content == want.answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "onnx"])
+def test_every_backend_serves_logprobs_and_stop(tmp_path_factory, tiny_ckpt, backend):
+    from tests.conftest import export_tiny
+
+    path = export_tiny(tmp_path_factory, tiny_ckpt, backend)
+    img = _png(26)
+    with r4b_edge.load(path, backend=backend) as m:
+        want = m.chat(img, "what?", mode="no-think", max_tokens=10, logprobs=True, top_logprobs=2)
+        stop = want.answer[2:4] if len(want.answer) >= 4 else "never"
+        cut = m.chat(img, "what?", mode="no-think", max_tokens=10, stop=stop)
+    model = r4b_edge.load(path, backend=backend)
+    with ServerThread(create_app(model, "tiny", max_queue=2, limits=LIMITS)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        kw = dict(model="tiny", messages=[_user("what?", img)], max_tokens=10, reasoning_effort="none")
+        r = c.chat.completions.create(logprobs=True, top_logprobs=2, **kw)
+        _same(r.choices[0].logprobs.content, want.logprobs, 2)
+        chunks = [ch for ch in c.chat.completions.create(stream=True, logprobs=True, top_logprobs=2, **kw)
+                  if ch.choices]
+        _same([e for ch in chunks if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content], want.logprobs, 2)
+        r = c.chat.completions.create(stop=stop, **kw)
+        assert r.choices[0].message.content == cut.answer
+        assert r.choices[0].finish_reason == cut.stats.finish_reason
+    model.close()

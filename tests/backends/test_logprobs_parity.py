@@ -49,3 +49,37 @@ def test_score_agrees_with_torch(tmp_path_factory, tiny_ckpt, reference, backend
             assert best_g == best_w or abs(got[best_g].sum - want[best_w].sum) < BOUND[backend] * 8
     print(f"{backend}: max |logprob - torch| = {worst:.2e}")
     assert worst < BOUND[backend]
+
+
+def _reply_entries(m, mode: str):
+    r = m.chat(_img(2, (40, 24)), "what is it?", mode=mode, max_tokens=12, max_think_tokens=6,
+               logprobs=True, top_logprobs=3)
+    return r.reasoning_logprobs + r.logprobs
+
+
+@pytest.fixture(scope="module")
+def reference_replies(tiny_ckpt):
+    with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu") as m:
+        return {mode: _reply_entries(m, mode) for mode in ("no-think", "think")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnx", "llama"])
+def test_reply_logprobs_agree_with_torch(tmp_path_factory, tiny_ckpt, reference_replies, backend):
+    """Greedy replies with logprobs=True: the same tokens with the same logprobs and alternatives, up to
+    the first position where two candidates are closer than the bound (where greedy may differ)."""
+    path = export_tiny(tmp_path_factory, tiny_ckpt, backend)
+    with r4b_edge.load(path, backend=backend, device="cpu") as m:
+        for mode, want in reference_replies.items():
+            got = _reply_entries(m, mode)
+            assert want and got
+            for g, w in zip(got, want):
+                if g.id != w.id:  # a near tie: both candidates within the bound at torch's position
+                    alt = {t.id: t.logprob for t in w.top_logprobs}
+                    assert g.id in alt and abs(alt[g.id] - w.logprob) <= 2 * BOUND[backend], (mode, g, w)
+                    break
+                assert abs(g.logprob - w.logprob) <= BOUND[backend], (mode, g, w)
+                np.testing.assert_allclose([t.logprob for t in g.top_logprobs], [t.logprob for t in w.top_logprobs],
+                                           atol=BOUND[backend])
+            else:
+                assert len(got) == len(want), mode
