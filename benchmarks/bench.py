@@ -60,6 +60,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host-overhead", action="store_true",
                    help="only measure the engine's per-token host cost at vocab 151,936 without the model "
                         "forward (sampler, stream decoding, events): writes host_overhead.json/.md into --out")
+    p.add_argument("--deadline-sweep", action="store_true",
+                   help="only run the deadline sweep (torch fp32 on --model): accuracy and share of answers "
+                        "within T against T, on --eval-per-family items per family; writes deadline_sweep.* "
+                        "into --out")
     p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
     p.add_argument("--no-modes", action="store_true", help="skip the accuracy-per-token table")
     p.add_argument("--cache", default="runs/bench-cache", help="folder for exported artefacts")
@@ -361,6 +365,40 @@ def _host_overhead_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deadline_sweep_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --deadline-sweep`: the deadline table and plot (in this process)."""
+    import json
+
+    from r4b_edge.api import default_model_path
+
+    from . import deadline_sweep, report
+    from .latency import set_threads
+
+    model = Path(args.model).expanduser() if args.model else default_model_path()
+    threads = args.threads or 1
+    spec = {"backend": "torch", "precision": "fp32", "path": str(model), "device": args.device, "threads": threads}
+    set_threads(threads)
+    seed = args.eval_seed if args.eval_seed is not None else _default_eval_seed()
+    t0 = time.perf_counter()
+    s = deadline_sweep.run_sweep(spec, 1 if args.quick else args.eval_per_family, seed,
+                                 n_deadlines=3 if args.quick else 8)
+    s |= {"command": _command(args), "machine": report.machine_info(), "seed": seed, "threads": threads,
+          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+          "duration_s": round(time.perf_counter() - t0, 1)}
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deadline_sweep.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
+    md = deadline_sweep.markdown(s, s["command"])
+    (out / "deadline_sweep.md").write_text(
+        f"# Deadline sweep\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, {threads} thread(s); "
+        f"load average at start {s['machine'].get('load_avg')}.\n\n{md}\n![deadline sweep](deadline_sweep.png)\n")
+    if not args.no_plots:
+        deadline_sweep.plot(s, out / "deadline_sweep.png")
+    print(md)
+    print(f"results: {out / 'deadline_sweep.json'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `r4b-edge bench`."""
     from r4b_edge.api import default_model_path
@@ -368,6 +406,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.host_overhead:
         return _host_overhead_main(args)
+    if args.deadline_sweep:
+        return _deadline_sweep_main(args)
     s = _settings(args)
     model = Path(args.model).expanduser() if args.model else default_model_path()
     if not (model / "config.json").is_file():

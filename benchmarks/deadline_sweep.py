@@ -1,0 +1,170 @@
+"""Deadline sweep: accuracy and the share of answers delivered within T, against T.
+
+`r4b-edge bench --deadline-sweep` asks the world's held-out eval items (perception and reasoning
+families, `modes.eval_items`) through the public API, greedy: first in the fixed modes (think,
+no-think, and auto for reference), then with `deadline_ms=T` for a grid of T spanning from the
+no-think replies' 95th-percentile time (x 1.1) to past the think replies' (x 1.3). A reply is
+delivered within T if its wall time, from the `stream` call to its `Done`, is at most T.
+
+Targets, per T: at least 95% of the deadline-mode answers within T, and accuracy at least that
+of the better fixed mode that fits in T (a fixed mode fits if 95% of its replies took <= T).
+A T where not even no-think fits (0.7 x its p95 is in the grid) is reported outside the target.
+
+The engine's deadline planner learns the decode speed and the reply lengths from the replies
+it has served, as a long-running process would: the fixed-mode passes run first in the same
+process and serve as its warm-up.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .latency import summarize
+from .modes import _image, eval_items
+
+FIXED = ("think", "no-think", "auto")
+
+
+def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
+    from r4b_edge.engine.events import Decision, Done
+    from r4b_edge.train.world import check_answer
+
+    t0 = time.perf_counter()
+    plan, result = None, None
+    for ev in model.stream(img, item["question"], max_tokens=max_tokens, **kw):
+        if isinstance(ev, Decision):
+            plan = ev.deadline
+        elif isinstance(ev, Done):
+            result = ev.result
+    wall = (time.perf_counter() - t0) * 1000.0
+    s = result.stats
+    return {"family": item["family"], "tier": item["tier"], "correct": bool(check_answer(result.answer, item["answer"])),
+            "thought": bool(result.thought), "p_think": float(result.p_think), "think_tokens": s.think_tokens,
+            "answer_tokens": s.answer_tokens, "budget_hit": bool(s.budget_hit), "wall_ms": wall,
+            "planned_budget": plan.max_think_tokens if plan else None,
+            "planned_tok_s": plan.tok_s if plan else None}
+
+
+def sweep_worker(p: dict) -> dict:
+    """Worker: the fixed modes, then the deadline grid, on one configuration."""
+    from r4b_edge.api import Model
+
+    from .latency import open_backend
+
+    seed, per_family, max_tokens = int(p["seed"]), int(p["per_family"]), int(p.get("max_tokens", 96))
+    items = eval_items(per_family, seed, p.get("families"))
+    model = Model(open_backend(p["spec"]))
+    try:
+        images = [model.prepare(_image(seed, it)) for it in items]
+        for img, it in list(zip(images, items))[:4]:  # warm-up (untimed)
+            model.chat(img, it["question"], mode="think", max_tokens=max_tokens)
+        fixed = {m: [_ask(model, img, it, max_tokens, mode=m) for img, it in zip(images, items)] for m in FIXED}
+        p95 = {m: float(np.percentile([r["wall_ms"] for r in rs], 95)) for m, rs in fixed.items()}
+        lo, hi = 1.1 * p95["no-think"], 1.3 * p95["think"]
+        grid = [0.7 * p95["no-think"]] + [float(x) for x in np.geomspace(lo, hi, int(p.get("n_deadlines", 8)))]
+        sweep = {}
+        for T in grid:
+            sweep[f"{T:.3f}"] = [_ask(model, img, it, max_tokens, mode="auto", deadline_ms=T)
+                                 for img, it in zip(images, items)]
+    finally:
+        model.close()
+    return {"items": len(items), "fixed": fixed, "fixed_p95_ms": p95, "sweep": sweep}
+
+
+def summarize_sweep(out: dict) -> dict:
+    """Per T: deadline-mode accuracy (overall / per tier), share within T, think rate; the fixed
+    modes' accuracy and share within T; the better fitting fixed mode; the targets."""
+    fixed = out["fixed"]
+    rows = []
+    for key, rs in out["sweep"].items():
+        T = float(key)
+        within = float(np.mean([r["wall_ms"] <= T for r in rs]))
+        acc = float(np.mean([r["correct"] for r in rs]))
+        tiers = {t: float(np.mean([r["correct"] for r in rs if r["tier"] == t]))
+                 for t in sorted({r["tier"] for r in rs})}
+        fits = {m: float(np.mean([r["wall_ms"] <= T for r in fr])) for m, fr in fixed.items()}
+        fixed_acc = {m: float(np.mean([r["correct"] for r in fr])) for m, fr in fixed.items()}
+        fitting = [m for m in ("think", "no-think") if fits[m] >= 0.95]
+        best = max(fitting, key=lambda m: fixed_acc[m]) if fitting else None
+        in_range = fits["no-think"] >= 0.95  # below that, no mode delivers 95% in time
+        rows.append({
+            "deadline_ms": T, "accuracy": acc, "tiers": tiers, "within": within,
+            "think_rate": float(np.mean([r["thought"] for r in rs])),
+            "budget_hit_rate": float(np.mean([r["budget_hit"] for r in rs])),
+            "wall_ms": summarize([r["wall_ms"] for r in rs]),
+            "fixed_within": fits, "fixed_accuracy": fixed_acc, "best_fitting_fixed": best,
+            "in_target_range": in_range,
+            "met_within": (within >= 0.95) if in_range else None,
+            "met_accuracy": (acc >= fixed_acc[best] if best else True) if in_range else None,
+        })
+    return {"rows": rows, "fixed_p95_ms": out["fixed_p95_ms"], "items": out["items"],
+            "fixed_summary": {m: {"accuracy": float(np.mean([r["correct"] for r in fr])),
+                                  "wall_ms": summarize([r["wall_ms"] for r in fr])} for m, fr in fixed.items()}}
+
+
+def markdown(s: dict, command: str = "") -> str:
+    lines = [f"Deadline sweep on {s['items']} held-out world items (perception and reasoning families), "
+             "greedy; wall time from the `stream` call to `Done`." + (f" Command: `{command}`." if command else ""),
+             "", "Fixed modes: " + "; ".join(
+                 f"{m} accuracy {v['accuracy']:.3f}, wall {v['wall_ms']['median']:.1f} ms median, "
+                 f"{s['fixed_p95_ms'][m]:.1f} ms p95" for m, v in s["fixed_summary"].items()), "",
+             "| T ms | deadline accuracy | perception / reasoning | within T | think rate | budget cut | "
+             "think within T | no-think within T | better fitting fixed (accuracy) | met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        t = r["tiers"]
+        best = r["best_fitting_fixed"]
+        bf = f"{best} ({r['fixed_accuracy'][best]:.3f})" if best else "none fits"
+        if r["in_target_range"]:
+            met = "yes" if r["met_within"] and r["met_accuracy"] else "**no**"
+        else:
+            met = "(no mode fits: outside the target)"
+        lines.append(f"| {r['deadline_ms']:.1f} | {r['accuracy']:.3f} | {t.get('perception', 0):.3f} / "
+                     f"{t.get('reasoning', 0):.3f} | {r['within']:.3f} | {r['think_rate']:.2f} | "
+                     f"{r['budget_hit_rate']:.2f} | {r['fixed_within']['think']:.2f} | "
+                     f"{r['fixed_within']['no-think']:.2f} | {bf} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: dict, path: Any) -> Any:
+    """Accuracy and share within T against T (deadline mode, and the fixed modes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T = [r["deadline_ms"] for r in s["rows"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(T, [r["accuracy"] for r in s["rows"]], "o-", label="deadline mode")
+    for m, style in (("think", "--s"), ("no-think", ":^")):
+        acc = s["fixed_summary"][m]["accuracy"]
+        a1.plot(T, [acc if r["fixed_within"][m] >= 0.95 else np.nan for r in s["rows"]], style,
+                label=f"{m} (where 95% fit)")
+    a1.set_xscale("log")
+    a1.set_xlabel("deadline T (ms)")
+    a1.set_ylabel("accuracy")
+    a1.set_ylim(0, 1.05)
+    a1.legend(fontsize=8)
+    a2.plot(T, [r["within"] for r in s["rows"]], "o-", label="deadline mode")
+    for m, style in (("think", "--s"), ("no-think", ":^")):
+        a2.plot(T, [r["fixed_within"][m] for r in s["rows"]], style, label=m)
+    a2.axhline(0.95, color="grey", lw=0.8)
+    a2.set_xscale("log")
+    a2.set_xlabel("deadline T (ms)")
+    a2.set_ylabel("share of answers within T")
+    a2.set_ylim(0, 1.05)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_sweep(spec: dict, per_family: int, seed: int, max_tokens: int = 96, n_deadlines: int = 8,
+              families: Sequence[str] | None = None) -> dict:
+    """Run the sweep in this process and summarise it."""
+    out = sweep_worker({"spec": spec, "per_family": per_family, "seed": seed, "max_tokens": max_tokens,
+                        "n_deadlines": n_deadlines, "families": list(families) if families else None})
+    return summarize_sweep(out) | {"raw": out}

@@ -1,0 +1,37 @@
+"""The deadline sweep's bookkeeping: within-T shares, the better fitting fixed mode, targets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from r4b_edge.benchmarks import deadline_sweep as D
+
+
+def _r(tier, correct, wall, thought=False):
+    return {"tier": tier, "family": "f", "correct": correct, "thought": thought, "budget_hit": False,
+            "wall_ms": wall, "think_tokens": 0, "answer_tokens": 1, "p_think": 0.5,
+            "planned_budget": None, "planned_tok_s": None}
+
+
+def _out():
+    fixed = {"think": [_r("reasoning", True, 90, True), _r("perception", True, 80, True)],
+             "no-think": [_r("reasoning", False, 10), _r("perception", True, 12)],
+             "auto": [_r("reasoning", True, 90, True), _r("perception", True, 12)]}
+    sweep = {"5.000": [_r("reasoning", False, 11), _r("perception", True, 9)],      # nothing fits
+             "20.000": [_r("reasoning", False, 15), _r("perception", True, 30)],    # half late: missed
+             "50.000": [_r("reasoning", True, 45, True), _r("perception", True, 12)],
+             "100.000": [_r("reasoning", False, 95, True), _r("perception", True, 12)]}  # below think: missed
+    return {"items": 2, "fixed": fixed, "fixed_p95_ms": {"think": 89.5, "no-think": 11.9, "auto": 89.0},
+            "sweep": sweep}
+
+
+def test_summary_targets(tmp_path: Path):
+    s = D.summarize_sweep(_out())
+    rows = {r["deadline_ms"]: r for r in s["rows"]}
+    assert not rows[5.0]["in_target_range"] and rows[5.0]["met_within"] is None
+    assert rows[20.0]["within"] == 0.5 and rows[20.0]["met_within"] is False
+    assert rows[20.0]["best_fitting_fixed"] == "no-think" and rows[20.0]["met_accuracy"] is True
+    assert rows[50.0]["met_within"] and rows[50.0]["met_accuracy"] and rows[50.0]["tiers"]["reasoning"] == 1.0
+    assert rows[100.0]["best_fitting_fixed"] == "think" and rows[100.0]["met_accuracy"] is False
+    md = D.markdown(s)
+    assert md.count("**no**") == 2 and "no mode fits" in md
+    assert D.plot(s, tmp_path / "p.png").stat().st_size > 1000
