@@ -64,6 +64,12 @@ def register(subparsers: Any) -> None:
                    help="only run the deadline sweep (torch fp32 on --model): accuracy and share of answers "
                         "within T against T, on --eval-per-family items per family; writes deadline_sweep.* "
                         "into --out")
+    p.add_argument("--true-shape", action="store_true",
+                   help="only compare r4b-edge decode with raw llama-cpp-python (llama.cpp's sampler chain) on a "
+                        "random R-4B at the true width and vocabulary, greedy and sampled: writes true_shape.* "
+                        "into --out (model cached in --roofline-dir, default <cache>/true-shape)")
+    p.add_argument("--true-shape-layers", type=int, default=2,
+                   help="decoder layers of the --true-shape model (default 2; R-4B has 36)")
     p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
     p.add_argument("--no-modes", action="store_true", help="skip the accuracy-per-token table")
     p.add_argument("--cache", default="runs/bench-cache", help="folder for exported artefacts")
@@ -399,6 +405,36 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _true_shape_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --true-shape`: ours vs raw llama-cpp-python at R-4B's true width/vocab."""
+    import json
+
+    from r4b_edge.errors import R4BError
+
+    from . import report, true_shape
+
+    if args.true_shape_layers < 1:
+        raise R4BError(f"--true-shape-layers must be >= 1, got {args.true_shape_layers}")
+    threads = args.threads or 2
+    work = Path(args.roofline_dir or Path(args.cache) / "true-shape").expanduser().resolve()
+    t0 = time.perf_counter()
+    d = true_shape.run_true_shape(work, args.true_shape_layers, threads, device=args.device,
+                                  repeats=max(3, min(args.repeats, 2) if args.quick else args.repeats),
+                                  n_gen=16 if args.quick else 32, log=lambda m: print(m, file=sys.stderr))
+    d |= {"command": _command(args), "machine": report.machine_info(),
+          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+          "duration_s": round(time.perf_counter() - t0, 1)}
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "true_shape.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
+    md = true_shape.markdown(d)
+    (out / "true_shape.md").write_text(f"# True-shape decode: r4b-edge vs raw llama-cpp-python\n\nMeasured "
+                                       f"{d['created']} ({d['duration_s']:.0f} s); load average at start "
+                                       f"{d['machine'].get('load_avg')}.\n\n{md}")
+    print(md)
+    return 0 if "rows" in d else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `r4b-edge bench`."""
     from r4b_edge.api import default_model_path
@@ -408,6 +444,8 @@ def main(args: argparse.Namespace) -> int:
         return _host_overhead_main(args)
     if args.deadline_sweep:
         return _deadline_sweep_main(args)
+    if args.true_shape:
+        return _true_shape_main(args)
     s = _settings(args)
     model = Path(args.model).expanduser() if args.model else default_model_path()
     if not (model / "config.json").is_file():

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA checks, run once on a lent GPU machine (no network there): torch on cuda, llama.cpp
 # built with CUDA, onnxruntime's CUDA execution provider. Greedy parity against the torch CPU
-# oracle, then `r4b-edge bench --device cuda`. Results go to $OUT (gpu_check.log, bench/).
+# oracle; the engine's per-token host cost at vocab 151,936 (`bench --host-overhead`, this
+# machine's CPU: on a GPU the decode step is ~5 ms, so host cost matters most there); r4b-edge vs
+# raw llama-cpp-python on CUDA at R-4B's true width and vocabulary, greedy and sampled
+# (`bench --true-shape`, TRUE_SHAPE_LAYERS decoder layers, default 4); then
+# `r4b-edge bench --device cuda`. Results go to $OUT (gpu_check.log, bench/).
 #
 # Needs, beside the repo: .whl/ holding the wheels the image lacks (gguf, diskcache, jsonschema and
 # its needs, transformers==5.24.0 as pinned; torch is the image's) and the llama-cpp-python sdist
@@ -23,6 +27,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import sys, torch, onnxruntime as o; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.version.cuda); print('onnxruntime', o.__version__, o.get_available_providers())"
 stamp install r4b-edge
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $SITE "$REPO"/.whl/*.whl "$REPO" || exit 1
+stamp host overhead per token at vocab 151936
+python3 -m r4b_edge.apps.cli bench --host-overhead --out "$OUT/bench/host"
+echo "host overhead exit status $?"
 stamp parity torch cuda, onnx cuda
 python3 -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "torch:cuda,onnx:cuda=$REPO/runs/post/onnx/onnx-int8" --per-family 5 \
   --save-reference "$OUT/torch_cpu_replies.json"
@@ -38,6 +45,10 @@ stamp parity llama cuda, in a process without torch
 python3 -X faulthandler -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "llama:cuda=$G/F16,llama:cuda=$G/Q4_K_M+mmproj-F16" \
   --per-family 5 --reference "$OUT/torch_cpu_replies.json"
 echo "llama parity exit status $?"
+stamp true-shape decode on cuda: ours vs raw llama-cpp-python with the llama.cpp sampler chain
+python3 -X faulthandler -m r4b_edge.apps.cli bench --true-shape --true-shape-layers ${TRUE_SHAPE_LAYERS:-4} --device cuda \
+  --threads 4 --cache /tmp/r4b-bench-cache --out "$OUT/bench/true_shape"
+echo "true-shape exit status $?"
 for b in torch llama; do  # one backend per process, for the same reason
   stamp bench cuda $b
   python3 -X faulthandler -m r4b_edge.apps.cli bench --backends $b --device cuda --cache /tmp/r4b-bench-cache \

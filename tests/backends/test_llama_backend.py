@@ -367,3 +367,40 @@ def test_backend_llama_on_a_folder_that_also_has_a_checkpoint(gguf_dir: Path, ti
         assert be.name == "llama"
     finally:
         be.close()
+
+
+def test_forward_last_is_the_last_row_without_copies(backends) -> None:
+    """`forward_last` asks llama.cpp for the last position only; one token comes back as a
+    read-only view of llama.cpp's buffer."""
+    tb, lb = backends
+    ids = tb.tokenizer.encode("what colour is it? red")
+    lb.prefill([ids[:3]])
+    full = lb.forward(ids[3:])
+    lb.truncate(3)
+    last = lb.forward_last(ids[3:])
+    assert last.shape == (tb.config.vocab_size,) and np.abs(last - full[-1]).max() < 1e-4
+    n = lb.n_past
+    one = lb.forward_last([ids[0]])
+    assert not one.flags.writeable and lb.n_past == n + 1
+    lb.truncate(n)
+    again = lb.forward([ids[0]])
+    assert again.flags.writeable and np.abs(again[0] - one).max() < 1e-4
+
+
+def test_true_shape_compare_runs_on_a_tiny_gguf(gguf_dir: Path) -> None:
+    """The bench's interleaved ours-vs-raw loop (llama.cpp's sampler chain) on the tiny GGUF:
+    greedy tokens are the same on both sides."""
+    from r4b_edge.benchmarks.true_shape import compare_worker, markdown
+
+    spec = {"backend": "llama", "precision": "F16", "path": str(gguf_dir), "device": "cpu", "threads": 1}
+    out = compare_worker({"spec": spec, "n_prompt": 16, "n_gen": 8, "repeats": 1})
+    assert [r["setting"] for r in out["rows"]][0] == "greedy" and out["rows"][0]["same_tokens"] is True
+    for r in out["rows"]:
+        assert len(r["ours_tps"]) == len(r["raw_tps"]) == 1 and min(r["ours_tps"] + r["raw_tps"]) > 0
+        assert r["sampler"]["ours_ms"] > 0 and r["sampler"]["llama_chain_ms"] > 0
+    from r4b_edge.benchmarks.latency import summarize
+
+    d = {"layers": 4, "threads": 1, "n_prompt": 16, "n_gen": 8, "repeats": 1, "n_vocab": out["n_vocab"],
+         "rows": [{**r, "ours_tps": summarize(r["ours_tps"]), "raw_tps": summarize(r["raw_tps"]),
+                   "ratio": summarize([1.0]), "met": True} for r in out["rows"]]}
+    assert "| greedy |" in markdown(d)
