@@ -21,7 +21,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -38,6 +38,24 @@ from .server_security import AccessGuard, AccessPolicy
 from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped, make_options
 
 log = logging.getLogger("r4b_edge.serve")
+
+
+def _libc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator gives memory back by itself or not at all
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps a decoded image's pages otherwise)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def error_response(e: APIError, headers: Optional[dict] = None) -> JSONResponse:
@@ -158,11 +176,13 @@ class ChatServer:
         out = []
         for data, param in zip(req.images, req.image_params):
             pil = check_image(data, param, self.limits)
-            try:
-                out.append(self.model.prepare(pil))
+            try:  # a queued request keeps only the model's views, not the full-size RGB image
+                out.append(replace(self.model.prepare(pil), image=None))
             except ImageError as e:
                 raise bad(f"invalid image: {e}", param, "invalid_image") from None
             del pil
+        req.images.clear()  # the encoded bytes are not needed any more either
+        trim_heap()
         return out
 
     def begin_shutdown(self) -> None:

@@ -46,7 +46,8 @@ class PreparedImage:
     orig_size: tuple[int, int]    # (height, width) of the RGB image
     n_tokens: int                 # sequence positions the image takes (incl. image_newline tokens)
     key: str                      # sha256 of the RGB pixels (+ size): cache key for embeddings
-    image: Image.Image            # the RGB image
+    image: Image.Image | None     # the RGB image (None where a holder dropped it to save memory,
+                                  # as the server does for queued requests; the model never reads it)
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -76,8 +76,11 @@ def test_huge_prompt_is_refused_fast_and_health_stays_responsive(tiny_ckpt):
         def poll() -> None:
             while not stop.is_set():
                 t0 = time.monotonic()
-                assert httpx.get(s.url + "/health", timeout=30).status_code == 200
-                worst[0] = max(worst[0], time.monotonic() - t0)
+                try:
+                    ok = httpx.get(s.url + "/health", timeout=30).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                worst[0] = max(worst[0], time.monotonic() - t0 if ok else float("inf"))
                 time.sleep(0.02)
 
         poller = threading.Thread(target=poll)
@@ -411,13 +414,12 @@ def test_sigterm_drains_queue_and_ends_the_stream(tiny_ckpt):
 
 
 def test_busy_port_and_bad_host_fail_before_loading(tiny_ckpt, capsys, monkeypatch):
-    from r4b_edge.apps import common
     from r4b_edge.apps.cli import main
 
-    def never(args):
+    def never(*args, **kwargs):
         raise AssertionError("the model was loaded although the address is unusable")
 
-    monkeypatch.setattr(common, "load_model", never)
+    monkeypatch.setattr(r4b_edge, "load", never)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
