@@ -42,7 +42,10 @@ def _render(events, args: argparse.Namespace, out: TextIO) -> object:
     for ev in events:
         if isinstance(ev, Decision):
             tag = "forced, " if ev.forced else ""
-            label = f"thinking… p={ev.p_think:.2f}" if ev.think else f"answering directly (p_think={ev.p_think:.2f})"
+            if ev.p_think is None:  # forced mode: p_think is not measured
+                label = "thinking…" if ev.think else "answering directly"
+            else:
+                label = f"thinking… p={ev.p_think:.2f}" if ev.think else f"answering directly (p_think={ev.p_think:.2f})"
             print(f"{dim}[{tag}{label}]{reset}", file=out, flush=True)
             if ev.deadline is not None:
                 d = ev.deadline

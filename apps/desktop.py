@@ -201,7 +201,8 @@ def _window_class():
             """Generation options from the controls."""
             mode = self.mode_box.currentText()
             budget = self.budget_spin.value()
-            return dict(mode=mode, max_tokens=self.max_tokens_spin.value(),
+            # The badge shows p_think in every mode: worth the decision forward (a few ms) here.
+            return dict(mode=mode, max_tokens=self.max_tokens_spin.value(), measure_p_think=True,
                         max_think_tokens=None if budget < 0 else budget,
                         think_threshold=self.threshold_spin.value()
                         if mode == "auto" and self.threshold_check.isChecked() else None)

@@ -47,7 +47,9 @@ def save_screenshot(widget: Any, path: str | Path) -> Path:
 
 def badge_text(d: Decision) -> str:
     """`thinking, p=0.93` or `direct`."""
-    return f"thinking, p={d.p_think:.2f}" if d.think else "direct"
+    if not d.think:
+        return "direct"
+    return "thinking" if d.p_think is None else f"thinking, p={d.p_think:.2f}"
 
 
 def stats_text(result: Result) -> str:
@@ -185,7 +187,8 @@ class ReplyView(QWidget):
 
     def on_decision(self, d: Decision) -> None:
         self._set_badge(badge_text(d), "thinking" if d.think else "direct")
-        self.badge.setToolTip(f"p_think = {d.p_think:.3f}" + (" (mode forced)" if d.forced else " (model's choice)"))
+        p = "not measured" if d.p_think is None else f"{d.p_think:.3f}"
+        self.badge.setToolTip(f"p_think = {p}" + (" (mode forced)" if d.forced else " (model's choice)"))
         self.reasoning_panel.setVisible(d.think)
 
     def add_reasoning(self, text: str) -> None:

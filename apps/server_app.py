@@ -141,7 +141,7 @@ def usage(result: Result) -> dict:
 
 
 def _decision(d: Decision) -> dict:
-    out = {"p_think": round(d.p_think, 4), "decision": "thinking" if d.think else "direct", "forced": d.forced}
+    out = {"p_think": None if d.p_think is None else round(d.p_think, 4), "decision": "thinking" if d.think else "direct", "forced": d.forced}
     if d.deadline is not None:  # max_completion_time_ms: what the deadline plan chose and why
         p = d.deadline
         out["deadline"] = {"max_completion_time_ms": p.deadline_ms, "elapsed_ms": round(p.elapsed_ms, 1),

@@ -41,7 +41,7 @@ def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
     wall = (time.perf_counter() - t0) * 1000.0
     s = result.stats
     return {"family": item["family"], "tier": item["tier"], "correct": bool(check_answer(result.answer, item["answer"])),
-            "thought": bool(result.thought), "p_think": float(result.p_think), "think_tokens": s.think_tokens,
+            "thought": bool(result.thought), "p_think": result.p_think, "think_tokens": s.think_tokens,
             "answer_tokens": s.answer_tokens, "budget_hit": bool(s.budget_hit), "wall_ms": wall,
             "planned_budget": plan.max_think_tokens if plan else None,
             "planned_tok_s": plan.tok_s if plan else None}

@@ -73,7 +73,7 @@ def modes_worker(p: dict) -> dict:
                 rows.append({
                     "mode": mode, "family": it["family"], "tier": it["tier"],
                     "correct": bool(check_answer(result.answer, it["answer"])), "thought": bool(result.thought),
-                    "p_think": float(result.p_think), "think_tokens": s.think_tokens,
+                    "p_think": result.p_think, "think_tokens": s.think_tokens,
                     "answer_tokens": s.answer_tokens, "reply_tokens": len(result.token_ids),
                     "ttft_ms": s.ttft_ms, "time_to_answer_ms": s.time_to_answer_ms, "total_ms": s.total_ms,
                     "decode_tps": s.decode_tps, "vision_encode_ms": s.vision_encode_ms,

@@ -19,6 +19,7 @@ from .engine.events import Done, Event, Result
 from .engine.generate import Engine, GenerationOptions
 from .engine.logprobs import Score
 from .engine.score import score_prompt
+from .engine.options import check_text, options_from
 from .errors import ModelNotFoundError
 from .model.processing import DEFAULT_MAX_PIXELS, PreparedImage, load_image, prepare_image
 from .model.template import Message, render_prompt
@@ -41,14 +42,6 @@ def default_model_path() -> Path:
     return BUNDLED_MODEL
 
 
-def _options(kw: dict) -> GenerationOptions:
-    allowed = set(GenerationOptions.__dataclass_fields__)
-    unknown = set(kw) - allowed
-    if unknown:
-        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    return GenerationOptions(**kw).validate()
-
-
 @dataclass
 class Conversation:
     """A multi-turn chat about (optionally) one image. Earlier turns' answers
@@ -60,13 +53,20 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
 
     def stream(self, prompt: str, **options: Any) -> Iterator[Event]:
-        """Ask the next question; yields events; the turn is recorded at Done."""
-        opts = _options(options)
+        """Ask the next question; yields events; the turn is recorded at Done.
+        Bad options or text raise here, not at the first event."""
+        return self._stream(prompt, options_from(options))
+
+    def _stream(self, prompt: str, opts: GenerationOptions) -> Iterator[Event]:
+        check_text("prompt", prompt)
         first = not self.messages
         turn = Message("user", prompt, images=1 if (first and self.image is not None) else 0)
         msgs = self.messages + [turn]
         images = [self.image] if self.image is not None else []
-        for ev in self.model.engine.stream(msgs, images, opts, system=self.system):
+        return self._record(self.model.engine.stream(msgs, images, opts, system=self.system), msgs)
+
+    def _record(self, events: Iterator[Event], msgs: list[Message]) -> Iterator[Event]:
+        for ev in events:
             if isinstance(ev, Done):
                 r = ev.result
                 self.messages = msgs + [Message("assistant", r.answer, reasoning=r.reasoning)]
@@ -112,9 +112,11 @@ class Model:
     def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> Iterator[Event]:
         """One question; yields Decision, ReasoningDelta/AnswerDelta, Done.
         Options: mode ('auto'|'think'|'no-think'), think_threshold,
-        max_think_tokens, max_tokens, temperature, top_p, top_k, seed."""
-        _options(options)  # fail now, not at the first next()
-        return self.conversation(image).stream(prompt, **options)
+        max_think_tokens, max_tokens, temperature, top_p, top_k, seed,
+        budget_closing, measure_p_think. Bad options raise GenerationOptionError
+        here, before the image is read."""
+        opts = options_from(options)
+        return self.conversation(image)._stream(prompt, opts)
 
     def chat(self, image: ImageInput | None, prompt: str, **options: Any) -> Result:
         """Blocking one-shot reply; see `stream` for the options."""

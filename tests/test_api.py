@@ -67,6 +67,9 @@ def test_conversation_multi_turn_drops_reasoning(model, png):
 @pytest.mark.parametrize("kw,err,msg", [
     (dict(mode="maybe"), GenerationOptionError, "unknown mode 'maybe'"),
     (dict(think_threshold=2.0), GenerationOptionError, "within [0, 1], got 2.0"),
+    (dict(max_tokens="5"), GenerationOptionError, "max_tokens must be an integer >= 1, got '5'"),
+    (dict(temperature=None), GenerationOptionError, "temperature must be a finite number >= 0, got None"),
+    (dict(max_tokenz=5), GenerationOptionError, "unknown generation option(s): max_tokenz"),
 ])
 def test_option_errors(model, png, kw, err, msg):
     with pytest.raises(err, match=None) as e:
@@ -74,6 +77,21 @@ def test_option_errors(model, png, kw, err, msg):
     assert msg in str(e.value)
     with pytest.raises(err):
         model.stream(png, "q", **kw)  # raised at the call, not at first next()
+
+
+@pytest.mark.parametrize("prompt,msg", [
+    (None, "prompt must be a string, got NoneType None"),
+    (["q"], "prompt must be a string, got list ['q']"),
+    ("caf\udce9", "prompt is not valid Unicode: a lone surrogate '\\udce9' at character 3"),
+])
+def test_prompt_errors(model, png, prompt, msg):
+    with pytest.raises(GenerationOptionError) as e:
+        model.chat(png, prompt)
+    assert msg in str(e.value)
+    with pytest.raises(GenerationOptionError):
+        model.stream(png, prompt)  # raised at the call
+    with pytest.raises(GenerationOptionError):
+        model.conversation(png).ask(prompt)
 
 
 def test_image_errors(model, tmp_path):

@@ -15,11 +15,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether the reply thinks. `p_think` = 1 - P(empty think block | prompt).
+    """Whether the reply thinks. `p_think` = 1 - P(empty think block | prompt);
+    None when it was not measured (think/no-think mode without
+    `measure_p_think`, or a prompt already past the decision point).
     `deadline`: with `deadline_ms`, the plan that chose (see `engine.deadline`)."""
 
     think: bool
-    p_think: float
+    p_think: Optional[float]
     forced: bool
     deadline: "DeadlinePlan | None" = None
 
@@ -44,7 +46,14 @@ class AnswerDelta:
 
 @dataclass
 class Stats:
-    """Per-call measurements; times in milliseconds, memory in MiB."""
+    """Per-call measurements; times in milliseconds, memory in MiB.
+
+    Token counts partition the reply (`Result.token_ids`, every token after the
+    prompt's `<think>`, forced ones included): `think_tokens` is the think block
+    up to and including `</think>` (the budget's closing line too) when the reply
+    thinks, else 0; `answer_tokens` is the rest (for a direct reply, its empty
+    block `\n\n</think>\n\n` too) up to and including the end token.
+    `prompt_tokens` ends at that `<think>`."""
 
     image_tokens: int = 0
     prompt_tokens: int = 0
@@ -79,12 +88,13 @@ class Stats:
 
 @dataclass
 class Result:
-    """The outcome of one reply."""
+    """The outcome of one reply. `token_ids`: every token after the prompt's
+    `<think>` (docs/design.md, "What the engine counts")."""
 
     answer: str
     reasoning: str
     thought: bool
-    p_think: float
+    p_think: Optional[float]
     mode: str
     forced: bool
     stats: Stats = field(default_factory=Stats)

@@ -9,6 +9,12 @@ Three layers, each on top of the one below:
 
 The engine sees only numpy logits through the `Backend` contract, so every
 backend gets the same decision, budget and reasoning/answer split.
+
+What a reply is (docs/design.md, "What the engine counts"): every token after
+the prompt's `<think>`, forced or sampled, is one entry of `Result.token_ids`:
+the think block (the mode's forced opening, the reasoning, the budget's
+closing line), `</think>`, the answer and the end token. `max_tokens` bounds
+`len(token_ids)`; `think_tokens + answer_tokens == len(token_ids)`.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,89 +30,20 @@ from ..backends.base import Backend
 from ..errors import ContextLengthError, GenerationOptionError
 from ..model.processing import PreparedImage
 from ..model.template import (
-    EMPTY_THINK_CONTINUATION, IMAGE_PLACEHOLDER, MODE_SUFFIX, Message, phase_after,
+    EMPTY_THINK_CONTINUATION, IMAGE_PLACEHOLDER, MODE_SUFFIX, THINK_OPEN, Message, phase_after,
     render_prompt, template_mode,
 )
 from ..model.tokenizer import StreamDecoder
 from .deadline import DeadlinePlan, DeadlineTracker
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
-from .logprobs import LogprobRecorder, check_top_logprobs
+from .logprobs import LogprobRecorder
 from .memory import peak_rss_mb
-from .sampling import Sampler, SamplingParams, token_logprobs
-from .stop import StopFilter, normalize_stop
+from .options import DEFAULT_BUDGET_CLOSING, GenerationOptions, check_text
+from .sampling import Sampler, token_logprobs
+from .stop import StopFilter
+from .text import THINK_TAGS, TrimmedText
 
-DEFAULT_BUDGET_CLOSING = "\n\nThe thinking budget is used up, so I answer now.\n"
-
-
-@dataclass
-class GenerationOptions:
-    """How to reply. `mode`: auto | think | no-think. `think_threshold`: think
-    iff p_think >= threshold (auto mode only). `max_think_tokens`: close the
-    reasoning at this many tokens. `max_tokens`: bound on the whole reply.
-    `deadline_ms`: a latency budget for the whole reply; in auto mode it picks
-    no-think or think with a fitting reasoning budget (`engine.deadline`)."""
-
-    mode: str = "auto"
-    think_threshold: float | None = None
-    max_think_tokens: int | None = None
-    max_tokens: int = 1024
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    budget_closing: str = DEFAULT_BUDGET_CLOSING
-    stop: Any = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-    deadline_ms: float | None = None
-
-    def validate(self) -> "GenerationOptions":
-        template_mode(self.mode)
-        t = self.think_threshold
-        if t is not None and (not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0):
-            raise GenerationOptionError(f"think_threshold must be within [0, 1], got {t!r}")
-        if self.max_think_tokens is not None and self.max_think_tokens < 0:
-            raise GenerationOptionError(f"max_think_tokens must be >= 0, got {self.max_think_tokens}")
-        if self.max_tokens < 1:
-            raise GenerationOptionError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        d = self.deadline_ms
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d)
-                              or d <= 0):
-            raise GenerationOptionError(f"deadline_ms must be a positive number of milliseconds, got {d!r}")
-        self.sampling.validate()
-        self.stop = normalize_stop(self.stop)
-        check_top_logprobs(self.logprobs, self.top_logprobs)
-        return self
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
-
-
-class _TrimmedText:
-    """Streams text with leading and trailing whitespace held back, so the
-    concatenated deltas equal the final `.strip()`ped text."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.pending = ""
-        self.parts: list[str] = []
-
-    def push(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self.started = True
-        body = self.pending + text
-        stripped = body.rstrip()
-        self.pending = body[len(stripped):]
-        self.parts.append(stripped)
-        return stripped
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
+__all__ = ["DEFAULT_BUDGET_CLOSING", "Engine", "GenerationOptions"]
 
 
 @dataclass
@@ -115,28 +52,37 @@ class _State:
 
     logits: np.ndarray
     phase: str
+    thinks: bool
     sampler: Sampler
     options: GenerationOptions
     n_ctx: int
-    t0: float
     stats: Stats
     decoders: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
     reply_ids: list[int] = field(default_factory=list)
-    n_reply: int = 0
+    n_reasoning: int = 0  # reasoning tokens written before any budget close (the budget's count)
     done: bool = False
     finish_reason: str = ""
     first_answer_at: float | None = None
     first_token_at: float | None = None
-    stop: StopFilter = field(default_factory=StopFilter)
-    recorder: LogprobRecorder | None = None
-    entries: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
-    unsent: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
     think_budget: int | None = None  # options' max_think_tokens, or the deadline plan's
     deadline_ms: float | None = None
     c0: float = 0.0  # engine clock at the start of the reply
     s_per_token: float = 0.0  # live decode speed (deadline mode)
     closed_itself: bool = False  # the model wrote `</think>` itself
+    stop: StopFilter = field(default_factory=StopFilter)
+    recorder: LogprobRecorder | None = None
+    entries: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
+    unsent: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a reply starts: the decision point (`mode` auto/long/short), or a
+    prompt already past it (`mode` None, `phase` from the prompt's text)."""
+
+    mode: str | None
+    phase: str = "reasoning"
 
 
 class Engine:
@@ -144,12 +90,13 @@ class Engine:
 
     def __init__(self, backend: Backend):
         self.backend = backend
-        self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
-        self.deadline = DeadlineTracker()
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
-        self._long_rest = self.tok.encode(MODE_SUFFIX["long"][len("<think>"):])
+        # What each forced mode writes after the prompt's `<think>`.
+        self._opening = {m: self.tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):]) for m in ("long", "short")}
         self._after_close = self.tok.encode("\n\n")
+        self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
+        self.deadline = DeadlineTracker()
 
     # ---- prompt ---------------------------------------------------------
     def _segments(self, prompt: str, images: Sequence[PreparedImage]) -> list:
@@ -166,25 +113,28 @@ class Engine:
                 segs.append(images[i])
         return segs
 
-    def _check_context(self, segs: list) -> tuple[int, int]:
+    def _check_context(self, segs: list, reserve: int) -> None:
+        """The prompt plus `reserve` positions (the think block's opening and
+        one reply token) must fit the context, or nothing is generated."""
         n_img = sum(self.backend.image_token_count(s) for s in segs if isinstance(s, PreparedImage))
         n_txt = sum(len(s) for s in segs if not isinstance(s, PreparedImage))
         n_ctx = self.backend.n_ctx
-        if n_img + n_txt + 1 > n_ctx:
+        if n_img + n_txt + reserve > n_ctx:
             raise ContextLengthError(
-                f"the prompt needs {n_txt} text + {n_img} image = {n_txt + n_img} tokens but the "
-                f"model's context is {n_ctx} tokens: shorten the conversation or use a smaller image"
+                f"the prompt needs {n_txt} text + {n_img} image = {n_txt + n_img} tokens, plus {reserve} for "
+                f"the reply to start, but the model's context is {n_ctx} tokens: shorten the conversation "
+                "or use a smaller image"
             )
-        return n_txt, n_img
 
     # ---- decision --------------------------------------------------------
     def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions, sampler: Sampler,
                 choose: Callable[[float], bool] | None = None,
-                ) -> tuple[Decision, np.ndarray, list[int], str, np.ndarray | None]:
+                ) -> tuple[Decision, np.ndarray, list[int], bool, np.ndarray | None]:
         """At a prompt ending in `<think>`: teacher-force the empty-think
         continuation to get p_think, then settle the mode. Returns the decision,
-        the logits to continue from, reply tokens already in the cache, the
-        phase to continue in, and the logits each of those tokens was drawn from.
+        the logits to continue from, the reply tokens it produced, whether the
+        last of them is still to be fed to the backend, and the logits the
+        model's own sampled choice drew them from (None when forced).
         `choose(p_think) -> think`: deadline mode's planner (auto mode)."""
         be, sfx = self.backend, self._suffix_ids
         n0 = be.n_past
@@ -193,35 +143,31 @@ class Engine:
         lp = token_logprobs(rows, sfx)
         p_think = float(min(1.0, max(0.0, 1.0 - math.exp(float(lp.sum())))))
 
-        if mode == "auto" and choose is not None:
-            think, forced = choose(p_think), True
-            if not think:
-                return Decision(False, p_think, forced), sfx_logits[-1], [], "answer", None
-            be.truncate(n0)
-            return Decision(True, p_think, forced), be.forward_last(self._long_rest), [], "reasoning", None
-        if mode == "auto" and opts.think_threshold is None:
+        if mode == "auto" and opts.think_threshold is None and choose is None:
             for i, want in enumerate(sfx):  # the model's own sampled choice
                 got = sampler(rows[i])
                 if got != want:
                     be.truncate(n0 + i)
-                    drawn = list(sfx[:i]) + [got]
-                    return Decision(True, p_think, False), rows[i], drawn, "reasoning", rows[:i + 1]
-            return Decision(False, p_think, False), sfx_logits[-1], [], "answer", None
+                    return Decision(True, p_think, False), rows[i], list(sfx[:i]) + [got], True, rows[:i + 1]
+            return Decision(False, p_think, False), sfx_logits[-1], list(sfx), False, None
 
-        if mode == "auto":
-            think, forced = p_think >= float(opts.think_threshold), True
+        if mode != "auto":
+            think = mode == "long"
+        elif choose is not None:
+            think = choose(p_think)
         else:
-            think, forced = mode == "long", True
+            think = p_think >= float(opts.think_threshold)
         if not think:
-            return Decision(False, p_think, forced), sfx_logits[-1], [], "answer", None
+            return Decision(False, p_think, True), sfx_logits[-1], list(sfx), False, None
         be.truncate(n0)
-        out = be.forward_last(self._long_rest)
-        return Decision(True, p_think, forced), out, [], "reasoning", None
+        opening = self._opening["long"]
+        return Decision(True, p_think, True), be.forward_last(opening), list(opening), False, None
 
     # ---- step ------------------------------------------------------------
     def _emit(self, st: _State, phase: str, token_ids: Sequence[int], row: np.ndarray | None = None) -> list[Event]:
         """Text of `token_ids`. `row`: the logits the (single) token was sampled
-        from, for its logprob entry; forced tokens have none."""
+        from, for its logprob entry; forced tokens have none. The answer's text
+        passes the stop filter, which also ends it at a think tag written as text."""
         if row is not None and st.recorder is not None:
             e = st.recorder.entry(row, token_ids[0])
             st.entries[phase].append(e)
@@ -245,61 +191,80 @@ class Engine:
         st.unsent[phase].clear()
         return [ReasoningDelta(text, lps) if phase == "reasoning" else AnswerDelta(text, lps)]
 
-    def _feed(self, st: _State, ids: Sequence[int]) -> None:
-        st.reply_ids.extend(ids)
-        st.n_reply += len(ids)
-        st.logits = self.backend.forward_last(ids)
+    def _count(self, st: _State, t: int) -> None:
+        """File token `t` in the reply and its stats (see the module docstring)."""
+        st.reply_ids.append(t)
+        if st.thinks and st.phase == "reasoning":
+            st.stats.think_tokens += 1  # the think block up to and including `</think>`
+        else:
+            st.stats.answer_tokens += 1
 
     def _close_reasoning(self, st: _State) -> list[Event]:
-        """Budget reached: write the closing line and `</think>`, go on to the answer."""
+        """Budget reached: write the closing line, `</think>` and the separator,
+        all of it or none: if it does not fit `max_tokens` or the context, the
+        reply ends here with finish_reason "length"."""
         closing = self.tok.encode(st.options.budget_closing) if st.options.budget_closing else []
-        events = self._emit(st, "reasoning", closing)
-        self._feed(st, closing + [self.tok.end_think] + self._after_close)
+        ids = closing + [self.tok.end_think] + self._after_close
+        room = min(st.options.max_tokens - len(st.reply_ids), st.n_ctx - self.backend.n_past)
         st.stats.budget_hit = True
+        if len(ids) > room:
+            st.done, st.finish_reason = True, "length"
+            return []
+        events = self._emit(st, "reasoning", closing)
+        for t in closing + [self.tok.end_think]:
+            self._count(st, t)
         st.phase = "answer"
+        for t in self._after_close:
+            self._count(st, t)
+        st.logits = self.backend.forward_last(ids)
+        self._check_room(st)
         return events
 
-    def _accept(self, st: _State, t: int, row: np.ndarray | None = None) -> list[Event]:
-        """File a sampled token (not yet in the cache) as reasoning or answer;
-        `row`: the logits it was drawn from."""
-        tok, now = self.tok, time.perf_counter()
-        if st.first_token_at is None:
+    def _accept(self, st: _State, t: int, timed: bool = True, row: np.ndarray | None = None) -> list[Event]:
+        """File a reply token (sampled, or forced when `timed` is False; `row`:
+        the logits it was drawn from). The caller feeds it to the backend if the
+        reply goes on."""
+        tok = self.tok
+        now = time.perf_counter()
+        if timed and st.first_token_at is None:
             st.first_token_at = now
-        st.reply_ids.append(t)
-        st.n_reply += 1
+        events: list[Event] = []
+        self._count(st, t)
         if t in tok.eos_ids:
             st.done, st.finish_reason = True, "stop"
-            return []
-        events: list[Event] = []
+            return events
+        if st.phase == "answer" and t in (tok.think, tok.end_think):
+            # A think tag in the answer ends the reply; the tag is not answer text.
+            st.done, st.finish_reason = True, "stop"
+            return events
         if st.phase == "reasoning" and t == tok.end_think:
             st.phase = "answer"
-            st.closed_itself = True
-        elif st.phase == "answer" and t == tok.think:
-            st.phase = "reasoning"  # the model opened a think block itself
+            st.closed_itself = timed
         else:
             if st.phase == "reasoning":
-                st.stats.think_tokens += 1
-            else:
-                st.stats.answer_tokens += 1
-                if st.first_answer_at is None:
-                    st.first_answer_at = now
+                st.n_reasoning += 1
+            elif timed and st.first_answer_at is None:
+                st.first_answer_at = now
             events = self._emit(st, st.phase, [t], row)
-        if st.done:
-            return events
-        if st.n_reply >= st.options.max_tokens or self.backend.n_past + 1 >= st.n_ctx:
-            st.done, st.finish_reason = True, "length"
+        if not st.done:
+            self._check_room(st)
         return events
+
+    def _check_room(self, st: _State) -> None:
+        """Stop with "length" when the reply is at `max_tokens` or the context is full."""
+        if len(st.reply_ids) >= st.options.max_tokens or self.backend.n_past >= st.n_ctx:
+            st.done, st.finish_reason = True, "length"
 
     def step(self, st: _State) -> list[Event]:
         """Sample one token and advance the reply; returns its text events."""
-        if st.phase == "reasoning" and (
-                (st.think_budget is not None and st.stats.think_tokens >= st.think_budget)
+        if st.phase == "reasoning" and st.thinks and (
+                (st.think_budget is not None and st.n_reasoning >= st.think_budget)
                 or (st.deadline_ms is not None and self.deadline.must_close(
                     st.deadline_ms, (self.clock() - st.c0) * 1000.0, st.s_per_token))):
             return self._close_reasoning(st)
         c = self.clock() if st.deadline_ms is not None else 0.0
         t = st.sampler(st.logits)
-        events = self._accept(st, t, st.logits)
+        events = self._accept(st, t, row=st.logits)
         if not st.done:
             st.logits = self.backend.forward_last([t])
             if st.deadline_ms is not None:  # live speed: a moving average of this reply's steps
@@ -309,31 +274,60 @@ class Engine:
     # ---- stream / generate -----------------------------------------------
     def stream(self, messages: Sequence[Message], images: Sequence[PreparedImage],
                options: GenerationOptions | None = None, system: str | None = None) -> Iterator[Event]:
-        """Render the conversation in the options' mode and stream the reply."""
-        options = (options or GenerationOptions()).validate()
-        prompt = render_prompt(messages, options.mode, system=system)
-        return self.stream_prompt(prompt, images, options)
+        """Check the options and texts (raises here, not at the first event),
+        render the conversation up to its `<think>` and stream the reply in the
+        options' mode."""
+        opts = (options or GenerationOptions()).validate()
+        for i, m in enumerate(messages):
+            check_text(f"message {i} ({getattr(m, 'role', '?')}) content", getattr(m, "content", None))
+        if system is not None:
+            check_text("system", system)
+        prompt = render_prompt(messages, "auto", system=system)  # ends at the decision point
+        return self._stream(prompt, images, opts, _Start(template_mode(opts.mode)))
 
     def stream_prompt(self, prompt: str, images: Sequence[PreparedImage],
                       options: GenerationOptions | None = None) -> Iterator[Event]:
-        """Stream a reply to an already rendered prompt. The reasoning/answer
-        split starts from what the prompt itself opened or closed."""
+        """Stream a reply to an already rendered prompt.
+
+        Precedence: a prompt that ends in `<think>` is at the decision point and
+        `options.mode` applies. A prompt past it (inside an open think block,
+        or after `</think>`) continues as its text says; `mode` must then be
+        `auto` or agree with it, or GenerationOptionError is raised."""
         opts = (options or GenerationOptions()).validate()
-        t0, c0 = time.perf_counter(), self.clock()
+        check_text("prompt", prompt)
         mode = template_mode(opts.mode)
-        tail_mode = next((m for m in ("short", "long", "auto") if prompt.endswith(MODE_SUFFIX[m])), None)
-        if tail_mode is not None:
-            mode = tail_mode if tail_mode != "auto" or mode == "auto" else mode
-            base = prompt[: len(prompt) - len(MODE_SUFFIX[tail_mode])] + MODE_SUFFIX["auto"]
-        else:
-            base = prompt
-        segs = self._segments(base, images)
-        n_txt, n_img = self._check_context(segs)
-        stats = Stats(backend=self.backend.name, device=self.backend.device)
-        logits = self.backend.prefill(segs)
-        tm = self.backend.timings
+        if prompt.endswith(THINK_OPEN):
+            return self._stream(prompt, images, opts, _Start(mode))
+        phase = phase_after(prompt)
+        if mode != "auto" and mode != ("long" if phase == "reasoning" else "short"):
+            where = "inside an open think block" if phase == "reasoning" else "outside a think block"
+            raise GenerationOptionError(
+                f"mode {opts.mode!r} contradicts the prompt, which ends {where}: pass mode='auto', "
+                f"or end the prompt with {THINK_OPEN!r} to let the mode decide")
+        if opts.measure_p_think:
+            raise GenerationOptionError(
+                f"measure_p_think needs a prompt that ends in {THINK_OPEN!r} (the decision point)")
+        return self._stream(prompt, images, opts, _Start(None, phase))
+
+    def _stream(self, prompt: str, images: Sequence[PreparedImage], opts: GenerationOptions,
+                start: _Start) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        segs = self._segments(prompt, images)
+        # Forced modes prefill their opening with the prompt and skip the decision forward, unless
+        # p_think is asked for or deadline mode plans with it (and times that forward).
+        preset = start.mode in ("long", "short") and not opts.measure_p_think and opts.deadline_ms is None
+        self._check_context(segs, 1 if start.mode is None else len(self._suffix_ids) + 1)
+        if preset:
+            segs.append(self._opening[start.mode])
+        return self._generate(segs, opts, start, preset, t0, self.clock())
+
+    def _generate(self, segs: list, opts: GenerationOptions, start: _Start, preset: bool,
+                  t0: float, c0: float) -> Iterator[Event]:
+        be = self.backend
+        stats = Stats(backend=be.name, device=be.device)
+        logits = be.prefill(segs)
+        tm = be.timings
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
-        stats.prompt_tokens = self.backend.n_past
         sampler = Sampler(opts.sampling)
         t_dec, c_dec = time.perf_counter(), self.clock()
         plan: list[DeadlinePlan] = []
@@ -345,61 +339,63 @@ class Engine:
             return plan[0].think
 
         chooser = choose if opts.deadline_ms is not None else None
-        if tail_mode is not None:
-            decision, logits, drawn, phase, drawn_rows = self._decide(logits, mode, opts, sampler, chooser)
+        pending = False  # whether the last drawn token still has to be fed to the backend
+        drawn_rows = None
+        if start.mode is None:
+            decision, drawn, phase = Decision(start.phase == "reasoning", None, True), [], start.phase
+        elif preset:
+            opening = self._opening[start.mode]
+            decision, drawn, phase = Decision(start.mode == "long", None, True), list(opening), "reasoning"
         else:
-            phase = phase_after(prompt)
-            decision, drawn, drawn_rows = Decision(phase == "reasoning", float(phase == "reasoning"), True), [], None
+            decision, logits, drawn, pending, drawn_rows = self._decide(logits, start.mode, opts, sampler, chooser)
+            phase = "reasoning"
         stats.decision_ms = (time.perf_counter() - t_dec) * 1000.0
         if opts.deadline_ms is not None:
             if not plan:  # forced mode (or a prompt that set the phase): only the budget is planned
                 now = self.clock()
-                plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, decision.p_think,
-                                               (now - c_dec) if tail_mode is not None else None,
-                                               allow=(phase == "reasoning",), user_budget=opts.max_think_tokens))
+                p = decision.p_think if decision.p_think is not None else float(decision.think)
+                plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p,
+                                               (now - c_dec) if start.mode is not None else None,
+                                               allow=(decision.think,), user_budget=opts.max_think_tokens))
             decision = dataclasses.replace(decision, deadline=plan[0])
-        st = _State(logits=logits, phase=phase, sampler=sampler, options=opts, n_ctx=self.backend.n_ctx,
-                    t0=t0, stats=stats)
+        n_forced = len(drawn) - int(pending)  # already in the cache
+        stats.prompt_tokens = be.n_past - n_forced
+        st = _State(logits=logits, phase=phase, thinks=decision.think, sampler=sampler, options=opts,
+                    n_ctx=be.n_ctx, stats=stats)
         st.decoders = {p: StreamDecoder(self.tok) for p in ("reasoning", "answer")}
-        st.texts = {p: _TrimmedText() for p in ("reasoning", "answer")}
-        st.stop = StopFilter(opts.stop)
+        st.texts = {"reasoning": TrimmedText(), "answer": TrimmedText()}
+        st.stop = StopFilter(tuple(opts.stop) + THINK_TAGS)  # the answer never holds a think tag
         st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None
         st.think_budget = plan[0].max_think_tokens if plan and plan[0].think else opts.max_think_tokens
         if plan:
             st.deadline_ms, st.c0, st.s_per_token = opts.deadline_ms, c0, 1.0 / plan[0].tok_s
         yield decision
         budget = st.think_budget
-        if budget is not None and len(drawn) > budget:
+        if decision.think and pending and budget is not None and len(drawn) > budget:
             # The decision drew more reasoning than the budget allows: keep the
             # first `budget` tokens (all already in the cache), drop the rest.
-            self.backend.truncate(self.backend.n_past - (len(drawn) - 1 - budget))
-            drawn = drawn[:budget]
-            pending = False
-        else:
-            pending = bool(drawn)  # the last drawn token is not in the cache yet
-        for i, t in enumerate(drawn):  # tokens the decision already sampled: file them like any other
-            yield from self._accept(st, t, drawn_rows[i] if drawn_rows is not None else None)
+            be.truncate(be.n_past - (n_forced - budget))
+            drawn, pending = drawn[:budget], False
+        for i, t in enumerate(drawn):  # tokens the decision or the mode produced: filed like any other
+            sampled = pending and i == len(drawn) - 1
+            yield from self._accept(st, t, timed=sampled or (decision.think and not decision.forced),
+                                    row=drawn_rows[i] if drawn_rows is not None else None)
             if st.done:
                 break
         if pending and not st.done:
-            st.logits = self.backend.forward_last(drawn[-1:])
+            st.logits = be.forward_last(drawn[-1:])
         t_loop, c_loop = time.perf_counter(), self.clock()
-        n_loop0 = st.n_reply
+        n_loop0 = len(st.reply_ids)
         while not st.done:
             yield from self.step(st)
         t_end = time.perf_counter()
-        self.deadline.observe(self.clock() - c_loop, st.n_reply - n_loop0, decision.think, st.stats.think_tokens,
+        self.deadline.observe(self.clock() - c_loop, len(st.reply_ids) - n_loop0, decision.think, st.n_reasoning,
                               st.closed_itself, st.stats.answer_tokens)
-        for p in ("reasoning", "answer"):
-            rest = st.decoders[p].flush()
-            if p == "answer":  # the stop filter's held tail is answer text after all
-                rest = st.stop.push(rest) + st.stop.flush()
-            if rest:
-                yield from self._delta(st, p, st.texts[p].push(rest))
+        yield from self._flush(st)
         stats.finish_reason = st.finish_reason
         stats.ttft_ms = ((st.first_token_at or t_end) - t0) * 1000.0
         stats.time_to_answer_ms = ((st.first_answer_at or t_end) - t0) * 1000.0
-        stats.decode_tokens = st.n_reply - n_loop0
+        stats.decode_tokens = len(st.reply_ids) - n_loop0
         stats.decode_ms = (t_end - t_loop) * 1000.0
         stats.decode_tps = stats.decode_tokens / (t_end - t_loop) if t_end > t_loop and stats.decode_tokens else 0.0
         stats.total_ms = (t_end - t0) * 1000.0
@@ -407,10 +403,19 @@ class Engine:
         reasoning, answer = st.texts["reasoning"].text, st.texts["answer"].text
         result = Result(answer=answer, reasoning=reasoning, thought=decision.think, p_think=decision.p_think,
                         mode=opts.mode, forced=decision.forced, stats=stats, token_ids=st.reply_ids,
-                        stop_sequence=st.stop.hit)
+                        stop_sequence=st.stop.hit if st.stop.hit in opts.stop else None)
         if opts.logprobs:
             result.logprobs, result.reasoning_logprobs = st.entries["answer"], st.entries["reasoning"]
         yield Done(result)
+
+    def _flush(self, st: _State) -> Iterator[Event]:
+        """The text the decoders and the answer's stop filter still hold."""
+        for p in ("reasoning", "answer"):
+            rest = st.decoders[p].flush()
+            if p == "answer":  # the stop filter's held tail is answer text after all
+                rest = st.stop.push(rest) + st.stop.flush()
+            if rest:
+                yield from self._delta(st, p, st.texts[p].push(rest))
 
     def generate(self, messages: Sequence[Message], images: Sequence[PreparedImage],
                  options: GenerationOptions | None = None, system: str | None = None) -> Result:

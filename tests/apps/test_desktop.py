@@ -98,7 +98,8 @@ def test_options_from_controls(window):
     win.threshold_check.setChecked(True)
     win.threshold_spin.setValue(0.7)
     win.budget_spin.setValue(32)
-    assert win.options() == dict(mode="auto", max_tokens=512, max_think_tokens=32, think_threshold=0.7)
+    assert win.options() == dict(mode="auto", max_tokens=512, max_think_tokens=32, think_threshold=0.7,
+                                 measure_p_think=True)
     win.mode_box.setCurrentText("think")
     win.budget_spin.setValue(-1)
     assert not win.threshold_spin.isEnabled()

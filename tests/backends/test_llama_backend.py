@@ -278,8 +278,9 @@ def test_engine_decision_matches_torch(tiny_ckpt: Path, gguf_dir: Path) -> None:
     with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu") as mt, \
             r4b_edge.load(gguf_dir, backend="llama", device="cpu") as ml:
         for mode, thr in (("auto", 0.5), ("think", None), ("no-think", None)):
-            a = mt.chat(img, "How many shapes?", mode=mode, think_threshold=thr, max_tokens=6, max_think_tokens=3)
-            b = ml.chat(img, "How many shapes?", mode=mode, think_threshold=thr, max_tokens=6, max_think_tokens=3)
+            kw = dict(mode=mode, think_threshold=thr, max_tokens=6, max_think_tokens=3, measure_p_think=True)
+            a = mt.chat(img, "How many shapes?", **kw)
+            b = ml.chat(img, "How many shapes?", **kw)
             assert a.thought == b.thought and a.forced == b.forced
             assert abs(a.p_think - b.p_think) < 0.02
             assert b.stats.think_tokens <= 3 + 40  # budget (+ the closing text) holds

@@ -163,7 +163,7 @@ def test_engine_results_match_torch(pair, mode):
     ob, tb = pair
     img = prepare_image(_img(11, (48, 32)), tb.config)
     msgs = [Message("user", "what is in the image?", images=1)]
-    opts = GenerationOptions(mode=mode, max_tokens=16, max_think_tokens=6)
+    opts = GenerationOptions(mode=mode, max_tokens=16, max_think_tokens=6, measure_p_think=True)
     a, b = Engine(ob).generate(msgs, [img], opts), Engine(tb).generate(msgs, [img], opts)
     assert a.token_ids == b.token_ids and a.answer == b.answer and a.reasoning == b.reasoning
     assert a.p_think == pytest.approx(b.p_think, abs=1e-5)

@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent("""
 
     model = r4b_edge.load(sys.argv[1], backend="onnx", device="auto")
     events = list(model.stream(sys.argv[2], "what is it?", max_tokens=8))
-    result = model.chat(sys.argv[2], "what is it?", max_tokens=8, mode="think", max_think_tokens=3)
+    result = model.chat(sys.argv[2], "what is it?", max_tokens=8, mode="think", max_think_tokens=3,
+                        measure_p_think=True)
     rc = main(["info"])
     blocked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
     print("RESULT" + json.dumps({"n_events": len(events), "first": type(events[0]).__name__,

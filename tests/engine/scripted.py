@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from r4b_edge.backends.base import Backend, PrefillTimings
+from r4b_edge.errors import ContextLengthError
 from r4b_edge.model.processing import PreparedImage
 
 REASONING = "\nfirst two plus two is four\n"
@@ -35,7 +36,7 @@ class ScriptedBackend(Backend):
     name = "scripted"
 
     def __init__(self, tokenizer, p_think: float, n_ctx: int = 4096, clock: "VirtualClock | None" = None,
-                 prefill_s: float = 0.0, step_s: float = 0.0):
+                 prefill_s: float = 0.0, step_s: float = 0.0, answer_ids: list[int] | None = None):
         self.clock, self.prefill_s, self.step_s = clock, prefill_s, step_s
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(max_position_embeddings=n_ctx)
@@ -43,11 +44,12 @@ class ScriptedBackend(Backend):
         tok = tokenizer
         self.empty = tok.encode("\n\n") + [tok.end_think]
         self.think = tok.encode(REASONING) + [tok.end_think]
-        self.answer = tok.encode("\n\n" + ANSWER) + [tok.im_end]
+        self.answer = tok.encode("\n\n") + (tok.encode(ANSWER) if answer_ids is None else list(answer_ids)) + [tok.im_end]
         self.filler = tok.encode(FILLER)[0]
         self.seq: list[int] = []
         self.n_prompt = 0
         self.calls = 0
+        self.forwarded: list[int] = []  # tokens per forward call
         self.timings = PrefillTimings()
         self.model_path = "scripted"
 
@@ -81,8 +83,11 @@ class ScriptedBackend(Backend):
         return p / p.sum()
 
     def _logits(self) -> np.ndarray:
-        # The script starts after the prompt's final `<think>`.
-        hist = self.seq[self.n_prompt:]
+        # The script starts after the sequence's last `<think>` (the prompt's, or
+        # after the whole prompt when it has none).
+        tok = self.tokenizer
+        start = len(self.seq) - self.seq[::-1].index(tok.think) if tok.think in self.seq else self.n_prompt
+        hist = self.seq[start:]
         return np.log(self._probs(hist)).astype(np.float32)
 
     def prefill(self, segments) -> np.ndarray:
@@ -94,6 +99,8 @@ class ScriptedBackend(Backend):
                 n_img += 4
             else:
                 self.seq += list(s)
+        if len(self.seq) > self.n_ctx:
+            raise ContextLengthError(f"a prompt of {len(self.seq)} positions exceeds the context of {self.n_ctx}")
         self.n_prompt = len(self.seq)
         self.timings = PrefillTimings(image_tokens=n_img)
         if self.clock is not None:
@@ -104,6 +111,9 @@ class ScriptedBackend(Backend):
         self.calls += 1
         if self.clock is not None:  # one decode step per call (a batch costs about one step)
             self.clock.t += self.step_s
+        self.forwarded.append(len(token_ids))
+        if len(self.seq) + len(token_ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(self.seq) + len(token_ids)} positions exceed the context of {self.n_ctx}")
         out = []
         for t in token_ids:
             self.seq.append(int(t))

@@ -6,7 +6,7 @@ import pytest
 
 from r4b_edge.engine.deadline import CLOSE_COST_TOKENS, OPEN_COST_TOKENS, SAFETY, DeadlineTracker
 from r4b_edge.engine.events import Decision
-from r4b_edge.engine.generate import Engine, GenerationOptions
+from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
 from r4b_edge.model.template import Message
 
@@ -84,7 +84,8 @@ def test_tight_deadline_thinks_with_a_fitting_budget(tiny_tokenizer):
     T = (20 + 10 + (n_reason // 2 + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10) / SAFETY  # half the reasoning
     d, r, ms = ask(eng, clock, T)
     assert d.think and 1 <= d.deadline.max_think_tokens < n_reason
-    assert r.stats.budget_hit and r.stats.think_tokens <= d.deadline.max_think_tokens
+    closing = len(tiny_tokenizer.encode(DEFAULT_BUDGET_CLOSING)) + 1  # think_tokens count the close and </think>
+    assert r.stats.budget_hit and r.stats.think_tokens - closing <= d.deadline.max_think_tokens
     assert r.answer == ANSWER and ms <= T
 
 

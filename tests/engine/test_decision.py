@@ -71,7 +71,9 @@ def test_forced_modes(tiny_tokenizer):
     assert r.thought and r.forced and r.reasoning == REASONING.strip() and r.answer == ANSWER
     _, r = run(tiny_tokenizer, 0.95, mode="no-think")
     assert not r.thought and r.forced and r.reasoning == "" and r.answer == ANSWER
-    assert r.p_think == pytest.approx(0.95, abs=1e-6)  # still reported
+    assert r.p_think is None  # not measured unless asked for
+    _, r = run(tiny_tokenizer, 0.95, mode="no-think", measure_p_think=True)
+    assert r.p_think == pytest.approx(0.95, abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["auto", "think"])
@@ -80,7 +82,8 @@ def test_budget_closes_reasoning_even_when_model_opened_it(tiny_tokenizer, mode)
     budget = 3
     _, r = run(tiny_tokenizer, 0.99, mode=mode, max_think_tokens=budget, budget_closing="\nOut of time.\n")
     assert r.stats.budget_hit
-    assert r.stats.think_tokens == budget < full
+    closing = len(tiny_tokenizer.encode("\nOut of time.\n"))
+    assert r.stats.think_tokens == budget + closing + 1 < full + closing + 1  # through the closing and </think>
     assert r.reasoning.endswith("Out of time.")
     assert r.answer == ANSWER
 
@@ -110,7 +113,7 @@ def test_prompt_ending_with_open_think_is_reasoning(tiny_tokenizer):
     prompt = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\nlet me see"
     r = eng.generate_prompt(prompt, [], GenerationOptions(max_tokens=6, max_think_tokens=2, budget_closing=""))
     assert r.thought and r.forced
-    assert r.stats.think_tokens == 2 and r.stats.budget_hit
+    assert r.stats.think_tokens == 2 + 1 and r.stats.budget_hit  # 2 reasoning tokens, then </think>
     assert r.reasoning and r.answer  # reasoning first, then the answer after the forced close
 
 
@@ -134,10 +137,10 @@ def test_stream_equals_blocking(tiny_tokenizer):
     (dict(mode="sometimes"), "unknown mode 'sometimes'"),
     (dict(think_threshold=1.5), "within [0, 1], got 1.5"),
     (dict(think_threshold=-0.1), "within [0, 1], got -0.1"),
-    (dict(max_think_tokens=-1), "max_think_tokens must be >= 0"),
-    (dict(max_tokens=0), "max_tokens must be >= 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
-    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(max_think_tokens=-1), "max_think_tokens must be an integer >= 0 or None, got -1"),
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+    (dict(top_p=0.0), "top_p must be a number in (0, 1], got 0.0"),
     (dict(seed=-3), "seed must be a non-negative integer, got -3"),
 ])
 def test_bad_options(tiny_tokenizer, opts, msg):

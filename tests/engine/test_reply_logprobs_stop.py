@@ -13,7 +13,7 @@ from r4b_edge.engine.events import AnswerDelta, Done, ReasoningDelta
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.engine.score import score_ids
 from r4b_edge.errors import GenerationOptionError
-from r4b_edge.model.template import Message, render_prompt
+from r4b_edge.model.template import EMPTY_THINK_CONTINUATION, Message, render_prompt
 
 from .scripted import ANSWER, REASONING, ScriptedBackend
 
@@ -123,7 +123,8 @@ def test_reply_logprobs_equal_score_of_the_same_tokens(model, sampling):
     r = model.chat(img, "what is it?", mode="no-think", max_tokens=12, logprobs=True, top_logprobs=4, **sampling)
     entries = r.reasoning_logprobs + r.logprobs
     assert entries, "fixture: the tiny model wrote some text"
-    ids = [t for t in r.token_ids if t not in tok.eos_ids]
+    forced = len(tok.encode(EMPTY_THINK_CONTINUATION))  # token_ids start at <think>: the no-think block first
+    ids = [t for t in r.token_ids[forced:] if t not in tok.eos_ids]
     rendered = render_prompt([Message("user", "what is it?", images=1)], "no-think")
     s = score_ids(model.engine, rendered, [model.prepare(img)], [ids], top_logprobs=4)[0]
     by_pos = {i: lp for i, (t, lp) in enumerate(zip(s.ids, s.logprobs)) if t not in (tok.think, tok.end_think)}

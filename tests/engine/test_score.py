@@ -10,7 +10,7 @@ import r4b_edge
 from r4b_edge.backends.torch_backend import TorchBackend
 from r4b_edge.engine.score import score_ids
 from r4b_edge.errors import ContextLengthError, GenerationOptionError
-from r4b_edge.model.template import Message, render_prompt
+from r4b_edge.model.template import EMPTY_THINK_CONTINUATION, Message, render_prompt
 
 
 def _img(seed: int = 0, size=(40, 24)) -> Image.Image:
@@ -59,8 +59,9 @@ def test_modes_give_different_scores_and_prompt_ends_with_prefix(model):
 
 def test_greedy_reply_scores_as_greedy(model):
     img = _img(3)
-    r = model.chat(img, "count the dots", mode="no-think", max_tokens=8)
-    ids = list(r.token_ids)
+    forced = len(model.tokenizer.encode(EMPTY_THINK_CONTINUATION))  # token_ids start at <think>
+    r = model.chat(img, "count the dots", mode="no-think", max_tokens=8 + forced)
+    ids = list(r.token_ids[forced:])
     rendered = render_prompt([Message("user", "count the dots", images=1)], "no-think")
     s, other = score_ids(model.engine, rendered, [model.prepare(img)], [ids, ids + [ids[0]] * 3])
     assert s.greedy and s.ids == ids

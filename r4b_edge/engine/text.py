@@ -1,0 +1,35 @@
+"""Streamed text of one reply part (whitespace trimming) and the think tags an
+answer never contains: the engine adds `THINK_TAGS` to the answer's stop
+strings (`stop.StopFilter`), so the answer ends where a tag begins, whether the
+model wrote it as the special token or spelled it out."""
+from __future__ import annotations
+
+from ..model.template import THINK_CLOSE, THINK_OPEN
+
+THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
+
+
+class TrimmedText:
+    """Streams text with leading and trailing whitespace held back, so the
+    concatenated deltas equal the final `.strip()`ped text."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+        self.parts: list[str] = []
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        body = self.pending + text
+        stripped = body.rstrip()
+        self.pending = body[len(stripped):]
+        self.parts.append(stripped)
+        return stripped
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
