@@ -113,7 +113,9 @@ class Model:
         """One question; yields Decision, ReasoningDelta/AnswerDelta, Done.
         Options: mode ('auto'|'think'|'no-think'), think_threshold,
         max_think_tokens, max_tokens, temperature, top_p, top_k, seed,
-        budget_closing, measure_p_think. Bad options raise GenerationOptionError
+        budget_closing, measure_p_think, stop (str or list: ends the answer),
+        logprobs / top_logprobs (per-token entries on the deltas and the
+        Result; README "Log-probabilities"). Bad options raise GenerationOptionError
         here, before the image is read."""
         opts = options_from(options)
         return self.conversation(image)._stream(prompt, opts)
