@@ -11,6 +11,8 @@ from r4b_edge.model.template import API_MODES
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="stored model name (r4b-edge list) or path: R-4B folder, .gguf file/folder or ONNX export folder (default: the bundled model)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama", "onnx"], help="inference backend (default: by the model's files)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for any backend (default: idle physical cores, at most 4; or $R4B_THREADS)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS/Metal/CoreML, then CPU), cpu, cuda, mps, metal (torch/llama), coreml (onnx)")
 
 
@@ -46,4 +48,4 @@ def unescape(text: str) -> str:
 def load_model(args: argparse.Namespace):
     import r4b_edge
 
-    return r4b_edge.load(args.model, backend=args.backend, device=args.device)
+    return r4b_edge.load(args.model, backend=args.backend, device=args.device, threads=args.threads)

@@ -59,8 +59,9 @@ def _window_class():
         """The demo window. Public state for tests: `model`, `conv`, `busy`, `error_label`, `reply`."""
 
         def __init__(self, model_path: Optional[str] = None, backend: str = "auto", device: str = "auto",
-                     autoload: bool = True):
+                     autoload: bool = True, threads: Optional[int] = None):
             super().__init__()
+            self.threads = threads  # --threads: CPU threads for the backend (None: its default)
             self.setWindowTitle("r4b-edge — auto-thinking VLM")
             self.setAcceptDrops(True)
             self.model: Any = None
@@ -224,7 +225,7 @@ def _window_class():
             self.show_error("")
             self.statusBar().showMessage("loading model…")
             self.loader = LoadThread(self.model_edit.text().strip() or None, self.backend_box.currentText(),
-                                     self.device_box.currentText().strip() or "auto")
+                                     self.device_box.currentText().strip() or "auto", self.threads)
             self.loader.loaded.connect(self._on_loaded)
             self.loader.failed.connect(self._on_load_failed)
             self.loader.finished.connect(self._on_loader_finished)
@@ -441,7 +442,7 @@ def screenshot(args: argparse.Namespace) -> int:
         raise R4BError("--screenshot needs --image and --prompt")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     qt_app()
-    win = main_window_class()(args.model, args.backend, args.device)
+    win = main_window_class()(args.model, args.backend, args.device, threads=args.threads)
     try:
         _apply_args(win, args)
         win.show()
@@ -479,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
         raise R4BError("no display found (DISPLAY/WAYLAND_DISPLAY unset): run it in a desktop session, "
                        "or render offscreen with --screenshot OUT.png")
     app = qt_app()
-    win = main_window_class()(args.model, args.backend, args.device)
+    win = main_window_class()(args.model, args.backend, args.device, threads=args.threads)
     _apply_args(win, args)
     if args.image:
         win.set_image(args.image)

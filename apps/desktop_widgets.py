@@ -215,15 +215,16 @@ class LoadThread(QThread):
     loaded = Signal(object)
     failed = Signal(str)
 
-    def __init__(self, path: Optional[str], backend: str, device: str):
+    def __init__(self, path: Optional[str], backend: str, device: str, threads: Optional[int] = None):
         super().__init__()
-        self.path, self.backend, self.device = path, backend, device
+        self.path, self.backend, self.device, self.threads = path, backend, device, threads
 
     def run(self) -> None:
         import r4b_edge
 
         try:
-            self.loaded.emit(r4b_edge.load(self.path or None, backend=self.backend, device=self.device))
+            self.loaded.emit(r4b_edge.load(self.path or None, backend=self.backend, device=self.device,
+                                           threads=self.threads))
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the window
             self.failed.emit(_message(e))
 

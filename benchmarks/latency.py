@@ -17,7 +17,6 @@ from __future__ import annotations
 from r4b_edge.engine.memory import peak_rss_mb  # VmHWM on Linux
 
 import importlib
-import inspect
 import json
 import os
 import subprocess
@@ -105,24 +104,14 @@ def set_threads(threads: int | None) -> None:
 
 def open_backend(spec: dict) -> Any:
     """Load the configuration's backend with its precision and thread count."""
-    from r4b_edge.backends import BACKENDS, create_backend
+    from r4b_edge.backends import create_backend
 
     name, threads = spec["backend"], spec.get("threads")
     kw: dict[str, Any] = dict(spec.get("kwargs") or {})
+    if threads:
+        kw["threads"] = int(threads)  # every backend takes `threads` (torch included)
     if name == "torch":
-        import torch
-
-        if threads:
-            torch.set_num_threads(int(threads))
         kw.setdefault("dtype", TORCH_DTYPES.get(spec.get("precision", "fp32"), "float32"))
-    elif threads:
-        mod_name, cls_name = BACKENDS[name][2].split(":")
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-        params = inspect.signature(cls.__init__).parameters
-        for p in ("threads", "n_threads"):
-            if p in params:
-                kw[p] = int(threads)
-                break
     return create_backend(spec["path"], backend=name, device=spec.get("device", "cpu"), **kw)
 
 

@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from .engine.events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
 from .errors import (
-    BackendUnavailableError, ContextLengthError, DownloadError, ExportError, GenerationOptionError, ImageError,
-    ModelFormatError, ModelNotFoundError, R4BError, StoreError, TrainingError,
+    BackendOptionError, BackendUnavailableError, ContextLengthError, DownloadError, ExportError,
+    GenerationOptionError, ImageError, ModelFormatError, ModelNotFoundError, R4BError, StoreError, TrainingError,
 )
 
 __all__ = [
@@ -17,7 +17,8 @@ __all__ = [
     "Score", "TokenLogprob", "TopLogprob",
     "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
     "R4BError", "ImageError", "ModelFormatError", "ModelNotFoundError", "BackendUnavailableError",
-    "ContextLengthError", "GenerationOptionError", "ExportError", "TrainingError", "StoreError", "DownloadError",
+    "BackendOptionError", "ContextLengthError", "GenerationOptionError", "ExportError", "TrainingError", "StoreError",
+    "DownloadError",
 ]
 
 

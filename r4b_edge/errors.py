@@ -33,6 +33,10 @@ class BackendUnavailableError(R4BError, ImportError):
     """A backend (or device) was requested that is not installed here."""
 
 
+class BackendOptionError(R4BError, ValueError):
+    """A load argument (threads, dtype, ...) is unknown to the backend or invalid."""
+
+
 class ContextLengthError(R4BError, ValueError):
     """Prompt plus image tokens do not fit the model's context."""
 

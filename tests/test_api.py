@@ -79,6 +79,15 @@ def test_option_errors(model, png, kw, err, msg):
         model.stream(png, "q", **kw)  # raised at the call, not at first next()
 
 
+@pytest.mark.parametrize("mode", ["think", "auto", "no-think"])
+def test_max_tokens_is_a_hard_bound(model, png, mode):
+    """#14 item 1: think mode with a budget of 1 and max_tokens 3 returned 45 tokens."""
+    for max_tokens in (1, 3, 10):
+        r = model.chat(png, "what?", mode=mode, max_think_tokens=1, max_tokens=max_tokens)
+        assert len(r.token_ids) <= max_tokens
+        assert r.stats.think_tokens + r.stats.answer_tokens == len(r.token_ids)
+
+
 @pytest.mark.parametrize("prompt,msg", [
     (None, "prompt must be a string, got NoneType None"),
     (["q"], "prompt must be a string, got list ['q']"),

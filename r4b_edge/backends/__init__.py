@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-from ..errors import BackendUnavailableError, ModelFormatError, ModelNotFoundError
+from ..errors import BackendOptionError, BackendUnavailableError, ModelFormatError, ModelNotFoundError
 from ..formats import ONNX_GENAI_CONFIG
 from .base import Backend
 
@@ -54,8 +54,19 @@ def detect_format(path: str | Path) -> str:
     )
 
 
+#: what every backend is loaded with (backends/runtime.py), then each one's own keyword arguments
+COMMON_LOAD_OPTIONS = ("device", "threads")
+LOAD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("dtype", "use_cache"),
+    "llama": ("n_ctx", "n_batch", "mmproj", "verbose"),
+    "onnx": (),
+}
+
+
 def create_backend(path: str | Path, backend: str = "auto", device: str = "auto", **kwargs) -> Backend:
-    """Load the model at `path` with `backend` (auto: by the files found)."""
+    """Load the model at `path` with `backend` (auto: by the files found). Every backend
+    takes `device` and `threads`; the others are in LOAD_OPTIONS, and any other name
+    raises BackendOptionError."""
     fmt = detect_format(path)
     name = fmt if backend in ("auto", None) else backend
     if name == "llama" and Path(path).is_dir() and any(Path(path).glob("*.gguf")):
@@ -67,6 +78,11 @@ def create_backend(path: str | Path, backend: str = "auto", device: str = "auto"
             f"backend {name!r} cannot run {path}: that is a {fmt!r} model "
             f"(export it first with `r4b-edge export --format {'gguf' if name == 'llama' else 'onnx'}`)"
         )
+    unknown = sorted(set(kwargs) - set(COMMON_LOAD_OPTIONS) - set(LOAD_OPTIONS[name]))
+    if unknown:
+        raise BackendOptionError(
+            f"unknown argument(s) {', '.join(unknown)} for the {name} backend: it takes "
+            f"{', '.join(COMMON_LOAD_OPTIONS + LOAD_OPTIONS[name])}")
     module, extra, target = BACKENDS[name]
     if not is_installed(name):
         raise BackendUnavailableError(

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError, ModelNotFoundError
+from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError
 from ..formats import GGUF_HF_JSON_KEY as HF_JSON_KEY
 from ..formats import GGUF_IMAGE_NEWLINE
 from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
@@ -31,6 +30,7 @@ from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
 from ..model.tokenizer import IM_END, Tokenizer
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
 from .gguf_pair import find_gguf_pair
+from .runtime import canonical_device, check_threads, resolve_device
 
 DEFAULT_N_CTX = 8192
 GPU_BUILD_HINT = ("reinstall llama-cpp-python with GPU support: "
@@ -66,12 +66,6 @@ def build_info() -> dict[str, Any]:
             "build": kind, "system_info": sysinfo}
 
 
-def default_threads() -> int:
-    """Half the logical CPUs (about the physical cores), at least 1: ggml's spinning
-    worker threads slow down sharply when they compete for cores."""
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
 # ---- files ------------------------------------------------------------------------------------
 def _read_meta(text: Path, mmproj: Path) -> tuple[dict, str, str | None, np.ndarray | None, str]:
     import gguf
@@ -104,12 +98,15 @@ class LlamaBackend(Backend):
 
     name = "llama"
 
-    def __init__(self, model_path: str | Path, device: str = "auto", n_ctx: int | None = None,
-                 n_threads: int | None = None, n_batch: int = 512, mmproj: str | Path | None = None,
+    def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 n_ctx: int | None = None, n_batch: int = 512, mmproj: str | Path | None = None,
                  verbose: bool = False) -> None:
+        """`threads`: llama.cpp's decode and batch threads (and mtmd's); None:
+        `runtime.default_threads()`."""
         self._ll, self._mt = _llama()
         llama_cpp, mtmd_cpp = self._ll, self._mt
         self._closed = True
+        threads = check_threads(threads)
         text, mm = find_gguf_pair(model_path, mmproj)
         cfg_d, tok_json, tmpl, self._newline, self.precision = _read_meta(text, mm)
         self.config = RConfig.from_dict(cfg_d, source=f"{text} ({R4B_CONFIG_KEY})")
@@ -120,20 +117,13 @@ class LlamaBackend(Backend):
         quiet_llama(verbose)
         llama_cpp.llama_backend_init()
         gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
-        dev = (device or "auto").lower()
-        if dev in ("cuda", "metal", "mps", "gpu"):
-            if not gpu_ok:
-                raise BackendUnavailableError(f"device {device!r}: this llama-cpp-python build has no GPU offload; "
-                                              + GPU_BUILD_HINT + " — or use --device cpu")
-            n_gpu = -1
-        elif dev == "auto":
-            n_gpu = -1 if gpu_ok else 0
-        elif dev == "cpu":
-            n_gpu = 0
-        else:
-            raise BackendUnavailableError(f"unknown device {device!r} for the llama backend: use auto, cpu, cuda or metal")
-        self.device = "cpu" if n_gpu == 0 else ("metal" if dev in ("metal", "mps") else "cuda" if dev == "cuda" else "gpu")
-        threads = int(n_threads or os.environ.get("R4B_LLAMA_THREADS") or default_threads())
+        dev = resolve_device(device, "llama", {"cuda": gpu_ok, "mps": gpu_ok},
+                             {"gpu": "this llama-cpp-python build has no GPU offload: " + GPU_BUILD_HINT})
+        n_gpu = 0 if dev == "cpu" else -1
+        asked = canonical_device(device)
+        self.device = {"cpu": "cpu", "cuda": "cuda", "mps": "metal"}[asked] if asked in ("cpu", "cuda", "mps") else \
+            ("cpu" if n_gpu == 0 else "gpu")
+        self.threads = threads
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu
         self._model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
@@ -346,7 +336,7 @@ class LlamaBackend(Backend):
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=self.precision,
-                           extra={"mmproj": str(self.mmproj_path), "n_ctx": self._n_ctx,
+                           extra={"mmproj": str(self.mmproj_path), "n_ctx": self._n_ctx, "threads": self.threads,
                                   "build": build_info()["build"]})
 
     def close(self) -> None:

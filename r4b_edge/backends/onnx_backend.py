@@ -24,32 +24,26 @@ from ..model.config import RConfig
 from ..model.processing import PreparedImage, pack_anyres
 from ..model.tokenizer import Tokenizer
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
+from .runtime import canonical_device, check_threads, resolve_device
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider", "cpu": "CPUExecutionProvider"}
-_DEVICE_ALIASES = {"gpu": "cuda", "mps": "coreml", "metal": "coreml", "apple": "coreml"}
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def resolve_device(device: str = "auto", available: Sequence[str] | None = None) -> str:
-    """auto -> cuda (CUDA EP present), then coreml (CoreML EP, macOS), then cpu. An explicit
-    device whose execution provider this onnxruntime lacks raises BackendUnavailableError."""
+def resolve_onnx_device(device: str = "auto", available: Sequence[str] | None = None) -> str:
+    """The onnx device for `device` (the shared alias table): auto -> cuda (CUDA EP present),
+    then coreml (CoreML EP, macOS), then cpu. An explicit device whose execution provider this
+    onnxruntime lacks raises BackendUnavailableError."""
     avail = list(ort.get_available_providers() if available is None else available)
-    dev = _DEVICE_ALIASES.get(str(device or "auto").lower(), str(device or "auto").lower())
-    if dev == "auto":
-        if PROVIDERS["cuda"] in avail:
-            return "cuda"
-        if PROVIDERS["coreml"] in avail and sys.platform == "darwin":
-            return "coreml"
-        return "cpu"
-    if dev not in PROVIDERS:
-        raise BackendUnavailableError(f"unknown device {device!r} for the onnx backend: use auto, cpu, cuda or coreml")
-    if PROVIDERS[dev] not in avail:
-        fix = {"cuda": "pip uninstall onnxruntime && pip install onnxruntime-gpu (needs an NVIDIA GPU and CUDA 12)",
-               "coreml": "use the standard onnxruntime wheel on macOS (pip install onnxruntime)"}[dev]
-        raise BackendUnavailableError(
-            f"device {dev!r} needs onnxruntime's {PROVIDERS[dev]}, which this onnxruntime lacks "
-            f"(available: {', '.join(avail)}): {fix}; or use --device cpu")
-    return dev
+    have = {"cuda": PROVIDERS["cuda"] in avail,
+            "mps": PROVIDERS["coreml"] in avail and (sys.platform == "darwin" or canonical_device(device) == "mps")}
+    lacks = f"this onnxruntime lacks it (available: {', '.join(avail)})"
+    dev = resolve_device(device, "onnx", have, {
+        "cuda": f"it needs {PROVIDERS['cuda']}; {lacks}: pip uninstall onnxruntime && pip install "
+                "onnxruntime-gpu (needs an NVIDIA GPU and CUDA 12)",
+        "mps": f"it needs {PROVIDERS['coreml']}; {lacks}: use the standard onnxruntime wheel on macOS "
+               "(pip install onnxruntime)"})
+    return {"mps": "coreml"}.get(dev, dev)
 
 
 def read_genai_config(folder: Path) -> dict:
@@ -79,8 +73,9 @@ class OnnxBackend(Backend):
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None,
-                 **_: Any) -> None:
+    def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
+        """`threads`: onnxruntime's intra-op threads; None: `runtime.default_threads()`."""
+        threads = check_threads(threads)
         folder = Path(model_path).expanduser()
         if folder.is_file():
             folder = folder.parent
@@ -90,12 +85,12 @@ class OnnxBackend(Backend):
         self.config = RConfig.from_dict(self.doc["r4b_config"], source=str(folder / GENAI_CONFIG))
         self.config.preprocessor = {"image_mean": m["vision"]["image_mean"], "image_std": m["vision"]["image_std"]}
         self.tokenizer = Tokenizer.from_dir(folder)
-        self.device = resolve_device(device)
+        self.device = resolve_onnx_device(device)
+        self.threads = threads
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
+        so.intra_op_num_threads = threads
         providers = [PROVIDERS[self.device]] + ([PROVIDERS["cpu"]] if self.device != "cpu" else [])
         self._embed = self._session(folder / m["embedding"]["filename"], so, providers)
         self._vision = self._session(folder / m["vision"]["filename"], so, providers)
@@ -216,7 +211,7 @@ class OnnxBackend(Backend):
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.doc.get("precision", "")),
                            extra={"providers": self._dec.get_providers(), "graphs": self.doc.get("graph_precision", {}),
-                                  "kv_cache": "io-binding"})
+                                  "kv_cache": "io-binding", "threads": self.threads})
 
     def close(self) -> None:
         self._past = []
@@ -226,4 +221,4 @@ class OnnxBackend(Backend):
                 delattr(self, attr)
 
 
-__all__ = ["OnnxBackend", "read_genai_config", "resolve_device", "PROVIDERS"]
+__all__ = ["OnnxBackend", "read_genai_config", "resolve_onnx_device", "PROVIDERS"]

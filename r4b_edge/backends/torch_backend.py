@@ -12,33 +12,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendOptionError
 from ..model.checkpoint import load_checkpoint
 from ..model.modeling import truncate_cache
 from ..model.processing import PreparedImage
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
+from .runtime import check_threads, resolve_device
+
+_DTYPES = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_torch_device(device: str = "auto") -> str:
-    """auto -> cuda, then mps, then cpu; an explicit device must exist."""
-    if device in ("auto", None):
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device == "metal":
-        device = "mps"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            "device 'cuda' was asked for but this torch has no CUDA device: "
-            "install a CUDA build of torch or use --device cpu"
-        )
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BackendUnavailableError("device 'mps' is not available here: use --device cpu")
-    if device not in ("cpu", "cuda", "mps"):
-        raise BackendUnavailableError(f"unknown device {device!r} for the torch backend: use auto, cpu, cuda or mps")
-    return device
+    """The torch device for `device` (the shared alias table): auto -> cuda, then mps, then cpu;
+    an explicit device must exist."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return resolve_device(device, "torch", {"cuda": torch.cuda.is_available(), "mps": mps},
+                          {"cuda": "install a CUDA build of torch", "mps": "torch's MPS needs macOS on Apple silicon"})
 
 
 class TorchBackend(Backend):
@@ -46,11 +35,17 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model_path: str | Path, device: str = "auto", dtype: str | None = None,
-                 use_cache: bool = True):
+    def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 dtype: str | None = None, use_cache: bool = True):
+        """`threads`: torch's intra-op threads on CPU (torch.set_num_threads, which
+        is process-wide); None: `runtime.default_threads()`."""
         self.device = resolve_torch_device(device)
-        torch_dtype = {None: None, "float32": torch.float32, "float16": torch.float16,
-                       "bfloat16": torch.bfloat16}[dtype]
+        self.threads = check_threads(threads)
+        if dtype not in _DTYPES:
+            raise BackendOptionError(f"dtype must be one of float32, float16, bfloat16 (or None), got {dtype!r}")
+        if self.device == "cpu":
+            torch.set_num_threads(self.threads)
+        torch_dtype = _DTYPES[dtype]
         if torch_dtype is None:
             torch_dtype = torch.float32 if self.device == "cpu" else torch.float16
         self.model, self.config, self.tokenizer = load_checkpoint(model_path, device=self.device, dtype=torch_dtype)
@@ -126,4 +121,4 @@ class TorchBackend(Backend):
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.dtype).replace("torch.", ""),
                            extra={"parameters": sum(p.numel() for p in self.model.parameters()),
-                                  "kv_cache": self.use_cache})
+                                  "kv_cache": self.use_cache, "threads": self.threads})

@@ -30,7 +30,7 @@ from ..backends.base import Backend
 from ..errors import ContextLengthError, GenerationOptionError
 from ..model.processing import PreparedImage
 from ..model.template import (
-    EMPTY_THINK_CONTINUATION, IMAGE_PLACEHOLDER, MODE_SUFFIX, THINK_OPEN, Message, phase_after,
+    EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, MODE_SUFFIX, THINK_OPEN, Message, phase_after,
     render_prompt, template_mode,
 )
 from ..model.tokenizer import StreamDecoder
@@ -53,6 +53,7 @@ class _State:
     logits: np.ndarray
     phase: str
     thinks: bool
+    chat: bool
     sampler: Sampler
     options: GenerationOptions
     n_ctx: int
@@ -79,10 +80,13 @@ class _State:
 @dataclass(frozen=True)
 class _Start:
     """Where a reply starts: the decision point (`mode` auto/long/short), or a
-    prompt already past it (`mode` None, `phase` from the prompt's text)."""
+    prompt already past it (`mode` None, `phase` from the prompt's text).
+    `chat`: the reply is an assistant turn, whose answer never holds a think
+    tag; False for a raw completion (a prompt with no assistant header)."""
 
     mode: str | None
     phase: str = "reasoning"
+    chat: bool = True
 
 
 class Engine:
@@ -233,7 +237,7 @@ class Engine:
         if t in tok.eos_ids:
             st.done, st.finish_reason = True, "stop"
             return events
-        if st.phase == "answer" and t in (tok.think, tok.end_think):
+        if st.chat and st.phase == "answer" and t in (tok.think, tok.end_think):
             # A think tag in the answer ends the reply; the tag is not answer text.
             st.done, st.finish_reason = True, "stop"
             return events
@@ -307,7 +311,7 @@ class Engine:
         if opts.measure_p_think:
             raise GenerationOptionError(
                 f"measure_p_think needs a prompt that ends in {THINK_OPEN!r} (the decision point)")
-        return self._stream(prompt, images, opts, _Start(None, phase))
+        return self._stream(prompt, images, opts, _Start(None, phase, chat=f"{IM_START}assistant" in prompt))
 
     def _stream(self, prompt: str, images: Sequence[PreparedImage], opts: GenerationOptions,
                 start: _Start) -> Iterator[Event]:
@@ -360,11 +364,11 @@ class Engine:
             decision = dataclasses.replace(decision, deadline=plan[0])
         n_forced = len(drawn) - int(pending)  # already in the cache
         stats.prompt_tokens = be.n_past - n_forced
-        st = _State(logits=logits, phase=phase, thinks=decision.think, sampler=sampler, options=opts,
+        st = _State(logits=logits, phase=phase, thinks=decision.think, chat=start.chat, sampler=sampler, options=opts,
                     n_ctx=be.n_ctx, stats=stats)
         st.decoders = {p: StreamDecoder(self.tok) for p in ("reasoning", "answer")}
         st.texts = {"reasoning": TrimmedText(), "answer": TrimmedText()}
-        st.stop = StopFilter(tuple(opts.stop) + THINK_TAGS)  # the answer never holds a think tag
+        st.stop = StopFilter(tuple(opts.stop) + (THINK_TAGS if start.chat else ()))  # no think tag in an answer
         st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None
         st.think_budget = plan[0].max_think_tokens if plan and plan[0].think else opts.max_think_tokens
         if plan:

@@ -37,6 +37,23 @@ def test_chat_stream_shows_decision_and_stats(tiny_ckpt, png, capsys):
     assert "tok/s" in out and "peak RSS" in out
 
 
+def test_threads_flag_reaches_the_backend(tiny_ckpt, png, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rc = main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "3", "--threads", "1", "--json"])
+        assert rc == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    for verb in ("chat", "serve", "app", "bench"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--threads" in capsys.readouterr().out, verb
+
+
 def test_chat_no_think_and_hidden(tiny_ckpt, png, capsys):
     main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "4", "--mode", "no-think",
           "--hide-thinking"])

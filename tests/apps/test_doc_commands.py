@@ -141,7 +141,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(EXAMPLE, tmp_path / name)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("R4B_LLAMA_THREADS", "1")
+    monkeypatch.setenv("R4B_THREADS", "1")
     return tmp_path
 
 

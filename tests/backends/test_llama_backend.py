@@ -286,6 +286,20 @@ def test_engine_decision_matches_torch(tiny_ckpt: Path, gguf_dir: Path) -> None:
             assert b.stats.think_tokens <= 3 + 40  # budget (+ the closing text) holds
 
 
+def test_threads_one_name(gguf_dir: Path) -> None:
+    from r4b_edge.backends import create_backend
+    from r4b_edge.errors import BackendOptionError
+
+    be = create_backend(gguf_dir, backend="llama", device="cpu", threads=1)
+    try:
+        assert be.threads == 1 and be.info().extra["threads"] == 1
+    finally:
+        be.close()
+    with pytest.raises(BackendOptionError, match="unknown argument.s. n_threads for the llama backend: it takes "
+                                                 "device, threads, n_ctx"):
+        create_backend(gguf_dir, backend="llama", device="cpu", n_threads=1)
+
+
 def test_devices(gguf_dir: Path) -> None:
     import llama_cpp
 

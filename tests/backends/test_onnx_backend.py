@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from r4b_edge.backends import create_backend, detect_format
-from r4b_edge.backends.onnx_backend import OnnxBackend, resolve_device
+from r4b_edge.backends.onnx_backend import OnnxBackend, resolve_onnx_device as resolve_device
 from r4b_edge.backends.torch_backend import TorchBackend
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.errors import BackendUnavailableError, ModelFormatError, ModelNotFoundError
@@ -143,6 +143,21 @@ def test_resolve_device():
         resolve_device("mps", ["CPUExecutionProvider"])
     with pytest.raises(BackendUnavailableError, match="unknown device"):
         resolve_device("tpu", ["CPUExecutionProvider"])
+
+
+def test_threads_and_unknown_arguments(onnx_dir):
+    from r4b_edge.errors import BackendOptionError
+
+    be = create_backend(onnx_dir, backend="onnx", device="cpu", threads=1)
+    try:
+        assert be.threads == 1 and be.info().extra["threads"] == 1
+        assert be._dec.get_session_options().intra_op_num_threads == 1
+    finally:
+        be.close()
+    with pytest.raises(BackendOptionError, match="unknown argument.s. n_ctx for the onnx backend: it takes device, threads"):
+        create_backend(onnx_dir, backend="onnx", device="cpu", n_ctx=512)  # was swallowed by **_
+    with pytest.raises(BackendOptionError, match="threads must be a whole number >= 1"):
+        OnnxBackend(onnx_dir, device="cpu", threads=0)
 
 
 def test_registry_and_errors(onnx_dir, tmp_path):

@@ -132,6 +132,16 @@ def test_think_tag_in_the_answer_ends_it(tiny_tokenizer, tail):
     assert r.stats.finish_reason == "stop"
 
 
+def test_raw_completion_keeps_think_tags_as_text(tiny_tokenizer):
+    """A prompt with no assistant header is a plain completion: there is no answer to guard."""
+    tok = tiny_tokenizer
+    be = ScriptedBackend(tok, 0.1, answer_ids=tok.encode("four") + [tok.end_think] + tok.encode(" more"))
+    r = Engine(be).generate_prompt("two plus two is", [], GenerationOptions(max_tokens=40))
+    # the script writes its empty block, then its answer and the tag, and again: all of it is completion text
+    assert r.answer.startswith("</think>\n\nfour</think>\n\nfour</think>")
+    assert r.stats.finish_reason == "length" and len(r.token_ids) == 40
+
+
 def test_angle_bracket_that_is_not_a_tag_stays(tiny_tokenizer):
     tok = tiny_tokenizer
     ids = tok.encode("2 <") + tok.encode(" 3 </t")
