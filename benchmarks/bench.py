@@ -417,11 +417,12 @@ def _true_shape_main(args: argparse.Namespace) -> int:
         raise R4BError(f"--true-shape-layers must be >= 1, got {args.true_shape_layers}")
     threads = args.threads or 2
     work = Path(args.roofline_dir or Path(args.cache) / "true-shape").expanduser().resolve()
+    machine = report.machine_info()  # before the run: its load average is the one at the start
     t0 = time.perf_counter()
     d = true_shape.run_true_shape(work, args.true_shape_layers, threads, device=args.device,
                                   repeats=max(3, min(args.repeats, 2) if args.quick else args.repeats),
                                   n_gen=16 if args.quick else 32, log=lambda m: print(m, file=sys.stderr))
-    d |= {"command": _command(args), "machine": report.machine_info(),
+    d |= {"command": _command(args), "machine": machine,
           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
           "duration_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out).expanduser()
