@@ -20,8 +20,8 @@ from typing import Any
 def replies(model: Any, items: list) -> list[tuple[str, str, float]]:
     """(reasoning, answer, decode tok/s) per item, greedy, auto mode."""
     out = []
-    for img, q in items:
-        r = model.chat(img, q.question, mode="auto", max_tokens=96, temperature=0.0)
+    for it in items:
+        r = model.chat(it["image"], it["question"], mode="auto", max_tokens=96, temperature=0.0)
         out.append((r.reasoning, r.answer, float(r.stats.decode_tps or 0.0)))
     return out
 
@@ -45,7 +45,7 @@ def oracle(model: str, items: list, reference: str | None, per_family: int) -> l
 
 def main(argv: list[str] | None = None) -> int:
     import r4b_edge
-    from r4b_edge.train.world import FAMILIES, check_answer, make_example, render
+    from r4b_edge.world import check_answer, eval_items
 
     ap = argparse.ArgumentParser(prog="gpu_parity", description=__doc__)
     ap.add_argument("--model", required=True, help="R-4B folder (the torch oracle runs it on the CPU)")
@@ -55,16 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     ref_io.add_argument("--save-reference", metavar="FILE", help="write the oracle's replies here (JSON)")
     ref_io.add_argument("--reference", metavar="FILE", help="read the oracle's replies from here instead of running torch")
     a = ap.parse_args(argv)
-    fams = [f for f in FAMILIES if f != "caption"]
-    items = []
-    for fam in fams:
-        for i in range(a.per_family):
-            scene, q = make_example(1334, i, fam, "eval")
-            items.append((render(scene), q))
+    items = eval_items(per_family=a.per_family)
     ref = oracle(a.model, items, a.reference, a.per_family)
     if a.save_reference:
         Path(a.save_reference).write_text(json.dumps({"per_family": a.per_family, "replies": ref}))
-    ok_ref = sum(check_answer(r[1], q.answer) for r, (_, q) in zip(ref, items))
+    ok_ref = sum(check_answer(r[1], it["answer"]) for r, it in zip(ref, items))
     rc = 0
     for t in a.targets.split(","):
         spec, _, path = t.partition("=")
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = 1
             continue
         same = sum(g[:2] == r[:2] for g, r in zip(got, ref))
-        ok = sum(check_answer(g[1], q.answer) for g, (_, q) in zip(got, items))
+        ok = sum(check_answer(g[1], it["answer"]) for g, it in zip(got, items))
         tps = sorted(g[2] for g in got)[len(got) // 2]
         print(json.dumps({"target": t, "device": info["device"], "items": len(items), "identical_to_torch_cpu": same,
                           "accuracy": round(ok / len(items), 4), "torch_cpu_accuracy": round(ok_ref / len(items), 4),

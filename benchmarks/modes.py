@@ -3,7 +3,7 @@
 For one configuration (backend x precision, in its own process) every eval item is asked in
 every mode (auto | think | no-think) with `Model.stream` (greedy); the `Stats` of the `Done`
 result give time to first token, time to first answer token and the token counts, and the
-world's rule checker (`r4b_edge.train.world.check_answer`) scores the answer. The parent turns
+world's rule checker (`r4b_edge.world.check_answer`) scores the answer. The parent turns
 the per-item rows into the table a user reads to pick a mode: accuracy, think-rate, mean tokens
 and mean time-to-answer, with medians and quartiles of the latencies.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from r4b_edge.errors import R4BError
 from r4b_edge.model.template import API_MODES
 
 from .latency import BenchSkip, open_backend, peak_rss_mb, run_isolated, summarize
@@ -22,40 +23,20 @@ from .latency import BenchSkip, open_backend, peak_rss_mb, run_isolated, summari
 MODES = API_MODES
 
 
-def eval_items(per_family: int, seed: int, families: Sequence[str] | None = None) -> list[dict]:
-    """The mixed eval set: `per_family` items of each question family (perception + reasoning),
-    interleaved, each {family, tier, question, answer, index}, from the world's eval split."""
-    from r4b_edge.train.world import FAMILIES, make_example
-
-    fams = list(families or FAMILIES)
-    unknown = [f for f in fams if f not in FAMILIES]
-    if unknown:
-        raise BenchSkip(f"unknown eval families {unknown}; known: {', '.join(FAMILIES)}")
-    out = []
-    for i in range(per_family):
-        for fam in fams:
-            _, q = make_example(seed, i, fam, "eval")
-            out.append({"family": fam, "tier": q.tier, "question": q.question, "answer": q.answer, "index": i})
-    return out
-
-
-def _image(seed: int, item: dict) -> Any:
-    from r4b_edge.train.world import make_example, render
-
-    return render(make_example(seed, item["index"], item["family"], "eval")[0])
-
-
 def modes_worker(p: dict) -> dict:
     """Worker: load one configuration and answer every eval item in every mode."""
     from r4b_edge.api import Model
     from r4b_edge.engine.events import Done
-    from r4b_edge.train.world import check_answer
+    from r4b_edge.world import EVAL_SEED, check_answer, eval_items
 
-    seed, max_tokens = int(p.get("seed", 1234)), int(p.get("max_tokens", 64))
-    items = eval_items(int(p["per_family"]), seed, p.get("families"))
+    seed, max_tokens = int(p.get("seed", EVAL_SEED)), int(p.get("max_tokens", 64))
+    try:
+        items = eval_items(per_family=int(p["per_family"]), seed=seed, families=p.get("families"), interleaved=True)
+    except R4BError as e:
+        raise BenchSkip(str(e)) from None
     model = Model(open_backend(p["spec"]))
     try:
-        images = [model.prepare(_image(seed, it)) for it in items]
+        images = [model.prepare(it["image"]) for it in items]
         model.chat(images[0], items[0]["question"], mode="no-think", max_tokens=4)  # warm-up
         rows = []
         for mode in p.get("modes", MODES):

@@ -5,7 +5,7 @@ CPU decode speed; writes the markdown table for the model card (QUANT_ONNX.md).
         --exports runs/onnx --md r4b_edge/assets/model/QUANT_ONNX.md
 
 Every backend runs the same engine (greedy, auto mode) on the same held-out world questions
-(`r4b_edge.train.world`, split "eval"), so the deltas are the export's and nothing else's.
+(`r4b_edge.world.eval_items`, the model card's eval split), so the deltas are the export's and nothing else's.
 """
 from __future__ import annotations
 
@@ -17,23 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from r4b_edge.world import eval_items
+
 from .onnx import export_onnx
 
-EVAL_SEED = 1334  # r4b_edge.train: recipe seed 1234 + EVAL_SEED_OFFSET 100
 PRECISIONS = ("fp32", "int8", "int4")
-
-
-def world_items(per_family: int, seed: int = EVAL_SEED) -> list[dict]:
-    """Held-out world questions: image (PIL), question, gold answer, tier, family."""
-    from r4b_edge.train.world import PERCEPTION, REASONING, make_example, render
-
-    items = []
-    for fam in PERCEPTION + REASONING:
-        for i in range(per_family):
-            scene, q = make_example(seed, i, fam, "eval")
-            items.append({"image": render(scene), "question": q.question, "gold": q.answer,
-                          "tier": q.tier, "family": fam})
-    return items
 
 
 def greedy_parity(ref: Any, other: Any, items: Sequence[dict], n_tokens: int = 32) -> dict:
@@ -69,7 +57,7 @@ def evaluate(backend: Any, items: Sequence[dict], max_tokens: int = 64) -> dict:
     from r4b_edge.engine.generate import Engine, GenerationOptions
     from r4b_edge.model.processing import prepare_image
     from r4b_edge.model.template import Message
-    from r4b_edge.train.world import check_answer
+    from r4b_edge.world import check_answer
 
     eng = Engine(backend)
     rows = []
@@ -77,7 +65,7 @@ def evaluate(backend: Any, items: Sequence[dict], max_tokens: int = 64) -> dict:
         img = prepare_image(it["image"], backend.config)
         r = eng.generate([Message("user", it["question"], images=1)], [img],
                          GenerationOptions(mode="auto", max_tokens=max_tokens))
-        rows.append((it["tier"], check_answer(r.answer, it["gold"]), r.thought, len(r.token_ids)))
+        rows.append((it["tier"], check_answer(r.answer, it["answer"]), r.thought, len(r.token_ids)))
     out = {}
     for tier in ("perception", "reasoning", "overall"):
         sel = [x for x in rows if tier == "overall" or x[0] == tier]
@@ -114,8 +102,8 @@ def report(model: Path, exports: Path, per_family: int = 25, parity_prompts: int
         torch.set_num_threads(threads)
     dirs = {p: export_onnx(model, exports / f"onnx-{p}", p) for p in PRECISIONS}
     tb = TorchBackend(model, device="cpu")
-    items = world_items(per_family)
-    parity_items = world_items(max(1, -(-parity_prompts // 8)))[:parity_prompts]
+    items = eval_items(per_family=per_family)
+    parity_items = eval_items(per_family=max(1, -(-parity_prompts // 8)))[:parity_prompts]
     res: dict[str, Any] = {"model": str(model), "torch": {"eval": evaluate(tb, items)}}
     obs = {p: OnnxBackend(d, device="cpu", threads=threads) for p, d in dirs.items()}
     for p, ob in obs.items():

@@ -6,7 +6,7 @@ the test bounds); not run in CI.
 Exports F32-mmproj/F16/Q8_0/Q4_K_M pairs into --work (no-op when up to date) and prints
 a markdown table: image-embedding and last-logit max |diff|, the part of the embedding
 error due to llama.cpp's tanh-GELU in the projector (torch run with tanh vs erf), and
-greedy-token identity over the synthetic world's eval prompts.
+greedy-token identity over the held-out eval items (`r4b_edge.world.eval_items`).
 """
 from __future__ import annotations
 
@@ -18,20 +18,11 @@ from pathlib import Path
 import numpy as np
 
 
-def world_prompts(n: int):
-    from PIL import Image
+def world_prompts(n: int) -> list:
+    """(PIL image, question) of the first `n` held-out eval items, interleaved over the families."""
+    from r4b_edge.world import eval_items
 
-    try:
-        from r4b_edge.train.world import FAMILIES, make_example, render
-    except ImportError:
-        rng = np.random.default_rng(0)
-        return [(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), f"question {i}?")
-                for i in range(n)]
-    out = []
-    for i in range(n):
-        scene, q = make_example(0, i, FAMILIES[i % len(FAMILIES)], "eval")
-        out.append((render(scene), q.question))
-    return out
+    return [(it["image"], it["question"]) for it in eval_items(per_family=-(-n // 8), interleaved=True)[:n]]
 
 
 def prompt_segments(tok, image, question: str):

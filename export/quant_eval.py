@@ -4,8 +4,8 @@
     python -m r4b_edge.export.quant_eval r4b_edge/assets/model --work /tmp/quant \
         --per-family 25 --out r4b_edge/assets/model/QUANT_GGUF.md
 
-Items are the synthetic world's `eval` split (r4b_edge.train.world.make_example with the
-evaluation seed); answers are scored with world.check_answer, as the training eval does.
+Items are `r4b_edge.world.eval_items` (the model card's held-out split, EVAL_SEED); answers are
+scored with world.check_answer, as the training eval does.
 """
 from __future__ import annotations
 
@@ -16,25 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-EVAL_SEED = 100  # train.evaluate: recipe seed (0) + EVAL_SEED_OFFSET
-
-
-def eval_items(per_family: int, seed: int = EVAL_SEED) -> list[dict]:
-    """[{image, question, answer, family, tier}] from the world's eval split."""
-    from r4b_edge.train.world import FAMILIES, PERCEPTION, make_example, render
-
-    items = []
-    for fam in FAMILIES:
-        for i in range(per_family):
-            scene, q = make_example(seed, i, fam, "eval")
-            items.append({"image": render(scene), "question": q.question, "answer": q.answer, "family": fam,
-                          "tier": "perception" if fam in PERCEPTION else "reasoning"})
-    return items
-
-
 def run_items(model: Any, items: list[dict], max_tokens: int, mode: str = "auto") -> dict:
     """Accuracy / think-rate / mean tokens overall and per tier, plus the answers."""
-    from r4b_edge.train.world import check_answer
+    from r4b_edge.world import check_answer
 
     rows = []
     t0 = time.perf_counter()
@@ -64,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import r4b_edge
     from r4b_edge.export.gguf import export_gguf
+    from r4b_edge.world import eval_items
 
-    items = eval_items(a.per_family)
+    items = eval_items(per_family=a.per_family)
     res: dict[str, Any] = {}
     with r4b_edge.load(a.checkpoint, backend="torch", device="cpu") as m:
         res["torch fp32"] = run_items(m, items, a.max_tokens)

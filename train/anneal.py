@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.world import PERCEPTION, REASONING, opening_for
 
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
 from .data import IMAGE_PLACEHOLDER, read_jsonl, write_jsonl
@@ -20,7 +21,6 @@ from .pretrain import (begin_stage, encode_all, ensure_world, family_weights, gr
                        save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
-from .world import PERCEPTION, REASONING, opening_for
 
 
 def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Recipe) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.world import PERCEPTION, REASONING
 
 from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
                      lr_at, save_state, shard, token_logprobs)
@@ -24,7 +25,6 @@ from .pretrain import (begin_stage, ensure_world, load_stage_model, load_tokeniz
                        stage_main)
 from .rollout import Roller, Rollout, items_from_records
 from .sft import make_optimizer
-from .world import PERCEPTION, REASONING
 
 
 def step_prompts(r: Recipe, step: int, pool: Sequence[dict]) -> list[int]:

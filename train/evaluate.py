@@ -13,20 +13,22 @@ import torch
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.template import API_MODES
+from r4b_edge.world import EVAL_SEED_OFFSET, PERCEPTION, REASONING
 
 from .common import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl
 from .pretrain import ensure_world, stage_model_dir
 from .rollout import Roller, items_from_records
-from .world import PERCEPTION, REASONING
 
 MODES = API_MODES
 TIERS = ("perception", "reasoning")
-EVAL_SEED_OFFSET = 100
 
 
 def eval_items(run_dir: Path, r: Recipe) -> tuple[list[dict], Path]:
-    """The held-out set: split 'eval' scenes (disjoint from training by scene hash), own seed."""
+    """The held-out set: split 'eval' scenes (disjoint from training by scene hash), seed
+    `r.seed + EVAL_SEED_OFFSET` (r4b_edge.world.EVAL_SEED for the shipped recipe): the items of
+    `r4b_edge.world.eval_items("eval", r.ev_per_family, r.seed + EVAL_SEED_OFFSET)`, written as
+    records for the roller."""
     p = ensure_world(run_dir, "eval", r.seed + EVAL_SEED_OFFSET,
                      {f: r.ev_per_family for f in PERCEPTION + REASONING}, split="eval")
     return items_from_records(read_jsonl(p)), p.parent
@@ -84,7 +86,7 @@ def evaluate_model(model: Any, cfg: Any, tok: Any, items: Sequence[dict], root: 
 def second_turn_items(items: Sequence[dict], seed: int) -> list[dict]:
     """Each item as the second question of a chat: an opening perception question about the same
     scene (seeded by the item id) with its gold answer comes first, with the image."""
-    from .world import opening_for
+    from r4b_edge.world import opening_for
 
     out = []
     for it in items:

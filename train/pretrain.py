@@ -11,12 +11,13 @@ import torch
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
+from r4b_edge.world import FAMILIES, PERCEPTION, TEMPLATES, make_example, scan_text
 
 from .common import Recipe, barrier, is_main, load_recipe, model_config, set_threads, setup_dist
 from .data import Encoded, PixelCache, encode_record, read_jsonl
 from .sft import run_sft
 from .tokenizer import train_tokenizer, save_tokenizer
-from .world import FAMILIES, PERCEPTION, TEMPLATES, make_example, scan_text, write_world
+from .world import write_world
 
 def world_dir(run: Path, name: str) -> Path:
     """Folder of a generated world split."""

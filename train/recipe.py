@@ -69,7 +69,7 @@ def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
 
 def write_example(out: Path) -> dict:
     """Render the quick-start image; returns its question and answer."""
-    from .world import make_example, render
+    from r4b_edge.world import make_example, render
 
     scene, q = make_example(EXAMPLE["seed"], EXAMPLE["index"], EXAMPLE["family"], "eval")
     render(scene).save(out)
@@ -78,7 +78,7 @@ def write_example(out: Path) -> dict:
 
 def colour_count_note(bpo: dict, r: Recipe) -> str:
     """The card's colour-count paragraph: how it was learned, and what is still weak (measured)."""
-    from .world import PERCEPTION
+    from r4b_edge.world import PERCEPTION
 
     fams = [f for f in bpo["no-think"]["families"] if f in PERCEPTION]
     low = {(m, f): bpo[m]["families"][f] for m in ("auto", "think", "no-think") for f in fams

@@ -18,7 +18,9 @@ def backends(tmp_path_factory, tiny_ckpt):
 @pytest.mark.slow
 def test_parity_eval_speed_and_table(backends):
     tb, ob = backends
-    items = onnx_report.world_items(1)
+    from r4b_edge.world import eval_items
+
+    items = eval_items(per_family=1)
     assert len(items) == 8 and {it["tier"] for it in items} == {"perception", "reasoning"}
     par = onnx_report.greedy_parity(tb, ob, items[:3], n_tokens=8)
     assert par["identical_prompts"] == 3 and par["token_agreement"] == 1.0

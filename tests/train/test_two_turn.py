@@ -8,7 +8,7 @@ import pytest
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.template import Message, render_prompt
 from r4b_edge.train import data as D
-from r4b_edge.train import world as W
+from r4b_edge import world as W
 from r4b_edge.train.pretrain import tokenizer_texts
 from r4b_edge.train.tokenizer import train_tokenizer
 

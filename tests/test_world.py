@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r4b_edge.errors import TrainingError
-from r4b_edge.train import world as W
+from r4b_edge import world as W
+from r4b_edge.errors import R4BError, TrainingError
 
 
 def test_same_seed_same_world_different_seed_differs():
@@ -84,8 +84,33 @@ def test_splits_are_scene_disjoint():
 
 def test_write_world(tmp_path):
     from r4b_edge.train.data import read_jsonl
+    from r4b_edge.train.world import write_world
 
-    p = W.write_world(tmp_path, 3, {"digit": 2, "sum": 2})
+    p = write_world(tmp_path, 3, {"digit": 2, "sum": 2})
     recs = read_jsonl(p)
     assert len(recs) == 4 and all((tmp_path / r["images"][0]).exists() for r in recs)
     assert recs[2]["meta"]["tier"] == "reasoning" and recs[2]["trace"]
+
+
+def test_eval_items_are_the_written_eval_records(tmp_path):
+    """eval_items is what train/evaluate.py writes and scores (the model card's split), with one
+    default seed: the shipped recipe's seed + EVAL_SEED_OFFSET."""
+    pytest.importorskip("torch")
+    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.data import read_jsonl
+    from r4b_edge.train.rollout import items_from_records
+    from r4b_edge.train.world import write_world
+
+    assert Recipe().seed + W.EVAL_SEED_OFFSET == W.EVAL_SEED == 1334
+    recs = read_jsonl(write_world(tmp_path, W.EVAL_SEED, {f: 2 for f in W.PERCEPTION + W.REASONING}, "eval"))
+    written = items_from_records(recs)
+    items = W.eval_items(per_family=2)
+    keys = ("id", "family", "tier", "question", "answer")
+    assert [tuple(it[k] for k in keys) for it in items] == [tuple(it[k] for k in keys) for it in written]
+    assert [it["scene"].key() for it in items] == [it["scene"] for it in written]
+    assert all(it["image"].tobytes() == W.render(it["scene"]).tobytes() for it in items)
+    mixed = W.eval_items(per_family=2, interleaved=True)
+    assert [it["family"] for it in mixed[:len(W.FAMILIES)]] == W.FAMILIES  # every prefix covers the families
+    assert sorted(it["id"] for it in mixed) == sorted(it["id"] for it in items)
+    with pytest.raises(R4BError, match="unknown eval families"):
+        W.eval_items(per_family=1, families=["digit", "nope"])
