@@ -1,6 +1,6 @@
 """`r4b-edge`: one entry point, one module per verb.
 
-Each verb module defines `register(subparsers)` (cheap: no heavy imports) and
+Each verb module defines `register(subparsers)` (cheap: no heavy imports, no optional extra) and
 does its work in the function it sets as `func`. Project errors print one line
 and exit 1; no traceback reaches the user.
 """
@@ -35,14 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"r4b-edge {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
-    for verb, module in VERBS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("r4b_edge"):
-                continue  # verb not built yet in this tree
-            raise
-        mod.register(sub)
+    for module in VERBS.values():
+        # registering imports no optional extra (a verb imports those when it runs and names the
+        # extra to install), so an import error here is a bug and is raised, never hidden
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from r4b_edge.model.template import API_MODES
 
 DEFAULT_PRECISIONS = {"torch": "fp32", "llama": "F16,Q8_0,Q4_K_M", "onnx": "fp32,int8,int4"}
 QUICK_PRECISIONS = {"torch": "fp32", "llama": "Q4_K_M", "onnx": "int8"}
+OVERHEAD_MIN_RUNS = 7  # interleaved ours/raw run pairs behind the headline ratio, --quick too
 
 
 def register(subparsers: Any) -> None:
@@ -288,7 +289,7 @@ def run_bench(model: Path, s: dict, cache: Path, out: Path | None, make_plots: b
         elif kind == "overhead":
             bar.set_postfix_str(f"raw llama.cpp {arg['precision']}")
             row = baselines.run_overhead(arg, max(s["n_prompt"]), max(s["n_gen"]), s["warmup"],
-                                         max(s["repeats"], 3))
+                                         max(s["repeats"], OVERHEAD_MIN_RUNS))
             doc["baselines"]["overhead"].append(row)
         else:
             bar.set_postfix_str("roofline")
@@ -374,7 +375,9 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     threads = args.threads or 1
     spec = {"backend": "torch", "precision": "fp32", "path": str(model), "device": args.device, "threads": threads}
     set_threads(threads)
-    seed = args.eval_seed if args.eval_seed is not None else _default_eval_seed()
+    from r4b_edge.world import EVAL_SEED
+
+    seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED
     t0 = time.perf_counter()
     s = deadline_sweep.run_sweep(spec, 1 if args.quick else args.eval_per_family, seed,
                                  n_deadlines=3 if args.quick else 8)
@@ -451,7 +454,7 @@ def main(args: argparse.Namespace) -> int:
     for t in doc["targets"]:
         met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         val = "-" if t["value"] is None else f"{t['value']:.3f}"
-        print(f"  {t['name']}: {val} (goal {t['goal']}) {met}")
+        print(f"  {t['name']}: {val} (goal {t['goal']}) {met}" + (f"; {t['note']}" if t["note"] else ""))
     if doc["skipped"]:
         print(f"  skipped: {len(doc['skipped'])} (see results.md)")
     return 0

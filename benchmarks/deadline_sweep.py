@@ -1,7 +1,7 @@
 """Deadline sweep: accuracy and the share of answers delivered within T, against T.
 
 `r4b-edge bench --deadline-sweep` asks the world's held-out eval items (perception and reasoning
-families, `modes.eval_items`) through the public API, greedy: first in the fixed modes (think,
+families, `r4b_edge.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
 no-think, and auto for reference), then with `deadline_ms=T` for a grid of T spanning from the
 no-think replies' 95th-percentile time (x 1.1) to past the think replies' (x 1.3). A reply is
 delivered within T if its wall time, from the `stream` call to its `Done`, is at most T.
@@ -22,14 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from .latency import summarize
-from .modes import _image, eval_items
 
 FIXED = ("think", "no-think", "auto")
 
 
 def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
     from r4b_edge.engine.events import Decision, Done
-    from r4b_edge.train.world import check_answer
+    from r4b_edge.world import check_answer
 
     t0 = time.perf_counter()
     plan, result = None, None
@@ -54,10 +53,12 @@ def sweep_worker(p: dict) -> dict:
     from .latency import open_backend
 
     seed, per_family, max_tokens = int(p["seed"]), int(p["per_family"]), int(p.get("max_tokens", 96))
-    items = eval_items(per_family, seed, p.get("families"))
+    from r4b_edge.world import eval_items
+
+    items = eval_items(per_family=per_family, seed=seed, families=p.get("families"), interleaved=True)
     model = Model(open_backend(p["spec"]))
     try:
-        images = [model.prepare(_image(seed, it)) for it in items]
+        images = [model.prepare(it["image"]) for it in items]
         for img, it in list(zip(images, items))[:4]:  # warm-up (untimed)
             model.chat(img, it["question"], mode="think", max_tokens=max_tokens)
         fixed = {m: [_ask(model, img, it, max_tokens, mode=m) for img, it in zip(images, items)] for m in FIXED}

@@ -147,15 +147,18 @@ def compute_targets(doc: dict) -> list[dict]:
     out = []
     ov = [r for r in doc["baselines"].get("overhead", []) if "decode_ratio" in r]
     for r in ov:
-        # same settings (flash attention AUTO = on for CPU, as our backend) isolate our overhead;
-        # the ratio against Llama()'s defaults (flash attention off) is given beside it
-        same = r.get("decode_ratio_fa") or r["decode_ratio"]
+        # the headline compares equal settings only (raw with flash attention on, as llama.cpp's
+        # AUTO picks for our backend on CPU): our overhead and nothing else; its spread is stated.
+        # The ratio against Llama()'s defaults (flash attention off: unequal settings) is context.
+        same = r["decode_ratio_fa"]
         v = same["median"]
         where = "4B-shape model" if r.get("model") == "roofline" else "bench model"
         out.append(_target(f"llama {r['precision']} decode ours/raw llama-cpp-python, same settings ({where})", v,
                            ">= 0.97", v >= 0.97,
-                           f"vs Llama() defaults (flash attention off) {r['decode_ratio']['median']:.3f}; "
-                           f"TTFT ratio {r['ttft_ratio']['median']:.3f} (ours/raw, lower is better)"))
+                           f"p25-p75 {same['p25']:.3f}-{same['p75']:.3f} over {same['n']} interleaved run pairs; "
+                           f"vs Llama() defaults (flash attention off, unequal settings) "
+                           f"{r['decode_ratio']['median']:.3f}; same-settings TTFT ratio "
+                           f"{r['ttft_ratio_fa']['median']:.3f} (ours/raw, lower is better)"))
     if not ov:
         out.append(_target("llama decode ours/raw llama-cpp-python", None, ">= 0.97", None, "not measured"))
     roof = [r for r in (doc["baselines"].get("roofline") or {}).get("rows", []) if "decode_tps" in r]

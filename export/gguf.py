@@ -279,33 +279,43 @@ def _order(name: str) -> tuple:
     return (0 if m is None and "embd" in name else 1 if m else 2, int(m.group(1)) if m else 0, name)
 
 
+class _StreamedTensor:
+    """A tensor GGUFWriter writes through its own API without holding it in memory: the writer
+    takes `shape`/`dtype`/`nbytes` for the tensor info and calls `tofile(fout)` once in
+    `write_tensors_to_file` (as it does for gguf-py's own LazyNumpyTensor); `tofile` streams
+    the checkpoint tensor in row chunks, converted to the GGUF type."""
+
+    def __init__(self, t: _Tensor, src: _Source) -> None:
+        self.t, self.src = t, src
+        self.shape = t.shape  # logical shape (quantized types too)
+        self.dtype = np.dtype(np.float16 if t.type == "F16" else np.float32)
+        self.nbytes = tensor_nbytes(t.shape, t.type)
+
+    def tofile(self, fout: Any) -> None:
+        n = 0
+        for chunk in self.src.chunks(self.t.hf):
+            data = convert_chunk(chunk, self.t.type)
+            data.tofile(fout)
+            n += data.nbytes
+            del chunk, data
+        if n != self.nbytes:
+            raise ExportError(f"{self.t.hf}: wrote {n} bytes, expected {self.nbytes}")
+
+
 def _write(path: Path, arch: str, plan: list[_Tensor], src: _Source, kv: Any) -> None:
     """Write a GGUF with metadata from `kv(writer)` and tensors streamed from `src`."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    kv(w)
-    for t in plan:
-        dt = np.float16 if t.type == "F16" else np.float32  # quantized types: shape stays logical
-        raw = None if t.type in ("F32", "F16") else gguf.GGMLQuantizationType[t.type]
-        w.add_tensor_info(t.gguf, t.shape, dt, tensor_nbytes(t.shape, t.type), raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    fout = w.fout[0]
     try:
+        kv(w)
         for t in plan:
-            w.write_padding(fout, fout.tell())
-            n = 0
-            for chunk in src.chunks(t.hf):
-                data = convert_chunk(chunk, t.type)
-                data.tofile(fout)
-                n += data.nbytes
-                del chunk, data
-            if n != tensor_nbytes(t.shape, t.type):
-                raise ExportError(f"{t.hf}: wrote {n} bytes, expected {tensor_nbytes(t.shape, t.type)}")
-            w.write_padding(fout, n)
-        fout.flush()
+            raw = None if t.type in ("F32", "F16") else gguf.GGMLQuantizationType[t.type]
+            w.add_tensor(t.gguf, _StreamedTensor(t, src), raw_shape=t.shape, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.flush()
     finally:
         w.close()
 

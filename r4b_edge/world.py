@@ -265,8 +265,8 @@ def check_answer(prediction: str, gold: str) -> bool:
 # ---- the held-out eval set every report, table and benchmark asks -----------------------------
 #: World seed of the held-out eval split: training's recipe seed (1234, `train.common.Recipe`) +
 #: EVAL_SEED_OFFSET. `train/evaluate.py` (the model card's eval) scores exactly these items; the
-#: export reports (onnx_report, quant_eval, parity_report) and the benchmarks (modes, gpu_parity,
-#: bench) default to them, so every table describes the same questions.
+#: reports and benchmarks (benchmarks/: onnx_report, quant_eval, parity_report, gpu_parity, the
+#: bench's modes table) default to them, so every table describes the same questions.
 EVAL_SEED_OFFSET = 100
 EVAL_SEED = 1234 + EVAL_SEED_OFFSET
 

@@ -40,7 +40,7 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path):
 
 
 def _tiny_config(tokenizer, anyres: bool):
-    from r4b_edge.model.config import tiny_config
+    from r4b_edge.testing import tiny_config
 
     return tiny_config(anyres=anyres, vocab_size=tokenizer.vocab_size, image_token_index=tokenizer.image)
 
@@ -48,7 +48,7 @@ def _tiny_config(tokenizer, anyres: bool):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path, tiny_tokenizer) -> Path:
     """Tiny random R-4B folder: AnyRes config, SHARDED safetensors + index."""
-    from r4b_edge.model.checkpoint import write_random_checkpoint
+    from r4b_edge.testing import write_random_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-r4b"
     return write_random_checkpoint(out, _tiny_config(tiny_tokenizer, True), tiny_tokenizer_dir,
@@ -58,7 +58,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path
 @pytest.fixture(scope="session")
 def tiny_ckpt_base(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path, tiny_tokenizer) -> Path:
     """Tiny random R-4B folder: base view only (no AnyRes), single model.safetensors."""
-    from r4b_edge.model.checkpoint import write_random_checkpoint
+    from r4b_edge.testing import write_random_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-r4b-base"
     return write_random_checkpoint(out, _tiny_config(tiny_tokenizer, False), tiny_tokenizer_dir, seed=1)

@@ -17,7 +17,7 @@ from r4b_edge.world import PERCEPTION, REASONING, opening_for
 
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
 from .data import IMAGE_PLACEHOLDER, read_jsonl, write_jsonl
-from .pretrain import (begin_stage, encode_all, ensure_world, family_weights, grounded, load_stage_model, load_tokenizer, pixel_cache,
+from .stages import (begin_stage, encode_all, ensure_world, family_weights, grounded, load_stage_model, load_tokenizer, pixel_cache,
                        save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft

@@ -21,7 +21,7 @@ from r4b_edge.world import PERCEPTION, REASONING
 from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
                      lr_at, save_state, shard, token_logprobs)
 from .data import read_jsonl
-from .pretrain import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
+from .stages import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
                        stage_main)
 from .rollout import Roller, Rollout, items_from_records
 from .sft import make_optimizer

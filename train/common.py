@@ -221,16 +221,6 @@ def shard(items: Sequence[Any]) -> list[Any]:
     return list(items[rank()::world_size()])
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's object on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ---- model inputs ------------------------------------------------------------------------------
 def embed_inputs(model: Any, ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
     """Token embeddings with every image token run of ids replaced by that image's base-view features."""
     emb = model.embed_tokens(ids)

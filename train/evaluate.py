@@ -17,7 +17,7 @@ from r4b_edge.world import EVAL_SEED_OFFSET, PERCEPTION, REASONING
 
 from .common import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl
-from .pretrain import ensure_world, stage_model_dir
+from .stages import ensure_world, stage_model_dir
 from .rollout import Roller, items_from_records
 
 MODES = API_MODES

@@ -18,7 +18,7 @@ from r4b_edge.world import PERCEPTION, REASONING, make_example, scan_text
 
 from .common import Recipe, model_config
 from .data import PixelCache, make_record
-from .pretrain import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
+from .stages import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
 from .sft import run_sft
 
 #: Example indices for this stage start here, away from the other stages' pools.

@@ -2,11 +2,11 @@
 
 `modeling` and `checkpoint` import torch; import them explicitly.
 """
-from .config import RConfig, tiny_config
+from .config import RConfig
 from .processing import PreparedImage, count_image_tokens, load_image, prepare_image
 from .tokenizer import StreamDecoder, Tokenizer
 
 __all__ = [
-    "RConfig", "tiny_config", "Tokenizer", "StreamDecoder",
+    "RConfig", "Tokenizer", "StreamDecoder",
     "load_image", "prepare_image", "PreparedImage", "count_image_tokens",
 ]

@@ -280,13 +280,3 @@ def save_checkpoint(model: RForConditionalGeneration, config: RConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def write_random_checkpoint(out_dir: str | os.PathLike, config: RConfig,
-                            tokenizer: "Tokenizer | str | os.PathLike | Sequence[str | os.PathLike]",
-                            seed: int = 0, max_shard_bytes: int | None = None) -> Path:
-    """A randomly initialised model saved as an R-4B folder (for tests)."""
-    torch.manual_seed(seed)
-    model = RForConditionalGeneration(config).eval()
-    return save_checkpoint(model, config, tokenizer, out_dir,
-                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)

@@ -301,31 +301,3 @@ def merge_preprocessor(d: dict, pre: dict, source: str = PREPROCESSOR_CONFIG) ->
         elif [list(p) for p in have] != [list(p) for p in pins]:
             raise _err("image_grid_pinpoints", f"{pins} differ from config.json's {have}", source)
     return d, pixels
-
-
-def tiny_config(anyres: bool = True, vocab_size: int = 1024, image_token_index: int | None = None,
-                **text_overrides: Any) -> RConfig:
-    """A small valid config for tests: 2-layer Qwen3 (hidden 64) + 2-layer SigLIP (32 px, patch 8)."""
-    tc = {
-        "model_type": "qwen3", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "rope_parameters": {"rope_theta": 1_000_000.0, "rope_type": "default"},
-        "attention_bias": False, "tie_word_embeddings": False,
-    }
-    tc.update(text_overrides)
-    vc = {
-        "model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_channels": 3, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
-    }
-    d = {
-        "architectures": ["RForConditionalGeneration"], "model_type": "R",
-        "text_config": tc, "vision_config": vc,
-        "image_token_index": vocab_size - 3 if image_token_index is None else image_token_index,
-        "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
-        "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]] if anyres else None,
-        "vision_aspect_ratio": "anyres" if anyres else "base",
-        "projector_hidden_act": "gelu", "tie_word_embeddings": False,
-    }
-    return RConfig.from_dict(d)

@@ -54,10 +54,23 @@ def test_threads_flag_reaches_the_backend(tiny_ckpt, png, capsys):
         assert "--threads" in capsys.readouterr().out, verb
 
 
-def test_chat_no_think_and_hidden(tiny_ckpt, png, capsys):
-    main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "4", "--mode", "no-think",
-          "--hide-thinking"])
+def test_chat_no_think(tiny_ckpt, png, capsys):
+    assert main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "4", "--mode", "no-think"]) == 0
     assert "answering directly" in capsys.readouterr().out
+
+
+def test_chat_hide_thinking_hides_the_reasoning(tiny_ckpt, png, capsys):
+    args = ["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "8", "--mode", "think"]
+    assert main(args + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    reasoning = r["reasoning"].strip()
+    assert reasoning  # forced thinking: there is reasoning to hide
+    assert main(args) == 0
+    shown = capsys.readouterr().out
+    assert main(args + ["--hide-thinking"]) == 0
+    hidden = capsys.readouterr().out
+    assert reasoning in shown and reasoning not in hidden
+    assert "[forced, thinking… p=" in hidden and r["answer"] in hidden
 
 
 def test_repl_multi_turn(tiny_ckpt, png):
@@ -153,3 +166,13 @@ def test_chat_deadline_prints_the_plan(tiny_ckpt, png, capsys):
     rc = main(["chat", str(png), "what?", "--model", str(tiny_ckpt), "--max-tokens", "6", "--deadline", "30000"])
     out = capsys.readouterr().out
     assert rc == 0 and "[deadline 30000 ms: " in out and "tok/s" in out
+
+
+def test_every_verb_registers_and_a_broken_verb_import_is_raised(monkeypatch):
+    from r4b_edge.apps import cli
+
+    verbs = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert verbs == set(cli.VERBS)
+    monkeypatch.setitem(cli.VERBS, "broken", "r4b_edge.apps.no_such_verb_module")
+    with pytest.raises(ModuleNotFoundError, match="no_such_verb_module"):
+        cli.build_parser()

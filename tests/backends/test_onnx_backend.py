@@ -16,10 +16,11 @@ from r4b_edge.backends.torch_backend import TorchBackend
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.errors import BackendUnavailableError, ModelFormatError, ModelNotFoundError
 from r4b_edge.export.onnx import export_onnx
-from r4b_edge.model.config import RConfig, tiny_config
+from r4b_edge.model.config import RConfig
 from r4b_edge.model.modeling import RForConditionalGeneration
 from r4b_edge.model.processing import prepare_image
 from r4b_edge.model.template import Message
+from r4b_edge.testing import tiny_config
 
 #: fp32 ONNX vs torch fp32: max |logit difference| allowed (measured ~1e-6 on the tiny models)
 LOGIT_BOUND = 1e-4
@@ -201,7 +202,7 @@ def test_cli_chat_with_onnx_backend(onnx_dir, tmp_path, capsys):
 def test_real_r4b_geometry(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer):
     """R-4B's image geometry (384 px, patch 14 -> 729 tokens per view, its 3x3 pinpoints) and
     vocabulary size on narrow random weights: numpy AnyRes packing + decoder == torch."""
-    from r4b_edge.model.checkpoint import write_random_checkpoint
+    from r4b_edge.testing import write_random_checkpoint
 
     d = tiny_config(anyres=True, vocab_size=151936, image_token_index=tiny_tokenizer.image,
                     num_hidden_layers=1, max_position_embeddings=16384).to_dict()

@@ -89,7 +89,8 @@ def test_bench_quick_end_to_end(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.
     t0 = time.perf_counter()
     rc = main(["bench", "--quick", "--model", str(tiny_ckpt), "--out", str(out), "--cache", str(tmp_path / "cache")])
     elapsed = time.perf_counter() - t0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0, err
     assert elapsed < 120, f"--quick took {elapsed:.0f} s (budget 120 s on 2 cores)"
     assert "config" in err  # the tqdm bar over configurations
@@ -108,6 +109,13 @@ def test_bench_quick_end_to_end(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.
     assert set(torch_modes["modes"]) == {"auto", "think", "no-think"}
     assert torch_modes["modes"]["no-think"]["think_rate"] == 0.0
     assert torch_modes["modes"]["think"]["think_rate"] == 1.0
+    if is_installed("llama"):  # the headline ratio: equal settings (flash attention on both sides), with its spread
+        ov = next(r for r in doc["baselines"]["overhead"] if "decode_ratio_fa" in r)
+        assert ov["decode_ratio_fa"]["n"] >= 7 and ov["repeats"] >= 7
+        head = next(t for t in doc["targets"] if "ours/raw llama-cpp-python, same settings" in t["name"])
+        assert head["value"] == round(ov["decode_ratio_fa"]["median"], 4)
+        assert f"p25-p75 {ov['decode_ratio_fa']['p25']:.3f}-{ov['decode_ratio_fa']['p75']:.3f}" in head["note"]
+        assert "p25-p75" in captured.out
     names = [t["name"] for t in doc["targets"]]
     assert any("ONNX int8" in n for n in names) and any("auto/think" in n for n in names)
     md = (out / "results.md").read_text()

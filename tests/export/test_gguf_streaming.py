@@ -43,7 +43,7 @@ print(json.dumps({"base": base, "peak": max(peak[0], rss()), "bytes": sum(r.size
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="samples RSS from /proc (Linux)")
 def test_export_peak_memory_is_bounded(tiny_tokenizer_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
     from r4b_edge.export.scale_check import write_random_bf16
-    from r4b_edge.model.config import tiny_config
+    from r4b_edge.testing import tiny_config
 
     cfg = tiny_config(vocab_size=tiny_tokenizer.vocab_size, image_token_index=tiny_tokenizer.image,
                       hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,

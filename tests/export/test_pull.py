@@ -46,8 +46,8 @@ def source(tiny_ckpt) -> Path:
 def big_source(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer) -> Path:
     """A tiny R-4B whose one weight file (~38 MB) spans several of huggingface_hub's 10 MB
     download chunks, so an interrupted transfer has written data to resume from."""
-    from r4b_edge.model.checkpoint import write_random_checkpoint
-    from r4b_edge.model.config import tiny_config
+    from r4b_edge.testing import write_random_checkpoint
+    from r4b_edge.testing import tiny_config
 
     cfg = tiny_config(anyres=True, vocab_size=tiny_tokenizer.vocab_size, image_token_index=tiny_tokenizer.image,
                       intermediate_size=24576)

@@ -160,7 +160,7 @@ def test_tokenizer_larger_than_vocab(tiny_ckpt_base: Path, tmp_path: Path) -> No
 
 
 def test_tied_embeddings_round_trip(tiny_tokenizer, tmp_path: Path) -> None:
-    from r4b_edge.model.config import tiny_config
+    from r4b_edge.testing import tiny_config
 
     cfg = RConfig.from_dict({**tiny_config(vocab_size=tiny_tokenizer.vocab_size,
                                            image_token_index=tiny_tokenizer.image).to_dict(),

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from r4b_edge.errors import ModelFormatError
-from r4b_edge.model.config import RConfig, tiny_config
+from r4b_edge.model.config import RConfig
+from r4b_edge.testing import tiny_config
 
 
 def r4b_like_dict() -> dict:

@@ -15,13 +15,14 @@ from PIL import Image
 from r4b_edge.api import BUNDLED_MODEL, EXAMPLE_IMAGE
 from r4b_edge.backends.torch_backend import TorchBackend
 from r4b_edge.model.checkpoint import canonical_name, load_checkpoint, save_checkpoint
-from r4b_edge.model.config import PREPROCESSOR_CONFIG, RConfig, tiny_config
+from r4b_edge.model.config import PREPROCESSOR_CONFIG, RConfig
 from r4b_edge.model.hf_folder import (
     CHAT_TEMPLATE_NAME, PROCESSOR_NAME, main, preprocessor_dict, processor_dict, write_hf_files,
 )
 from r4b_edge.model.hf_remote import AUTO_MAP, REMOTE_FILES, source_dir
 from r4b_edge.model.processing import prepare_image
 from r4b_edge.model.template import CHAT_TEMPLATE, MODE_ALIASES, Message, render_prompt
+from r4b_edge.testing import tiny_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -286,7 +287,7 @@ def test_processor_token_count_at_r4b_geometry(ratio: str) -> None:
 
 
 def test_tied_embeddings_folder(tiny_tokenizer, tmp_path: Path) -> None:
-    from r4b_edge.model.checkpoint import write_random_checkpoint
+    from r4b_edge.testing import write_random_checkpoint
 
     cfg = RConfig.from_dict({**tiny_config(vocab_size=tiny_tokenizer.vocab_size,
                                            image_token_index=tiny_tokenizer.image).to_dict(), "tie_word_embeddings": True})

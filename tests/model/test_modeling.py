@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from r4b_edge.errors import ImageError, ModelFormatError
-from r4b_edge.model.config import RConfig, tiny_config
+from r4b_edge.model.config import RConfig
 from r4b_edge.model.modeling import RForConditionalGeneration, truncate_cache
 from r4b_edge.model.processing import anyres_layout, count_image_tokens, pack_anyres, prepare_image
+from r4b_edge.testing import tiny_config
 
 torch.set_num_threads(1)
 

@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from r4b_edge.errors import ImageError
-from r4b_edge.model.config import RConfig, tiny_config
+from r4b_edge.model.config import RConfig
 from r4b_edge.model.processing import (
     count_image_tokens, load_image, prepare_image, select_best_resolution,
 )
+from r4b_edge.testing import tiny_config
 
 
 def _img(w: int = 30, h: int = 20) -> Image.Image:

@@ -7,7 +7,7 @@ import pytest
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.train import data as D
-from r4b_edge.train.pretrain import tokenizer_texts
+from r4b_edge.train.stages import tokenizer_texts
 from r4b_edge.train.tokenizer import train_tokenizer
 
 IMG_N = 4
@@ -129,7 +129,7 @@ def test_collate_right_pads(tok, tmp_path):
 
 def test_stage1_grounding_labels(tok):
     from r4b_edge.train.common import Recipe, model_config
-    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.stages import add_grounding_labels
     from r4b_edge.world import make_example
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
@@ -191,7 +191,7 @@ def test_sft_loss_uses_labels_not_inputs(tok):
 
 
 def test_colour_anchor_carries_colour_count_answers_from_the_colour_word(tok):
-    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.stages import add_grounding_labels
 
     cfg, _, q, r = _world_record(tok, "colour-count")
 
@@ -238,7 +238,7 @@ def _world_record(tok, family: str = "colour-count", seed: int = 1, index: int =
 
 
 def test_colour_match_bits_mark_the_cells_of_the_asked_colour(tok):
-    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.stages import add_grounding_labels
 
     seen = set()
     for index in range(12):
@@ -260,7 +260,7 @@ def test_colour_match_bits_mark_the_cells_of_the_asked_colour(tok):
 
 
 def test_colour_match_leaves_other_families_alone(tok):
-    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.stages import add_grounding_labels
 
     for fam in ("count", "colour", "sum"):
         cfg, _, _, r = _world_record(tok, fam)
@@ -277,7 +277,7 @@ def test_colour_count_weight_in_pretrain_and_annealing_mix():
     from r4b_edge.errors import TrainingError
     from r4b_edge.train.anneal import mix_weights
     from r4b_edge.train.common import Recipe
-    from r4b_edge.train.pretrain import family_weights
+    from r4b_edge.train.stages import family_weights
 
     def rec(fam: str, mode: str) -> dict:
         return {"meta": {"family": fam}, "mode": mode, "trace": "t" if fam != "caption" else None}
@@ -306,7 +306,7 @@ def test_focus_weights_give_colour_count_its_share():
     import numpy as np
 
     from r4b_edge.errors import TrainingError
-    from r4b_edge.train.pretrain import focus_weights
+    from r4b_edge.train.stages import focus_weights
 
     recs = [{"meta": {"family": f}} for f in ("colour-count", "count", "digit", "caption", "colour-count")]
     w = focus_weights(recs, 0.5)

@@ -9,7 +9,7 @@ from r4b_edge.errors import TrainingError
 from r4b_edge.model.template import Message, render_prompt
 from r4b_edge.train import data as D
 from r4b_edge import world as W
-from r4b_edge.train.pretrain import tokenizer_texts
+from r4b_edge.train.stages import tokenizer_texts
 from r4b_edge.train.tokenizer import train_tokenizer
 
 
@@ -79,7 +79,7 @@ def test_mix_gives_the_twins_their_share_of_every_group():
 def test_twins_get_image_grounding_but_no_answer_carry(tok):
     from r4b_edge.train.anneal import two_turn
     from r4b_edge.train.common import Recipe, model_config
-    from r4b_edge.train.pretrain import add_grounding_labels
+    from r4b_edge.train.stages import add_grounding_labels
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
     r = world_record("digit")
