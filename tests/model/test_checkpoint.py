@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from r4b_edge.errors import ModelFormatError, ModelNotFoundError
-from r4b_edge.model.checkpoint import (
-    INDEX_NAME, load_checkpoint, save_checkpoint, write_random_checkpoint,
-)
+from r4b_edge.model.checkpoint import INDEX_NAME, load_checkpoint, save_checkpoint
 from r4b_edge.model.config import RConfig
 from r4b_edge.model.modeling import RForConditionalGeneration
+from r4b_edge.testing import write_random_checkpoint
 
 torch.set_num_threads(1)
 
