@@ -36,7 +36,13 @@ SEGMENTS = {  # seven-segment patterns, segments a..g
 }
 PERCEPTION = ["digit", "colour", "shape", "count", "colour-count"]
 REASONING = ["sum", "product-plus", "row-max"]
-FAMILIES = PERCEPTION + REASONING
+#: Graded families: one question template, an easy level the model can answer at a glance and a
+#: hard level it needs steps for (docs/world.md "Graded families"); their tier is "graded".
+GRADED = ["total"]
+FAMILIES = PERCEPTION + REASONING + GRADED
+TIERS = ("perception", "reasoning", "graded")
+#: total: digits in the scene per level, and the level's probability.
+TOTAL_LEVELS = {"easy": ((1,), 0.5), "hard": ((3, 4), 0.5)}
 TEMPLATES = {
     "caption": "Describe the image.",
     "digit": "What digit is in the {pos} cell?",
@@ -47,6 +53,7 @@ TEMPLATES = {
     "sum": "What is the sum of all the digits?",
     "product-plus": "Multiply the first two digits, then add the third digit. What is the result?",
     "row-max": "Which row has the larger digit sum? Give that sum.",
+    "total": "Add up all the digits. What is the total?",
 }
 
 
@@ -212,16 +219,35 @@ def ask(scene: Scene, family: str, rng: np.random.Generator) -> Question:
         top, bot = d[0] + d[1], d[2] + d[3]
         trace = _lines(scan, f"top {d[0]}+{d[1]}={top}", f"bottom {d[2]}+{d[3]}={bot}", f"larger {max(top, bot)}")
         return Question(family, "reasoning", TEMPLATES[family], str(max(top, bot)), trace, {})
+    if family == "total":
+        if not d:
+            raise TrainingError("total needs >= 1 digit, scene has 0")
+        level = next((lv for lv, (ns, _) in TOTAL_LEVELS.items() if len(d) in ns), "other")
+        steps, acc = [], d[0]
+        for x in d[1:]:
+            steps.append(f"{acc}+{x}={acc + x}")
+            acc += x
+        return Question(family, "graded", TEMPLATES[family], str(acc), _lines(scan, *steps, f"total {acc}"),
+                        {"level": level, "n_digits": len(d)})
     raise TrainingError(f"unknown question family {family!r}; known: {', '.join(FAMILIES)}")
 
 
-MIN_DIGITS = {"digit": 1, "sum": 2, "product-plus": 3, "row-max": 4}
+MIN_DIGITS = {"digit": 1, "sum": 2, "product-plus": 3, "row-max": 4, "total": 1}
 
 
-def opening_question(scene: Scene, rng: np.random.Generator) -> Question:
-    """A perception question the scene suits, drawn uniformly: the first turn of a two-turn chat."""
-    fams = [f for f in PERCEPTION if not (f == "digit" and not scene.digits)
-            and not (f == "shape" and len(scene.digits) == 4)]
+def suits(scene: Scene, family: str) -> bool:
+    """Whether `ask(scene, family)` has the cells it needs (a total only at one of its levels)."""
+    n = len(scene.digits)
+    if family == "shape":
+        return n < 4
+    if family == "total":
+        return any(n in ns for ns, _ in TOTAL_LEVELS.values())
+    return n >= MIN_DIGITS.get(family, 0)
+
+
+def opening_question(scene: Scene, rng: np.random.Generator, families: Sequence[str] = PERCEPTION) -> Question:
+    """A question of one of `families` the scene suits, drawn uniformly: an earlier turn of a chat."""
+    fams = [f for f in families if suits(scene, f)]
     return ask(scene, fams[int(rng.integers(len(fams)))], rng)
 
 
@@ -232,14 +258,31 @@ def opening_for(scene_key: str, seed: int, salt: int, item_id: str) -> Question:
     return opening_question(Scene.from_key(scene_key), rng)
 
 
+def history_for(scene_key: str, seed: int, salt: int, item_id: str, n: int) -> list[Question]:
+    """The `n` earlier questions of a chat that asks item `item_id` (scene `scene_key`) as question
+    n + 1: each drawn uniformly from every family (all tiers) the scene suits, seeded by (seed, salt,
+    item id, n), so a chat is the same for every run, batch and process layout (docs/world.md)."""
+    if n < 0:
+        raise TrainingError(f"a chat has >= 0 earlier questions, got {n}")
+    rng = np.random.default_rng([seed, salt, zlib.crc32(item_id.encode()), n])
+    scene = Scene.from_key(scene_key)
+    return [opening_question(scene, rng, FAMILIES) for _ in range(n)]
+
+
 def make_example(seed: int, index: int, family: str, split: str = "train") -> tuple[Scene, Question]:
     """The (scene, question) for (seed, index, family); scenes are drawn until their split matches."""
     if split not in ("train", "eval"):
         raise TrainingError(f"split must be 'train' or 'eval', got {split!r}")
     rng = _rng(seed, index, FAMILIES.index(family) + 1 if family in FAMILIES else 0)
+    n_digits: tuple[int, ...] = ()
+    if family == "total":  # the level first, then a scene with that many digits
+        levels = list(TOTAL_LEVELS.values())
+        n_digits = levels[int(rng.choice(len(levels), p=[p for _, p in levels]))][0]
     for _ in range(10_000):
         scene = sample_scene(rng, MIN_DIGITS.get(family, 0))
         if family == "shape" and not any(it.kind == "shape" for it in scene.items):
+            continue
+        if n_digits and len(scene.digits) not in n_digits:
             continue
         if scene.split() == split:
             return scene, ask(scene, family, rng)

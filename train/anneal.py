@@ -13,12 +13,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.world import PERCEPTION, REASONING, opening_for
+from r4b_edge.world import GRADED, PERCEPTION, REASONING
 
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
-from .data import IMAGE_PLACEHOLDER, read_jsonl, write_jsonl
-from .stages import (begin_stage, encode_all, ensure_world, family_weights, grounded, load_stage_model, load_tokenizer, pixel_cache,
-                       save_stage_model, stage_main)
+from .data import read_jsonl, write_jsonl
+from .stages import (begin_stage, chat_versions, encode_all, ensure_world, family_weights, grounded, load_stage_model,
+                     load_tokenizer, pixel_cache, save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
 
@@ -59,22 +59,13 @@ def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Reci
     return out
 
 
-def two_turn(rec: dict, seed: int) -> dict:
-    """`rec` as the second turn of a chat about its image: a perception question about the same
-    scene (seeded by the record id) and its answer come first, with the image (docs/training.md)."""
-    q0 = opening_for(rec["meta"]["scene"], seed, 53, rec["id"])
-    user = rec["messages"][0]["content"].split("\n", 1)[-1]
-    msgs = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q0.question}"}, {"role": "assistant", "content": q0.answer},
-            {"role": "user", "content": user}, rec["messages"][1]]
-    return dict(rec, id=rec["id"] + "-turn2", messages=msgs, meta=dict(rec["meta"], opening=q0.family))
-
-
 def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.ndarray]:
     """Training list (records, modes) and sampling weights: direct:reasoning = ratio:1, plus a
     `an_perception_trace_frac` share of the direct side taught with its trace after a forced
     `<think>\n` (the decision token untrained: these items stay direct in auto mode);
     inside each group colour-count records weigh `colour_count_weight`; `an_two_turn_frac` of
-    each group's weight goes to its records' two-turn versions (`two_turn`)."""
+    each group's weight goes to its records' follow-up versions (`stages.chat_versions`: asked
+    second or third in a chat about the image)."""
     direct = [x for x in recs if x["mode"] == "direct"]
     reason = [x for x in recs if x["mode"] == "think"]
     traced = [x for x in direct if x.get("trace")]
@@ -84,11 +75,11 @@ def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.
     groups = [g for g in groups if g[0] and g[2] > 0]
     tot = sum(g[2] for g in groups)
     recs_out, modes, w = [], [], []
-    f2 = r.an_two_turn_frac
+    f2 = r.an_chat_frac
     if not 0.0 <= f2 < 1.0:
-        raise TrainingError(f"an_two_turn_frac={f2} must be in [0, 1)")
+        raise TrainingError(f"an_chat_frac={f2} must be in [0, 1)")
     for lst, mode, share in groups:
-        parts = [(lst, share * (1 - f2))] + ([([two_turn(x, r.seed) for x in lst], share * f2)] if f2 > 0 else [])
+        parts = [(lst, share * (1 - f2))] + ([(chat_versions(lst, r.seed, r.chat_three_frac), share * f2)] if f2 > 0 else [])
         for part, sh in parts:
             recs_out += part
             modes += [mode] * len(part)
@@ -104,7 +95,8 @@ def run(run_dir: Path, r: Recipe) -> Path:
         return out
     stage = run_dir / "anneal"
     stage.mkdir(parents=True, exist_ok=True)
-    counts = {f: r.an_pool_perception for f in PERCEPTION} | {f: r.an_pool_reasoning for f in REASONING}
+    counts = {f: r.an_pool_perception for f in PERCEPTION} | {f: r.an_pool_reasoning for f in REASONING} | \
+        {f: r.an_pool_graded for f in GRADED}
     recs_path = ensure_world(run_dir, "anneal", r.seed + 1, counts)
     tok = load_tokenizer(run_dir)
     model, cfg = load_stage_model(run_dir, "pretrain", dev)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.world import PERCEPTION, REASONING
+from r4b_edge.world import GRADED, PERCEPTION, REASONING, TIERS
 
 from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
                      lr_at, save_state, shard, token_logprobs)
@@ -28,10 +28,10 @@ from .sft import make_optimizer
 
 
 def step_prompts(r: Recipe, step: int, pool: Sequence[dict]) -> list[int]:
-    """The global prompt set of `step`: rl_reasoning_frac reasoning, the rest perception."""
+    """The global prompt set of `step`: rl_reasoning_frac reasoning or graded, the rest perception."""
     rng = np.random.default_rng([r.seed, 31, step])
-    reason = [i for i, it in enumerate(pool) if it["tier"] == "reasoning"]
-    percep = [i for i, it in enumerate(pool) if it["tier"] != "reasoning"]
+    reason = [i for i, it in enumerate(pool) if it["tier"] != "perception"]
+    percep = [i for i, it in enumerate(pool) if it["tier"] == "perception"]
     n_r = int(round(r.rl_prompts * r.rl_reasoning_frac))
     return [int(x) for x in rng.choice(reason, n_r, replace=False)] + \
            [int(x) for x in rng.choice(percep, r.rl_prompts - n_r, replace=False)]
@@ -92,7 +92,7 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
         return out
     stage = run_dir / algo
     stage.mkdir(parents=True, exist_ok=True)
-    counts = {f: 400 for f in PERCEPTION + REASONING}
+    counts = {f: 400 for f in PERCEPTION + REASONING + GRADED}
     recs_path = ensure_world(run_dir, "rl", r.seed + 2, counts)
     pool = items_from_records(read_jsonl(recs_path))
     tok = load_tokenizer(run_dir)
@@ -149,10 +149,10 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
             opt.step()
             opt.zero_grad(set_to_none=True)
         # metrics: reward and think-rate per tier and mode, summed over ranks
-        keys = [(t, md) for t in ("perception", "reasoning") for md in ("think", "no-think", "auto")]
+        keys = [(t, md) for t in TIERS for md in ("think", "no-think", "auto")]
         acc = torch.zeros(len(keys), 3)  # n, reward, thought
         for x in rolls:
-            k = keys.index(("reasoning" if pool[pids[x.item]]["tier"] == "reasoning" else "perception", x.mode))
+            k = keys.index((pool[pids[x.item]]["tier"], x.mode))
             acc[k] += torch.tensor([1.0, x.reward, float(x.parsed.thought)])
         all_sum(acc)
         all_sum(stats)

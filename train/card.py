@@ -163,8 +163,8 @@ def turn_note(results: dict, r: Recipe) -> str:
         got = (f" Second question of a two-question chat (auto): {100 * s2['overall']['accuracy']:.1f}% "
                f"(perception {100 * s2['perception']['accuracy']:.1f}%, reasoning {100 * s2['reasoning']['accuracy']:.1f}%) "
                f"vs {100 * results['models']['bpo']['auto']['overall']['accuracy']:.1f}% single-turn.")
-    if r.an_two_turn_frac > 0:
-        return (f"- Chats: annealing teaches {100 * r.an_two_turn_frac:.0f}% of its items as the second question of a chat\n"
+    if r.an_chat_frac > 0:
+        return (f"- Chats: annealing teaches {100 * r.an_chat_frac:.0f}% of its items as the second question of a chat\n"
                 f"  about the image (the first a perception question; docs/training.md). BPO is single-turn.{got}\n"
                 "  Three or more questions are untrained.")
     return ("- Multi-turn chat is not trained (every training item is a single question); later turns work\n"

@@ -42,6 +42,7 @@ class Recipe:
     lm_per_reasoning: int = 8000  # per reasoning family (think, with trace)
     lm_per_perception: int = 1500  # per perception family (direct)
     lm_perception_think_frac: float = 0.0  # share of perception items taught with their trace
+    lm_per_graded: int = 4000  # per graded family (think, with trace, every level)
     lm_steps: int = 1500
     lm_batch: int = 32
     lm_lr: float = 3e-3
@@ -57,14 +58,17 @@ class Recipe:
     pt_focus_steps: int = 1500  # stage 1, second phase: colour-count at `pt_focus_share` of the batch (0: off)
     pt_focus_share: float = 0.5
     pt_focus_lr: float = 2e-3
+    pt_chat_frac: float = 0.3  # share of stage 1's weight on follow-up versions (2nd/3rd question of a chat)
+    chat_three_frac: float = 0.5  # share of follow-ups asked third (two earlier questions), else second
     # stage 2: bi-mode annealing
     an_pool_perception: int = 400  # per perception family
     an_pool_reasoning: int = 1500  # per reasoning family
+    an_pool_graded: int = 2000  # per graded family (both levels)
     an_samples: int = 8  # N no-think samples per objective item
     an_temperature: float = 1.0
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
-    an_perception_trace_frac: float = 0.3  # direct items also taught with their trace (forced think)
-    an_two_turn_frac: float = 0.0  # share of each annealing group taught as the 2nd turn of a chat
+    an_perception_trace_frac: float = 0.5  # direct items also taught with their trace (forced think)
+    an_chat_frac: float = 0.4  # share of each annealing group taught as a follow-up (2nd/3rd question)
     an_steps: int = 1500
     an_batch: int = 32
     an_lr: float = 1e-3
@@ -100,7 +104,7 @@ class Recipe:
                        vision_intermediate=64, vocab_size=400, lm_per_reasoning=10, lm_per_perception=4, lm_steps=6,
                        lm_batch=8, pt_per_family=40, pt_steps=12, pt_batch=8, pt_focus_steps=4,
                        pt_lr=3e-3, an_pool_perception=6, an_pool_reasoning=10, an_samples=4, an_steps=10,
-                       an_batch=8, an_lr=3e-3, an_two_turn_frac=0.25, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
+                       an_batch=8, an_lr=3e-3, an_chat_frac=0.25, an_pool_graded=8, lm_per_graded=8, pt_chat_frac=0.25, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
                        rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,
                        save_every=4, log_every=2, micro_batch=16)
         raise TrainingError(f"unknown recipe preset {name!r}; use 'shipped' or 'micro'")
@@ -120,11 +124,25 @@ class Recipe:
         return Recipe(**d)
 
 
+#: Renamed recipe fields: an old run's recipe.json still loads.
+RENAMED = {"an_two_turn_frac": "an_chat_frac"}
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    """A Recipe from a recipe.json's dict (renamed fields mapped; unknown fields named in the error)."""
+    d = {RENAMED.get(k, k): v for k, v in d.items()}
+    known = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise TrainingError(f"recipe.json has unknown fields {unknown}; known: {sorted(known)}")
+    return Recipe(**d)
+
+
 def load_recipe(run: Path, preset: str | None, overrides: Sequence[str] = ()) -> Recipe:
     """The run's recipe.json if present (a run keeps its recipe), else the preset; written back."""
     p = run / "recipe.json"
     if p.exists():
-        rec = Recipe(**json.loads(p.read_text()))
+        rec = recipe_from_dict(json.loads(p.read_text()))
         if overrides:
             rec = rec.with_overrides(overrides)
     else:

@@ -124,13 +124,18 @@ def record_pieces(rec: dict, mode: str | None = None, mask_empty_think: bool = F
     (think | forced-think | direct; default the record's mode, else direct); earlier assistant
     turns are direct. `<think>` is never trained; `forced-think` leaves the decision token (the
     `\n` after `<think>`) untrained too, so the trace is learned as the answer to a forced-think
-    prompt without teaching the model to choose thinking for that question."""
+    prompt without teaching the model to choose thinking for that question. A follow-up record
+    (`meta.turn` > 1) trains its last turn only."""
     final_mode = mode or rec.get("mode") or "direct"
     if final_mode not in TARGET_MODES:
         raise TrainingError(f"mode must be 'think', 'forced-think' or 'direct', got {final_mode!r}")
     if final_mode != "direct" and not rec.get("trace"):
         raise TrainingError("a think-mode response needs a trace")
-    return render_conversation(record_messages(rec), final_mode, mask_empty_think=mask_empty_think)
+    pieces = render_conversation(record_messages(rec), final_mode, mask_empty_think=mask_empty_think)
+    if rec.get("meta", {}).get("turn", 1) > 1:  # a follow-up: the history is context, not a target
+        last_user = max(i for i, (t, _) in enumerate(pieces) if t.startswith("<|im_start|>user"))
+        pieces = [(t, tr and i > last_user) for i, (t, tr) in enumerate(pieces)]
+    return pieces
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from r4b_edge.world import PERCEPTION, REASONING, make_example, scan_text
+from r4b_edge.world import GRADED, PERCEPTION, REASONING, make_example, scan_text
 
 from .common import Recipe, model_config
 from .data import PixelCache, make_record
@@ -26,18 +26,19 @@ INDEX_BASE = 20_000_000
 
 
 def text_records(seed: int, per_reasoning: int, per_perception: int,
-                 perception_think_frac: float = 0.0) -> tuple[list[dict], list[str]]:
-    """(records, modes): the scan as text in the prompt; reasoning -> think, perception -> direct,
-    except the first `perception_think_frac` of each perception family's items -> think."""
+                 perception_think_frac: float = 0.0, per_graded: int = 0) -> tuple[list[dict], list[str]]:
+    """(records, modes): the scan as text in the prompt; reasoning and graded (every level) ->
+    think, perception -> direct, except the first `perception_think_frac` of each perception
+    family's items -> think."""
     recs, modes = [], []
     n_think = round(per_perception * perception_think_frac)
-    for fam in REASONING + PERCEPTION:
-        n = per_reasoning if fam in REASONING else per_perception
+    for fam in REASONING + PERCEPTION + GRADED:
+        n = per_perception if fam in PERCEPTION else per_graded if fam in GRADED else per_reasoning
         for k, i in enumerate(range(INDEX_BASE, INDEX_BASE + n)):
             scene, q = make_example(seed, i, fam)
             recs.append(make_record(f"lm-{fam}-{i}", None, f"{scan_text(scene)}\n{q.question}", q.answer,
                                     q.trace, {"tier": q.tier, "family": fam}))
-            modes.append("think" if fam in REASONING or k < n_think else "direct")
+            modes.append("direct" if fam in PERCEPTION and k >= n_think else "think")
     return recs, modes
 
 
@@ -53,7 +54,8 @@ def run(run_dir: Path, r: Recipe) -> Path:
     cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
     torch.manual_seed(r.seed)
     model: Any = RForConditionalGeneration(cfg).to(dev)
-    recs, modes = text_records(r.seed, r.lm_per_reasoning, r.lm_per_perception, r.lm_perception_think_frac)
+    recs, modes = text_records(r.seed, r.lm_per_reasoning, r.lm_per_perception, r.lm_perception_think_frac,
+                               r.lm_per_graded)
     data = encode_all(tok, recs, cfg, modes)
     run_sft(run_dir / "lm", model, data, run_dir, PixelCache(cfg.image_size, cfg.image_mean, cfg.image_std),
             tok.token_to_id("<|endoftext|>"), r, steps=r.lm_steps, batch=r.lm_batch, lr=r.lm_lr, salt=0, desc="lm")

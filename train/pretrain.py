@@ -6,13 +6,34 @@ from pathlib import Path
 
 import torch
 
-from r4b_edge.world import PERCEPTION
+import numpy as np
+
+from r4b_edge.world import GRADED, PERCEPTION
+
+from r4b_edge.errors import TrainingError
 
 from .common import Recipe, model_config
 from .data import read_jsonl
 from .sft import run_sft
-from .stages import (begin_stage, encode_all, ensure_tokenizer, ensure_world, family_weights, focus_weights, grounded,
-                     load_stage_model, load_tokenizer, pixel_cache, save_stage_model, stage_main)
+from .stages import (begin_stage, chat_versions, encode_all, ensure_tokenizer, ensure_world, family_weights, focus_weights,
+                     grounded, load_stage_model, load_tokenizer, pixel_cache, save_stage_model, stage_main)
+
+
+def stage1_records(recs: list[dict], r: Recipe) -> tuple[list[dict], np.ndarray]:
+    """Stage 1's training list and sampling weights: captions, perception and the graded
+    families' easy level (the hard level is never shown before annealing, so curation finds
+    the model unable to answer it at a glance), single-turn at weight 1 - pt_chat_frac
+    (colour-count x colour_count_weight) and their follow-up versions (`chat_versions`, not
+    captions) at pt_chat_frac."""
+    f = r.pt_chat_frac
+    if not 0.0 <= f < 1.0:
+        raise TrainingError(f"pt_chat_frac={f} must be in [0, 1)")
+    single = [x for x in recs if x["meta"].get("tier") != "graded" or x["meta"].get("level") == "easy"]
+    if f == 0:
+        return single, family_weights(single, r)
+    chats = chat_versions([x for x in single if x["meta"].get("family") != "caption"], r.seed, r.chat_three_frac)
+    w = np.concatenate([(1 - f) * family_weights(single, r), f * family_weights(chats, r)])
+    return single + chats, w / w.sum()
 
 
 def run(run_dir: Path, r: Recipe) -> Path:
@@ -20,7 +41,7 @@ def run(run_dir: Path, r: Recipe) -> Path:
     dev, out, done = begin_stage(run_dir, r, "pretrain")
     if done:
         return out
-    recs_path = ensure_world(run_dir, "pretrain", r.seed, {f: r.pt_per_family for f in ["caption"] + PERCEPTION})
+    recs_path = ensure_world(run_dir, "pretrain", r.seed, {f: r.pt_per_family for f in ["caption"] + PERCEPTION + GRADED})
     ensure_tokenizer(run_dir, r)
     tok = load_tokenizer(run_dir)
     from r4b_edge.model.modeling import RForConditionalGeneration
@@ -31,13 +52,13 @@ def run(run_dir: Path, r: Recipe) -> Path:
         cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
         torch.manual_seed(r.seed)
         model = RForConditionalGeneration(cfg).to(dev)
-    recs = read_jsonl(recs_path)
+    recs, weights = stage1_records(read_jsonl(recs_path), r)
     data = encode_all(tok, recs, cfg, ["direct"] * len(recs), mask_empty_think=True)
     if r.pt_ground:
         data = grounded(tok, data, recs, cfg, r, response_slots=True)
     pad = tok.token_to_id("<|endoftext|>")
     run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), pad,
-            r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain", weights=family_weights(recs, r))
+            r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain", weights=weights)
     if r.pt_focus_steps > 0:  # second phase, resumable on its own (pretrain/focus/state.pt)
         run_sft(run_dir / "pretrain" / "focus", model, data, recs_path.parent, pixel_cache(cfg), pad, r,
                 steps=r.pt_focus_steps, batch=r.pt_batch, lr=r.pt_focus_lr, salt=11, desc="pretrain focus",

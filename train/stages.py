@@ -13,10 +13,10 @@ import torch
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
-from r4b_edge.world import FAMILIES, TEMPLATES, make_example, scan_text
+from r4b_edge.world import FAMILIES, TEMPLATES, history_for, make_example, scan_text
 
 from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
-from .data import Encoded, PixelCache, encode_record
+from .data import IMAGE_PLACEHOLDER, Encoded, PixelCache, encode_record
 from .tokenizer import train_tokenizer, save_tokenizer
 from .world import write_world
 
@@ -151,22 +151,24 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
         for k in range(4):
             if q0 + k + 1 < len(e.labels) and e.labels[q0 + k + 1] == -100:
                 e.labels[q0 + k + 1] = tok.encode(" " + cells[k][2], add_special_tokens=False).ids[0]
-    fam, ans = rec["meta"].get("family"), rec.get("answer")
-    if not ans or fam == "caption" or rec["meta"].get("tier") == "reasoning" or len(rec["messages"]) > 2:
-        return e  # the answer carry is for single-turn questions (its slots assume one <think>)
+    fam, ans, meta = rec["meta"].get("family"), rec.get("answer"), rec["meta"]
+    if not carries_answer(rec):
+        return e  # the answer carry is for questions read at a glance (perception, a graded easy item)
     a0 = tok.encode(ans, add_special_tokens=False).ids[0]
     think = tok.token_to_id("<think>")
     if think not in e.ids:
         return e
-    t = e.ids.index(think)
+    t = len(e.ids) - 1 - e.ids[::-1].index(think)  # the last turn's <think>
+    heads = [i for i in range(t) if e.ids[i] == tok.token_to_id("<|im_start|>")]
+    lo = heads[-2] if len(heads) >= 2 else 0  # the last user turn (earlier turns are history)
     start = None
-    pw = rec["meta"].get("pos") or (rec["meta"].get("colour") if colour_anchor else None)
+    pw = meta.get("pos") or (meta.get("colour") if colour_anchor else None)
     if pw:
         w = tok.encode(" " + pw, add_special_tokens=False).ids
-        start = next((i + len(w) for i in range(t - len(w)) if e.ids[i:i + len(w)] == w), None)
+        start = next((i + len(w) for i in range(lo, t - len(w)) if e.ids[i:i + len(w)] == w), None)
     if colour_match and fam == "colour-count":
         w = tok.encode(" " + rec["meta"]["colour"], add_special_tokens=False).ids
-        c = next((i for i in range(t - len(w)) if e.ids[i:i + len(w)] == w), None)
+        c = next((i for i in range(lo, t - len(w)) if e.ids[i:i + len(w)] == w), None)
         if c is not None:
             c += len(w) - 1
             bits = [tok.encode("1" if cell[2] == rec["meta"]["colour"] else "0", add_special_tokens=False).ids[0]
@@ -175,7 +177,7 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
                 if c + k + 1 < t:  # replaces the dense colour targets on these slots
                     e.labels[c + k + 1] = b
     if start is None:
-        qm = [i for i in range(t) if tok.decode([e.ids[i]]).endswith("?")]
+        qm = [i for i in range(lo, t) if tok.decode([e.ids[i]]).endswith("?")]
         start = qm[-1] + 1 if qm else t
     end = t + 1
     if response_slots:
@@ -185,6 +187,47 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
         if e.labels[i] == -100:
             e.labels[i] = a0
     return e
+
+
+def carries_answer(rec: dict) -> bool:
+    """Whether the grounding carries the answer through the prompt: perception questions and the
+    easy level of a graded family (one glance), never captions, reasoning or a graded hard item."""
+    meta = rec.get("meta", {})
+    if not rec.get("answer") or meta.get("family") == "caption":
+        return False
+    return meta.get("tier") == "perception" or (meta.get("tier") == "graded" and meta.get("level") == "easy")
+
+
+#: World seed salt of the earlier questions of training chats (the eval uses its own).
+CHAT_SALT = 53
+
+
+def follow_up(rec: dict, seed: int, n_prev: int) -> dict:
+    """`rec` asked as question n_prev + 1 of a chat about its image: `n_prev` earlier questions
+    about the same scene, from every family it suits (`world.history_for`, seeded by the record
+    id), each with its answer behind an empty think block as the runtime renders history; the
+    image goes with the first question. Only the last turn is trained (`meta.turn`)."""
+    hist = history_for(rec["meta"]["scene"], seed, CHAT_SALT, rec["id"], n_prev)
+    user = rec["messages"][0]["content"].split("\n", 1)[-1]
+    msgs: list[dict] = []
+    for k, q in enumerate(hist):
+        head = f"{IMAGE_PLACEHOLDER}\n" if k == 0 else ""
+        msgs += [{"role": "user", "content": head + q.question}, {"role": "assistant", "content": q.answer}]
+    msgs += [{"role": "user", "content": user if hist else rec["messages"][0]["content"]}, rec["messages"][1]]
+    return dict(rec, id=f"{rec['id']}-turn{n_prev + 1}", messages=msgs,
+                meta=dict(rec["meta"], turn=n_prev + 1, history=[q.family for q in hist]))
+
+
+def chat_versions(recs: Sequence[dict], seed: int, three_frac: float) -> list[dict]:
+    """Each record as a follow-up: the second question of a chat, or (for the share `three_frac`,
+    chosen by record position so it is layout-free) the third."""
+    if not 0.0 <= three_frac <= 1.0:
+        raise TrainingError(f"chat_three_frac={three_frac} must be in [0, 1]")
+    out = []
+    for k, rec in enumerate(recs):
+        third = (k * 0.6180339887) % 1.0 < three_frac
+        out.append(follow_up(rec, seed, 2 if third else 1))
+    return out
 
 
 def family_weights(recs: Sequence[dict], r: Recipe) -> np.ndarray:
