@@ -64,19 +64,26 @@ def row_stats(rows: np.ndarray) -> dict[str, float]:
     return {"top1_prob_median": float(np.median(top1)), "entropy_nats_median": float(np.median(ent))}
 
 
-class _FoldedTokenizer:
-    """The bundled tokenizer, with ids beyond its vocabulary decoded as ordinary text ids."""
+def _folded_tokenizer(tok: Any, text_ids: Sequence[int]) -> Any:
+    """The bundled tokenizer (a `Tokenizer` like any other, no attribute indirection), with
+    ids beyond its vocabulary decoded as ordinary text ids."""
+    from r4b_edge.model.tokenizer import Tokenizer
 
-    def __init__(self, tok: Any, text_ids: Sequence[int]) -> None:
-        self._tok, self._text = tok, list(text_ids)
-        self._n = tok.vocab_size
+    class FoldedTokenizer(Tokenizer):
+        def __init__(self) -> None:  # the same state as `tok`: same ids, same decoder
+            self.__dict__.update(tok.__dict__)
+            self._n, self._text = tok.vocab_size, list(text_ids)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tok, name)
+        def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+            n = self._n
+            for i in ids:
+                if i >= n:  # fold (a few sampled tail tokens); the head's ids are ordinary ids
+                    text = self._text
+                    ids = [j if j < n else text[j % len(text)] for j in ids]
+                    break
+            return self._tok.decode(ids, skip_special_tokens=skip_special)
 
-    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        n, text = self._n, self._text
-        return self._tok.decode([i if i < n else text[i % len(text)] for i in ids], skip_special=skip_special)
+    return FoldedTokenizer()
 
 
 def _host_backend(tok: Any, rows: np.ndarray) -> Any:
@@ -146,7 +153,7 @@ def host_overhead_worker(p: dict) -> dict:
     base = Tokenizer.from_dir(p.get("model") or default_model_path())
     special = sorted({base.im_start, base.im_end, base.think, base.end_think, base.image, *base.eos_ids})
     text_ids = [i for i in range(base.vocab_size) if i not in special]
-    tok = _FoldedTokenizer(base, text_ids)
+    tok = _folded_tokenizer(base, text_ids)
     prompt = render_prompt([Message("user", "How many shapes are there?")], "no-think")
     out: dict[str, Any] = {"vocab": VOCAB, "n_gen": n_gen, "repeats": repeats, "kinds": {}, "rows": []}
     for kind in p.get("kinds", ["typical", "flat"]):

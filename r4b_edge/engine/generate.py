@@ -99,6 +99,9 @@ class Engine:
         # What each forced mode writes after the prompt's `<think>`.
         self._opening = {m: self.tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):]) for m in ("long", "short")}
         self._after_close = self.tok.encode("\n\n")
+        self._piece_len: dict[int, int] = {}  # the stream decoders' shared len(decode([id])) cache
+        # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
+        self._marked = frozenset(self.tok.eos_ids) | {self.tok.think, self.tok.end_think}
         self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
         self.deadline = DeadlineTracker()
 
@@ -177,8 +180,9 @@ class Engine:
             st.entries[phase].append(e)
             st.unsent[phase].append(e)
         events: list[Event] = []
+        dec = st.decoders[phase]
         for t in token_ids:
-            piece = st.decoders[phase].push(t)
+            piece = dec.push(t)
             if piece and phase == "answer":
                 piece = st.stop.push(piece)
                 if st.stop.hit is not None:
@@ -191,8 +195,9 @@ class Engine:
         """A delta event for `text` (none if empty), carrying the entries not sent yet."""
         if not text:
             return []
-        lps = tuple(st.unsent[phase])
-        st.unsent[phase].clear()
+        unsent = st.unsent[phase]
+        lps = tuple(unsent) if unsent else ()
+        unsent.clear()
         return [ReasoningDelta(text, lps) if phase == "reasoning" else AnswerDelta(text, lps)]
 
     def _count(self, st: _State, t: int) -> None:
@@ -228,28 +233,25 @@ class Engine:
         """File a reply token (sampled, or forced when `timed` is False; `row`:
         the logits it was drawn from). The caller feeds it to the backend if the
         reply goes on."""
-        tok = self.tok
-        now = time.perf_counter()
         if timed and st.first_token_at is None:
-            st.first_token_at = now
-        events: list[Event] = []
+            st.first_token_at = time.perf_counter()
         self._count(st, t)
-        if t in tok.eos_ids:
-            st.done, st.finish_reason = True, "stop"
-            return events
-        if st.chat and st.phase == "answer" and t in (tok.think, tok.end_think):
-            # A think tag in the answer ends the reply; the tag is not answer text.
-            st.done, st.finish_reason = True, "stop"
-            return events
-        if st.phase == "reasoning" and t == tok.end_think:
-            st.phase = "answer"
-            st.closed_itself = timed
-        else:
-            if st.phase == "reasoning":
-                st.n_reasoning += 1
-            elif timed and st.first_answer_at is None:
-                st.first_answer_at = now
-            events = self._emit(st, st.phase, [t], row)
+        if t in self._marked:  # an end token or a think tag
+            tok = self.tok
+            if t in tok.eos_ids or (st.chat and st.phase == "answer"):
+                # A think tag in the answer ends the reply; the tag is not answer text.
+                st.done, st.finish_reason = True, "stop"
+                return []
+            if st.phase == "reasoning" and t == tok.end_think:
+                st.phase = "answer"
+                st.closed_itself = timed
+                self._check_room(st)
+                return []
+        if st.phase == "reasoning":
+            st.n_reasoning += 1
+        elif timed and st.first_answer_at is None:
+            st.first_answer_at = time.perf_counter()
+        events = self._emit(st, st.phase, (t,), row)
         if not st.done:
             self._check_room(st)
         return events
@@ -366,7 +368,7 @@ class Engine:
         stats.prompt_tokens = be.n_past - n_forced
         st = _State(logits=logits, phase=phase, thinks=decision.think, chat=start.chat, sampler=sampler, options=opts,
                     n_ctx=be.n_ctx, stats=stats)
-        st.decoders = {p: StreamDecoder(self.tok) for p in ("reasoning", "answer")}
+        st.decoders = {p: StreamDecoder(self.tok, piece_len=self._piece_len) for p in ("reasoning", "answer")}
         st.texts = {"reasoning": TrimmedText(), "answer": TrimmedText()}
         st.stop = StopFilter(tuple(opts.stop) + (THINK_TAGS if start.chat else ()))  # no think tag in an answer
         st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None

@@ -154,14 +154,15 @@ class Sampler:
         self.exact_tail_sums = 0  # top-p draws that needed the exact tail mass (benchmarks read it)
         self.dense_draws = 0  # temperature-only draws over the whole vocabulary (flat logits)
         self._buf: np.ndarray | None = None
+        self._greedy = self.params.temperature <= 0.0
 
     @property
     def greedy(self) -> bool:
         return self.params.temperature <= 0.0
 
     def __call__(self, logits: np.ndarray) -> int:
-        if self.greedy:
-            return int(np.argmax(logits))
+        if self._greedy:
+            return int(logits.argmax()) if isinstance(logits, np.ndarray) else int(np.argmax(logits))
         p = self.params
         x = logits if logits.dtype == np.float32 else np.asarray(logits, dtype=np.float32)
         if p.top_k and p.top_k < x.shape[-1] or p.top_p < 1.0:

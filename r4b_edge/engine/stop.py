@@ -59,6 +59,7 @@ class StopFilter:
 
     def __init__(self, stops: Sequence[str] = ()):
         self.stops = tuple(stops)
+        self._firsts = "".join(sorted({s[0] for s in self.stops}))  # every match starts at one of these
         self.hit: str | None = None
         self.held = ""
         self.started = False
@@ -73,6 +74,12 @@ class StopFilter:
             self.started = True
         if not self.stops:
             return text
+        if not self.held:  # no stop's first character: nothing to match, nothing to hold
+            for c in self._firsts:
+                if c in text:
+                    break
+            else:
+                return text
         buf = self.held + text
         first: tuple[int, str] | None = None
         for s in self.stops:
@@ -82,13 +89,16 @@ class StopFilter:
         if first is not None:
             self.hit, self.held = first[1], ""
             return buf[:first[0]]
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:n]):
-                    keep = n
+        keep, n = 0, len(buf)
+        for s in self.stops:  # the longest tail of buf that is a proper prefix of s
+            c = s[0]
+            p = buf.find(c, max(0, n - len(s) + 1))  # tails start where s's first character is
+            while p >= 0 and n - p > keep:
+                if s.startswith(buf[p:]):
+                    keep = n - p
                     break
-        self.held = buf[len(buf) - keep:] if keep else ""
+                p = buf.find(c, p + 1)
+        self.held = buf[n - keep:] if keep else ""
         return buf[:len(buf) - keep]
 
     def flush(self) -> str:

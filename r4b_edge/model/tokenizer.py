@@ -94,7 +94,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of `ids`; `skip_special` drops special tokens."""
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+        return self._tok.decode(ids if isinstance(ids, list) else list(ids), skip_special_tokens=skip_special)
 
     def token_bytes(self, tid: int) -> bytes:
         """The exact bytes token `tid` stands for (OpenAI's logprobs `bytes`): an
@@ -171,13 +171,17 @@ class StreamDecoder:
     Text ending in U+FFFD (an incomplete UTF-8 sequence) is held back until completed.
     After each stable piece only the last token is kept as context (the algorithm of
     `tokenizers.decoders.DecodeStream`), so a push decodes a handful of ids, not a window.
+    `piece_len`: a cache of ``len(decode([id]))`` (the kept context's length) that may be
+    shared by the decoders of one tokenizer and `skip_special`, so a push decodes once.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False,
+                 piece_len: dict[int, int] | None = None) -> None:
         self._tok = tokenizer
         self._skip = skip_special
         self._ids: list[int] = []
         self._emitted = 0  # chars of decode(self._ids) already returned
+        self._piece_len: dict[int, int] = {} if piece_len is None else piece_len
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became stable."""
@@ -189,7 +193,11 @@ class StreamDecoder:
         new = text[self._emitted:]
         if len(ids) > 1:  # keep the last token as the prefix that gives the next one its spacing
             del ids[:-1]
-            self._emitted = len(self._tok.decode(ids, skip_special=self._skip))
+            last = ids[0]
+            n = self._piece_len.get(last)
+            if n is None:
+                n = self._piece_len[last] = len(self._tok.decode(ids, skip_special=self._skip))
+            self._emitted = n
         else:
             self._emitted = len(text)
         return new

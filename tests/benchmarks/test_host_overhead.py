@@ -44,7 +44,7 @@ def test_greedy_reply_follows_the_rows_argmax() -> None:
     special = sorted(base.special_ids)
     text = [i for i in range(base.vocab_size) if i not in special]
     rows = H.logit_rows(8, "typical", text, special, seed=2)
-    be = H._host_backend(H._FoldedTokenizer(base, text), rows)
+    be = H._host_backend(H._folded_tokenizer(base, text), rows)
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     res = Engine(be).generate_prompt(prompt, [], GenerationOptions(max_tokens=12))
     n0 = len(base.encode(prompt))
@@ -59,3 +59,21 @@ def test_cli_writes_the_table(tmp_path: Path, capsys) -> None:
     doc = json.loads((tmp_path / "host_overhead.json").read_text())
     assert len(doc["rows"]) == 2 * len(H.SETTINGS) and doc["targets"]
     assert "engine ms/token" in (tmp_path / "host_overhead.md").read_text()
+
+
+def test_folded_tokenizer_decodes_like_the_bundled_one() -> None:
+    """Ids inside the bundled vocabulary decode unchanged; ids beyond it as the ordinary text id
+    they fold onto; everything else (special ids, encode) is the bundled tokenizer's."""
+    from r4b_edge.api import default_model_path
+    from r4b_edge.model.tokenizer import Tokenizer
+
+    base = Tokenizer.from_dir(default_model_path())
+    text = [i for i in range(base.vocab_size) if i not in base.special_ids]
+    fold = H._folded_tokenizer(base, text)
+    ids = [text[3], text[40], base.im_end]
+    assert fold.decode(ids) == base.decode(ids)
+    far = H.VOCAB - 7
+    assert fold.decode([text[3], far]) == base.decode([text[3], text[far % len(text)]])
+    assert fold.decode([far], skip_special=True) == base.decode([text[far % len(text)]], skip_special=True)
+    assert (fold.eos_ids, fold.end_think, fold.vocab_size) == (base.eos_ids, base.end_think, base.vocab_size)
+    assert fold.encode("two shapes") == base.encode("two shapes")

@@ -68,6 +68,31 @@ def test_random_splits_match_the_whole_text_reference(seed):
     assert out.startswith("".join(shown))
 
 
+def _held_reference(stops, buf):
+    """The longest tail of `buf` that is a proper prefix of some stop string (brute force)."""
+    return max([n for s in stops for n in range(1, len(s)) if buf.endswith(s[:n])], default=0)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_held_back_tail_is_the_longest_stop_prefix(seed):
+    """Every push shows exactly the text up to the longest tail that could still start a stop
+    string; stops with repeated characters ("aab", "abab") need the later candidate starts."""
+    rng = np.random.default_rng(100 + seed)
+    alphabet = list("ab<")
+    stops = ["".join(rng.choice(alphabet, size=int(rng.integers(1, 7)))) for _ in range(int(rng.integers(1, 4)))]
+    f, buf, shown_all = StopFilter(stops), "", ""
+    f.started = True  # leading whitespace is not what this test is about
+    for _ in range(30):
+        piece = "".join(rng.choice(alphabet, size=int(rng.integers(0, 5))))
+        shown = f.push(piece)
+        if f.hit is not None:
+            break
+        buf += piece
+        keep = _held_reference(stops, buf)
+        assert shown_all + shown == buf[:len(buf) - keep] and f.held == buf[len(buf) - keep:]
+        shown_all += shown
+
+
 def test_normalize_stop():
     assert normalize_stop(None) == ()
     assert normalize_stop("x") == ("x",)

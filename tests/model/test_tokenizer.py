@@ -83,10 +83,12 @@ def _metaspace_tokenizer() -> Tokenizer:
     return Tokenizer(hf, eos_token="<|im_end|>")
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("which", ["byte-level", "metaspace"])
-def test_stream_decoder_equals_full_decode_and_decode_stream(which, tiny_tokenizer: Tokenizer) -> None:
+def test_stream_decoder_equals_full_decode_and_decode_stream(which, shared, tiny_tokenizer: Tokenizer) -> None:
     """Random id sequences: the pushes + flush give exactly decode(all ids), and the pieces
-    equal those of the tokenizers library's own `DecodeStream` wherever it emits text."""
+    equal those of the tokenizers library's own `DecodeStream` wherever it emits text.
+    `shared`: every decoder shares one `piece_len` cache (as the engine's do)."""
     import random
 
     from tokenizers.decoders import DecodeStream
@@ -94,9 +96,11 @@ def test_stream_decoder_equals_full_decode_and_decode_stream(which, tiny_tokeniz
     tok = tiny_tokenizer if which == "byte-level" else _metaspace_tokenizer()
     rng = random.Random(0)
     pool = [i for i in range(tok.vocab_size) if i not in tok.special_ids]
+    cache: dict[int, int] = {}
     for _ in range(30):
         ids = [rng.choice(pool) for _ in range(rng.randint(1, 80))]
-        sd, ds = StreamDecoder(tok), DecodeStream(skip_special_tokens=False)
+        sd = StreamDecoder(tok, piece_len=cache) if shared else StreamDecoder(tok)
+        ds = DecodeStream(skip_special_tokens=False)
         ours, theirs = [], []
         for i in ids:
             ours.append(sd.push(i))
@@ -104,3 +108,5 @@ def test_stream_decoder_equals_full_decode_and_decode_stream(which, tiny_tokeniz
         assert "".join(ours) + sd.flush() == tok.decode(ids)
         if "\ufffd" not in tok.decode(ids):
             assert "".join(ours) == "".join(theirs)
+    if shared:
+        assert cache and all(n == len(tok.decode([i])) for i, n in cache.items())
