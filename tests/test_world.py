@@ -102,7 +102,7 @@ def test_eval_items_are_the_written_eval_records(tmp_path):
     from r4b_edge.train.world import write_world
 
     assert Recipe().seed + W.EVAL_SEED_OFFSET == W.EVAL_SEED == 1334
-    recs = read_jsonl(write_world(tmp_path, W.EVAL_SEED, {f: 2 for f in W.PERCEPTION + W.REASONING}, "eval"))
+    recs = read_jsonl(write_world(tmp_path, W.EVAL_SEED, {f: 2 for f in W.FAMILIES}, "eval"))
     written = items_from_records(recs)
     items = W.eval_items(per_family=2)
     keys = ("id", "family", "tier", "question", "answer")
