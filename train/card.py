@@ -1,14 +1,23 @@
-"""The shipped model's card: its prose (recipe, eval tables, notes on the measured trade-offs)
-and the README's example image, written by `train ship` / `train reproduce` (recipe.py)."""
+"""The shipped model's card, generated from measurements only: every number in it comes from the
+run it describes (eval/results.json, timing.json, anneal/curation.json + curated.jsonl,
+recipe.json, the model's config and tokenizer), gathered into `CardInputs`. Also writes the
+README's example image. Called by `train ship` / `train reproduce` (recipe.py)."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import Recipe
+from r4b_edge.world import GRADED
+
+from .eval_report import (calibration_tables, family_table, follow_up_table, graded_table, mode_table, pct,
+                          sweep_check_table, target_table, targets)
 
 #: The README quick-start image and the question it is meant for.
 EXAMPLE = {"seed": 4242, "index": 7, "family": "sum"}
+#: `train reproduce` from scratch on the 2-core machine: the issue's bar, in seconds.
+REPRODUCE_BAR_S = 2 * 3600
 
 
 def write_example(out: Path) -> dict:
@@ -20,153 +29,191 @@ def write_example(out: Path) -> dict:
     return {"image": out.name, "question": q.question, "answer": q.answer, "trace": q.trace}
 
 
-def colour_count_note(bpo: dict, r: Recipe) -> str:
-    """The card's colour-count paragraph: how it was learned, and what is still weak (measured)."""
-    from r4b_edge.world import PERCEPTION
+@dataclass
+class CardInputs:
+    """Everything the card states, as read from the run (nothing else goes into it)."""
 
-    fams = [f for f in bpo["no-think"]["families"] if f in PERCEPTION]
-    low = {(m, f): bpo[m]["families"][f] for m in ("auto", "think", "no-think") for f in fams
-           if bpo[m]["families"][f] < 0.97}
-    cc = {m: f"{100 * bpo[m]['families']['colour-count']:.0f}%" for m in ("auto", "think", "no-think")}
-    text = f"""- Colour-count ("How many red items are there?") needs the asked colour matched against four
-  cells. The plain mix never taught it (previous recipe: 53-60%, about "always 1"; its stage-0
-  decoder answered it from a *text* scan at 26/40; an 8-layer decoder at 25/40; stage-0 traces
-  and an answer carried from the colour word did not help). What did: per-cell match-bit targets
-  on the question's slots and a stage-1 focus phase ({r.pt_focus_steps} steps, colour-count at
-  {100 * r.pt_focus_share:.0f}% of the batch; docs/training.md). Now {cc['no-think']} no-think, {cc['auto']} auto,
-  {cc['think']} think."""
-    if low:
-        worst = ", ".join(f"{f} {m} {100 * v:.0f}%" for (m, f), v in sorted(low.items(), key=lambda kv: kv[1]))
-        text += f"\n  Still under 97%: {worst}."
-    if any(m == "think" for m, _ in low):
-        text += f"""
-  In think mode the scan is right and the weak step is the selection line after it, which
-  copies from the wrong line (`bottom-right -> 8` after `bottom-right red 4`) or misses a
-  matching cell (`blue: none -> 0` after `bottom-left blue triangle`). Only the annealing
-  traces teach it ({100 * r.an_perception_trace_frac:.0f}% of the direct side, forced-think; 10% left count at 33/40 and
-  colour-count at 35/40 think); next levers: more traced steps, or selections written as
-  per-cell running counts."""
-    return text
+    results: dict  # eval/results.json
+    timing: dict  # timing.json: {"stages": {stage: seconds | None}}
+    recipe: dict  # recipe.json
+    config: dict  # {"text": text_config, "vision": vision_config, "tokens_per_view": int}
+    n_params: int
+    example: dict  # write_example's {question, answer, trace}
+    tokens: dict  # {"think_opening": n, "no_think_opening": n}: forced tokens after `<think>`
+    curation: dict | None = None  # anneal/curation.json: {family: {direct, think}}
+    curation_levels: dict | None = None  # graded records per level: {family: {level: {direct, think}}}
 
 
-def rl_note(results: dict, r: Recipe) -> str:
-    """The card's RL paragraph, from the measured anneal/BPO/GRPO rows and the GRPO curve."""
-    m = results["models"]
+def curation_levels(curated: Path) -> dict | None:
+    """{family: {level: {direct, think}}} of the graded records in anneal/curated.jsonl."""
+    if not curated.exists():
+        return None
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for line in curated.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        meta = rec.get("meta", {})
+        if meta.get("family") in GRADED:
+            s = out.setdefault(meta["family"], {}).setdefault(str(meta.get("level")), {"direct": 0, "think": 0})
+            s[rec["mode"]] = s.get(rec["mode"], 0) + 1
+    return out
 
-    def pct(model: str, mode: str, tier: str, key: str) -> str:
-        return f"{100 * m[model][mode][tier][key]:.1f}%"
 
-    text = f"""- RL is short ({r.rl_steps} steps x {r.rl_prompts} prompts x {2 * r.rl_group} rollouts at lr {r.rl_lr:g}). BPO moves
-  auto accuracy {pct('anneal', 'auto', 'overall', 'accuracy')} -> {pct('bpo', 'auto', 'overall', 'accuracy')}, through the decision (auto think-rate on reasoning
-  {pct('anneal', 'auto', 'reasoning', 'think_rate')} -> {pct('bpo', 'auto', 'reasoning', 'think_rate')}, on perception {pct('anneal', 'auto', 'perception', 'think_rate')} -> {pct('bpo', 'auto', 'perception', 'think_rate')})."""
-    c = results.get("grpo_curve") or {}
+def card_inputs(run_dir: Path, cfg: Any, results: dict, timing: dict, example: dict, n_params: int) -> CardInputs:
+    """Gather the card's inputs from a finished run."""
+    from r4b_edge.model.template import MODE_SUFFIX, THINK_OPEN
+
+    from .stages import load_tokenizer
+
+    tok = load_tokenizer(run_dir)
+    forced = {k: len(tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):], add_special_tokens=False).ids)
+              for k, m in (("think_opening", "long"), ("no_think_opening", "short"))}
+    cur = run_dir / "anneal" / "curation.json"
+    return CardInputs(results=results, timing=timing, recipe=json.loads((run_dir / "recipe.json").read_text()),
+                      config={"text": dict(cfg.text_config), "vision": dict(cfg.vision_config),
+                              "tokens_per_view": int(cfg.tokens_per_view)},
+                      n_params=int(n_params), example=example, tokens=forced,
+                      curation=json.loads(cur.read_text()) if cur.exists() else None,
+                      curation_levels=curation_levels(run_dir / "anneal" / "curated.jsonl"))
+
+
+def token_definition(tokens: dict) -> str:
+    """The one token count (eval, engine `Stats`/`Result.token_ids`, benchmarks, API usage)."""
+    direct = tokens["no_think_opening"] + 2
+    return (f"Token counts (here, in the eval, the engine's `Stats` and `Result.token_ids`, the API's usage and the "
+            f"benchmarks): every token the model emitted after the prompt's `<think>`, forced ones included: the "
+            f"forced opening of think mode (`\\n`, {tokens['think_opening']} token) and of a direct answer "
+            f"(`\\n\\n</think>\\n\\n`, {tokens['no_think_opening']} tokens), the reasoning, `</think>`, the answer and "
+            f"the end token. A one-token direct answer is {direct} tokens.")
+
+
+def curation_table(inp: CardInputs) -> list[str]:
+    """Annealing curation counts per family (and per graded level)."""
+    if not inp.curation:
+        return []
+    lines = ["| family | direct | think (all N no-think samples wrong) |", "|---|---|---|"]
+    for fam, s in inp.curation.items():
+        lines.append(f"| {fam} | {s.get('direct', 0)} | {s.get('think', 0)} |")
+        for lv, c in ((inp.curation_levels or {}).get(fam) or {}).items():
+            lines.append(f"| {fam} ({lv}) | {c.get('direct', 0)} | {c.get('think', 0)} |")
+    return lines
+
+
+def wall_table(timing: dict) -> tuple[list[str], float]:
+    """Wall time per stage and the total (seconds)."""
+    st = timing["stages"]
+    total = float(sum(v for v in st.values() if v))
+    lines = ["| stage | wall time |", "|---|---|"] + \
+        [f"| {k} | {v / 60:.1f} min |" if v else f"| {k} | not recorded |" for k, v in st.items()]
+    return lines + [f"| total | {total / 60:.1f} min |"], total
+
+
+def rl_note(inp: CardInputs) -> str:
+    """What BPO and plain GRPO changed, from the measured rows and the GRPO curve."""
+    m, r = inp.results["models"], inp.recipe
+    if not {"anneal", "bpo"} <= set(m):
+        return ""
+
+    def v(model: str, mode: str, tier: str, key: str) -> str:
+        x = m[model][mode].get(tier)
+        return pct(x[key]) if x else "n/a"
+
+    text = (f"- RL: {r['rl_steps']} steps x {r['rl_prompts']} prompts x {2 * r['rl_group']} rollouts at lr {r['rl_lr']:g}. "
+            f"Auto accuracy anneal -> BPO: {v('anneal', 'auto', 'overall', 'accuracy')} -> "
+            f"{v('bpo', 'auto', 'overall', 'accuracy')}; auto think-rate on reasoning "
+            f"{v('anneal', 'auto', 'reasoning', 'think_rate')} -> {v('bpo', 'auto', 'reasoning', 'think_rate')}, on "
+            f"perception {v('anneal', 'auto', 'perception', 'think_rate')} -> {v('bpo', 'auto', 'perception', 'think_rate')}, "
+            f"on the graded family {v('anneal', 'auto', 'graded', 'think_rate')} -> {v('bpo', 'auto', 'graded', 'think_rate')}.")
+    if "grpo" in m:
+        text += (f" Plain GRPO (free mode choice): auto accuracy {v('grpo', 'auto', 'overall', 'accuracy')}, auto "
+                 f"think-rate on perception {v('grpo', 'auto', 'perception', 'think_rate')}.")
+    c = inp.results.get("grpo_curve") or {}
     p = [x for x in c.get("perception", []) if x is not None]
     if p:
         k = max(1, len(p) // 5)
         first, last = sum(p[:k]) / k, sum(p[-k:]) / k
-        text += f"""
-  Plain GRPO's rollout think-rate on perception goes {100 * first:.1f}% -> {100 * last:.1f}% (first/last {k} steps)"""
-        if last > first:
-            text += """: the
-  drift toward thinking of the paper's Fig. 10, small over this short run."""
-        else:
-            text += f""": no
-  drift toward thinking here (the paper's Fig. 10 shows one). Free rollouts start from an
-  annealed decision that almost never thinks on perception, and thinking is the less accurate
-  mode there (GRPO model: perception {pct('grpo', 'think', 'perception', 'accuracy')} think vs {pct('grpo', 'no-think', 'perception', 'accuracy')} no-think), so
-  GRPO has nothing to reinforce. The previous recipe, whose annealed decision started at a
-  think probability of ~0.1-0.3 on perception, did drift (11.1% -> 12.1% over the same 80 steps).
-  Nor with reasoning-only RL prompts (the paper's math-only setting, measured on this model's
-  annealed stage): mean think probability on 200 held-out perception prompts 0.002 -> 0.001
-  (docs/training.md)."""
-    return text + """
-  An earlier run with rl_lr 1e-4 drifted (KL ~0.3/token) and lowered auto accuracy."""
+        text += (f" Its rollout think-rate on perception went {pct(first)} -> {pct(last)} (mean of the first and "
+                 f"last fifth of the logged steps): {'a drift toward thinking' if last > first else 'no drift toward thinking'}.")
+    return text
 
 
-def model_card(run_dir: Path, r: Recipe, cfg: Any, results: dict, timing: dict, example: dict) -> str:
-    """MODEL_CARD.md text: what it is, how it was made, the measured eval table."""
-    from .evaluate import markdown
-
-    tc, vc = cfg.text_config, cfg.vision_config
-    bpo = results["models"]["bpo"]
-    ratio = bpo["auto"]["overall"]["mean_tokens"] / bpo["think"]["overall"]["mean_tokens"]
-
-    def tok(mode: str, tier: str) -> str:
-        return f"{bpo[mode][tier]['mean_tokens']:.1f}"
-
-    n_params = timing.get("n_params")
-    total = sum(v for v in timing["stages"].values() if v)
-    stage_rows = "\n".join(f"| {k} | {v / 60:.1f} min |" if v else f"| {k} | - |" for k, v in timing["stages"].items())
-    return f"""# r4b-edge default model (world-R-tiny)
-
-A {n_params / 1e6:.1f} M-parameter model in the R-4B layout (SigLIP vision tower + LayerNorm/MLP
-projector + Qwen3 decoder, `RForConditionalGeneration`, base view only) trained from scratch
-with `r4b-edge train reproduce` on the procedural visual-reasoning world (docs/world.md), following
-R-4B's recipe: text pre-training of the decoder (standing in for the pre-trained Qwen3 that R-4B
-starts from) -> alignment with non-thinking loss masking -> bi-mode annealing (curated by the N=8
-no-think rule) -> BPO. It auto-thinks: it answers perception questions directly and writes a step
-trace before answering reasoning questions. It knows nothing outside the world.
-
-- text: Qwen3, hidden {tc['hidden_size']}, {tc['num_hidden_layers']} layers, {tc['num_attention_heads']} heads
-  ({tc['num_key_value_heads']} KV, head_dim {tc['head_dim']}), MLP {tc['intermediate_size']}, vocab {tc['vocab_size']}
-- vision: SigLIP, {vc['image_size']} px, patch {vc['patch_size']} -> {cfg.tokens_per_view} image tokens,
-  hidden {vc['hidden_size']}, {vc['num_hidden_layers']} layers; `vision_aspect_ratio` "base" (no AnyRes)
-- weights: fp16 safetensors; tokenizer: byte-level BPE (Qwen2 pre-tokenizer) trained on world text
-- seed {r.seed}; full recipe in `recipe.json` next to this card
-
-## Quick start
-
-`r4b_edge/assets/example.png` with the question "{example['question']}"
-(answer {example['answer']}; the model should think: `{example['trace'].replace(chr(10), ' / ')}`).
-
-## Evaluation (held-out world split, greedy, {results['n_items']['perception']} perception +
-{results['n_items']['reasoning']} reasoning items; all rows use the fp16-rounded weights)
-
-Time-to-answer: mean wall time until the answer starts (after `</think>`), unbatched, on the first
-{r.ev_time_items} items per tier, CPU torch, on a shared 2-core machine (noisy).
-
-{markdown(results)}
-![accuracy vs tokens](eval/accuracy_vs_tokens.png)
-![GRPO think rate](eval/grpo_think_rate.png)
-
-## Reproduction
-
-`r4b-edge train reproduce --run runs/shipped` (one process; `--nproc 2` runs each stage under
-torchrun). Measured wall time on the 2-core machine ({r.threads} torch threads): {total / 60:.1f} min
-(per-stage wall times from the run's own timers; tokenizer training is part of the first row,
-rendering the pre-training world part of the second).
-
-| stage | wall time |
-|---|---|
-{stage_rows}
-
-## Limitations and what would close the gaps
-
-{colour_count_note(bpo, r)}
-- Auto mode spends {ratio:.2f}x the tokens of think mode{" (target <= 0.5x)" if ratio > 0.5 else ""}: a direct answer costs {tok('no-think', 'perception')} tokens
-  (empty think block + answer + end), a think-mode answer {tok('think', 'perception')} on perception and
-  {tok('think', 'reasoning')} on reasoning, so with the eval's {results['n_items']['perception']}:{results['n_items']['reasoning']} perception:reasoning mix auto saves
-  only on the perception side, and thinks on reasoning as it should. Shorter reasoning traces
-  do not close it: a run whose reasoning traces dropped the colour words (4 tokens fewer) still
-  measured 0.51x, because its auto think-rate on reasoning rose to 100%, and its think-mode
-  reasoning fell to 87% (docs/training.md).
-{rl_note(results, r)}
-{turn_note(results, r)}
-"""
+def weak_note(inp: CardInputs, ship: str) -> str:
+    """Families under the perception bar in some mode (measured), or nothing."""
+    res = inp.results["models"][ship]
+    low = sorted(((f, md, a) for md in ("auto", "think", "no-think") for f, a in res[md]["families"].items()
+                  if a < 0.975), key=lambda x: x[2])
+    if not low:
+        return ""
+    return "- Families under 97.5% in some mode: " + ", ".join(f"{f} {md} {pct(a)}" for f, md, a in low) + "."
 
 
-def turn_note(results: dict, r: Recipe) -> str:
-    """The card's multi-turn paragraph, from the eval's second-turn rows."""
-    s2 = results["models"]["bpo"].get("second_turn")
-    got = ""
-    if s2:
-        got = (f" Second question of a two-question chat (auto): {100 * s2['overall']['accuracy']:.1f}% "
-               f"(perception {100 * s2['perception']['accuracy']:.1f}%, reasoning {100 * s2['reasoning']['accuracy']:.1f}%) "
-               f"vs {100 * results['models']['bpo']['auto']['overall']['accuracy']:.1f}% single-turn.")
-    if r.an_chat_frac > 0:
-        return (f"- Chats: annealing teaches {100 * r.an_chat_frac:.0f}% of its items as the second question of a chat\n"
-                f"  about the image (the first a perception question; docs/training.md). BPO is single-turn.{got}\n"
-                "  Three or more questions are untrained.")
-    return ("- Multi-turn chat is not trained (every training item is a single question); later turns work\n"
-            f"  through the template but are out of distribution.{got} The lever (`an_two_turn_frac`)\n"
-            "  and its measured trade: docs/training.md.")
+def model_card(inp: CardInputs) -> str:
+    """MODEL_CARD.md text, from `inp` only."""
+    res, r = inp.results, inp.recipe
+    ship = res.get("ship", "bpo")
+    tc, vc = inp.config["text"], inp.config["vision"]
+    models = res["models"]
+    walls, total = wall_table(inp.timing)
+    rows = targets(models[ship], models.get("anneal") if ship != "anneal" else None)
+    rows.append((f"`train reproduce` from scratch <= {REPRODUCE_BAR_S // 3600} h (all stages + eval)",
+                 total <= REPRODUCE_BAR_S, f"{total / 60:.1f} min"))
+    n = res["n_items"]
+    tiers = ", ".join(f"{v} {k}" for k, v in n.items())
+    lv = ", ".join(f"{v} {k}" for k, v in (res.get("n_levels") or {}).items())
+    ex = inp.example
+    sections = [
+        "# r4b-edge default model (world-R-tiny)", "",
+        f"A {inp.n_params / 1e6:.2f} M-parameter model in the R-4B layout (SigLIP vision tower + projector + Qwen3 "
+        "decoder, `RForConditionalGeneration`, base view only) trained from scratch with `r4b-edge train reproduce` "
+        "on the procedural visual-reasoning world (docs/world.md), following R-4B's recipe: text pre-training of the "
+        "decoder -> alignment with non-thinking loss masking -> bi-mode annealing (curated by the paper's rule, "
+        f"N={r['an_samples']} no-think samples per item: all wrong -> thinking sample) -> BPO. It decides per item "
+        "whether to think; the follow-up questions of a chat are trained. It knows nothing outside the world.", "",
+        f"- text: Qwen3, hidden {tc['hidden_size']}, {tc['num_hidden_layers']} layers, {tc['num_attention_heads']} heads "
+        f"({tc['num_key_value_heads']} KV, head_dim {tc['head_dim']}), MLP {tc['intermediate_size']}, vocab {tc['vocab_size']}",
+        f"- vision: SigLIP, {vc['image_size']} px, patch {vc['patch_size']} -> {inp.config['tokens_per_view']} image tokens, "
+        f"hidden {vc['hidden_size']}, {vc['num_hidden_layers']} layers; `vision_aspect_ratio` \"base\" (no AnyRes)",
+        f"- weights: fp16 safetensors; seed {r['seed']}; full recipe in `recipe.json` next to this card", "",
+        "## Quick start", "",
+        f"`r4b_edge/assets/example.png` with the question \"{ex['question']}\" (answer {ex['answer']}; trace: "
+        f"`{ex['trace'].replace(chr(10), ' / ')}`).", "",
+        "## Evaluation", "",
+        f"Held-out world split (seed {res['seed']}, {res.get('per_family', 'n/a')} items per family: {tiers}"
+        + (f"; graded levels {lv}" if lv else "") + "), greedy, fp16-rounded weights, models anneal, BPO (shipped: "
+        f"{ship}) and plain GRPO. Time-to-answer: unbatched, the first {r['ev_time_items']} items per tier, CPU torch "
+        "on a shared machine (noisy).", "",
+        token_definition(inp.tokens), "",
+        "### Single question", ""] + mode_table(models) + ["", "Accuracy per question family:", ""] + family_table(models)
+    sections += ["", "### Follow-up questions", "",
+                 "Every item asked again as the 2nd and as the 3rd question of a chat about its image, auto mode; the "
+                 "history holds the model's own earlier answers (greedy, answer text only, as the runtime keeps it).", ""]
+    sections += follow_up_table(models)
+    if any(x.get("graded") for x in models.values()):
+        sections += ["", "### Graded family: one template, easy and hard items", ""] + graded_table(models)
+    if any(x.get("calibration") for x in models.values()):
+        sections += ["", "### p_think as a calibrated signal", "",
+                     "AUROC of p_think for \"no-think answers this item wrong\", the reliability table and the "
+                     "threshold sweep. The sweep is offline: an item thinks iff p_think >= threshold and takes its forced "
+                     "think result, else its forced no-think result, which is what the engine's auto mode with that "
+                     "`think_threshold` does under greedy decoding.", ""] + calibration_tables(models, ship)
+        sections += ["", "Offline decisions against the measured auto run:", ""] + sweep_check_table(models[ship], ship)
+        sections += ["", "![threshold sweep](eval/threshold_curve.png)", "![reliability](eval/reliability.png)"]
+    sections += ["", "### Targets", ""] + target_table(rows)
+    sections += ["", "![accuracy vs tokens](eval/accuracy_vs_tokens.png)"]
+    if res.get("grpo_curve"):
+        sections += ["![GRPO think rate](eval/grpo_think_rate.png)"]
+    cur = curation_table(inp)
+    if cur:
+        sections += ["", "## Annealing curation", "",
+                     f"Per family: items kept direct and items given a thinking sample (all {r['an_samples']} "
+                     "no-think samples wrong).", ""] + cur
+    sections += ["", "## Reproduction", "",
+                 f"`r4b-edge train reproduce --run runs/shipped`, one process, torch threads: {r['threads']}; wall "
+                 "times from the run's own timers (tokenizer training is part of the first stage).", ""] + walls
+    notes = [x for x in (rl_note(inp), weak_note(inp, ship)) if x]
+    if not all(ok for _, ok, _ in rows):
+        notes.append("- Some targets are not met: the rows marked NO in the table above.")
+    if notes:
+        sections += ["", "## Notes", ""] + notes
+    return "\n".join(sections) + "\n"

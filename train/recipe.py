@@ -16,7 +16,7 @@ import torch
 
 from r4b_edge.errors import TrainingError
 
-from .card import model_card, write_example
+from .card import card_inputs, model_card, write_example
 from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
 
 ASSETS = Path(__file__).resolve().parents[1] / "r4b_edge" / "assets"
@@ -72,17 +72,17 @@ def ship(run_dir: Path, r: Recipe, out: Path, results: dict, timing: dict) -> Pa
     from .stages import load_stage_model
 
     model, cfg = load_stage_model(run_dir, "bpo", torch.device("cpu"))
-    timing = dict(timing, n_params=model.num_parameters())
     model = model.half()
     save_checkpoint(model, cfg, run_dir / "tokenizer", out)
     ev_src, ev_dst = run_dir / "eval", out / "eval"
     if ev_src.exists():
         if ev_dst.exists():
             shutil.rmtree(ev_dst)
-        shutil.copytree(ev_src, ev_dst)
+        shutil.copytree(ev_src, ev_dst, ignore=shutil.ignore_patterns("items.json"))  # per-item arrays stay in the run
     (out / "recipe.json").write_text((run_dir / "recipe.json").read_text())
     example = write_example(out.parent / "example.png")
-    (out / "MODEL_CARD.md").write_text(model_card(run_dir, r, cfg, results, timing, example))
+    inputs = card_inputs(run_dir, cfg, results, timing, example, model.num_parameters())
+    (out / "MODEL_CARD.md").write_text(model_card(inputs))
     for p in [out, *out.rglob("*")]:  # package data: world-readable
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     return out
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_eval:
         from .evaluate import run as run_eval
 
-        te = time.time()
-        results = run_eval(run_dir, r, run_dir / "eval")
-        (run_dir / "eval" / "wall_seconds.json").write_text(json.dumps({"seconds": time.time() - te}))
+        results = run_eval(run_dir, r, run_dir / "eval")  # writes eval/wall_seconds.json
     timing = {"stages": {st: stage_seconds(run_dir, st) for st in STAGE_ORDER + ("eval",)},
               "this_invocation_seconds": time.time() - t0}
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=2))
@@ -135,7 +133,10 @@ def main_ship(argv: list[str] | None = None) -> int:
     res_p = run_dir / "eval" / "results.json"
     if not res_p.exists():
         raise TrainingError(f"{res_p} missing: run `train eval --run {run_dir}` first")
-    timing = {"stages": {st: stage_seconds(run_dir, st) for st in STAGE_ORDER + ("eval",)}}
+    tp = run_dir / "timing.json"
+    timing = dict(json.loads(tp.read_text()) if tp.exists() else {},
+                  stages={st: stage_seconds(run_dir, st) for st in STAGE_ORDER + ("eval",)})
+    tp.write_text(json.dumps(timing, indent=2))
     ship(run_dir, r, Path(a.out), json.loads(res_p.read_text()), timing)
     print(a.out)
     return 0

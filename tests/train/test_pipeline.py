@@ -127,9 +127,16 @@ def test_eval_and_ship_outputs(runs, tmp_path):
     for mode in ("auto", "think", "no-think"):
         assert {"accuracy", "think_rate", "mean_tokens", "mean_time_to_answer_ms"} <= set(m[mode]["perception"])
     assert m["think"]["reasoning"]["think_rate"] == 1.0 and m["no-think"]["reasoning"]["think_rate"] == 0.0
-    assert m["second_turn"]["overall"]["n"] == m["auto"]["overall"]["n"] and 0 <= m["second_turn"]["overall"]["accuracy"] <= 1
-    assert "Second question of a two-question chat" in (one / "eval" / "results.md").read_text()
-    assert (one / "eval" / "accuracy_vs_tokens.png").stat().st_size > 1000
+    for turn in ("2", "3"):
+        fu = m["follow_up"][turn]
+        assert set(fu) == {"perception", "reasoning", "graded", "overall"} and fu["overall"]["n"] == m["auto"]["overall"]["n"]
+        assert 0 <= fu["overall"]["accuracy"] <= 1 and fu["overall"]["think_tags"] >= 0
+    assert set(m["graded"]) == {"graded", "easy", "hard"} and set(m["calibration"]) == {"perception", "reasoning", "graded", "overall"}
+    md = (one / "eval" / "results.md").read_text()
+    assert "Follow-up questions" in md and "| target | met | measured |" in md and "AUROC" in md
+    for png in ("accuracy_vs_tokens", "threshold_curve", "reliability"):
+        assert (one / "eval" / f"{png}.png").stat().st_size > 1000
+    assert json.loads((one / "eval" / "wall_seconds.json").read_text())["seconds"] > 0
     assert (one / "eval" / "grpo_think_rate.png").exists() and "| model | mode |" in (one / "eval" / "results.md").read_text()
     out = tmp_path / "assets" / "model"
     train(["ship", "--run-dir", str(one), "--out", str(out)])
@@ -139,5 +146,7 @@ def test_eval_and_ship_outputs(runs, tmp_path):
     assert cfg.vision_aspect_ratio == "base" and not cfg.anyres
     st = load_file(str(out / "model.safetensors"))
     assert all(t.dtype == torch.float16 for t in st.values())
-    assert "| target | met | measured |" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| target | met | measured |" in card and "### Follow-up questions" in card and "| total (hard) |" in card
     assert (out / "eval" / "results.json").exists() and (out.parent / "example.png").exists()
+    assert not (out / "eval" / "items.json").exists() and (one / "eval" / "items.json").exists()
