@@ -66,7 +66,7 @@ def evaluate(backend: Any, items: Sequence[dict], max_tokens: int = 64) -> dict:
                          GenerationOptions(mode="auto", max_tokens=max_tokens))
         rows.append((it["tier"], check_answer(r.answer, it["answer"]), r.thought, len(r.token_ids)))
     out = {}
-    for tier in ("perception", "reasoning", "overall"):
+    for tier in ("perception", "reasoning", "graded", "overall"):
         sel = [x for x in rows if tier == "overall" or x[0] == tier]
         if sel:
             out[tier] = {"n": len(sel), "accuracy": float(np.mean([x[1] for x in sel])),
@@ -116,6 +116,11 @@ def report(model: Path, exports: Path, per_family: int = 25, parity_prompts: int
     return res
 
 
+def _tiers(ev: dict) -> str:
+    """'perception | reasoning | graded' accuracy cells ('–' for a tier without items)."""
+    return " | ".join(f"{ev[t]['accuracy']:.1%}" if t in ev else "–" for t in ("perception", "reasoning", "graded"))
+
+
 def markdown(res: dict) -> str:
     """The model-card table."""
     t = res["torch"]
@@ -126,11 +131,10 @@ def markdown(res: dict) -> str:
         "parity: greedy tokens of the first 32 steps after each image prompt, teacher-forced on torch's tokens.",
         "",
         "| backend | graphs MB | accuracy | Δ acc (pts) | think-rate | Δ think (pts) | perception acc | reasoning acc "
-        "| identical 32-token prompts | token agreement | max abs logit diff | decode tok/s | speed vs torch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| graded acc | identical 32-token prompts | token agreement | max abs logit diff | decode tok/s | speed vs torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| torch fp32 | – | {t['eval']['overall']['accuracy']:.1%} | – | {t['eval']['overall']['think_rate']:.1%} | – "
-        f"| {t['eval'].get('perception', {}).get('accuracy', float('nan')):.1%} "
-        f"| {t['eval'].get('reasoning', {}).get('accuracy', float('nan')):.1%} | – | – | – | {t['decode_tps']:.0f} | 1.00x |",
+        f"| {_tiers(t['eval'])} | – | – | – | {t['decode_tps']:.0f} | 1.00x |",
     ]
     for p in PRECISIONS:
         if p not in res:
@@ -141,8 +145,7 @@ def markdown(res: dict) -> str:
         pa = r["parity"]
         lines.append(
             f"| onnx {p} | {r['bytes'] / 1e6:.1f} | {e['overall']['accuracy']:.1%} | {da:+.1f} | "
-            f"{e['overall']['think_rate']:.1%} | {dt:+.1f} | {e.get('perception', {}).get('accuracy', float('nan')):.1%} "
-            f"| {e.get('reasoning', {}).get('accuracy', float('nan')):.1%} | {pa['identical_prompts']}/{pa['prompts']} "
+            f"{e['overall']['think_rate']:.1%} | {dt:+.1f} | {_tiers(e)} | {pa['identical_prompts']}/{pa['prompts']} "
             f"| {pa['token_agreement']:.1%} | {pa['max_abs_logit_diff']:.2g} | {r['decode_tps']:.0f} "
             f"| {r['decode_tps'] / t['decode_tps']:.2f}x |")
     lines += ["", "Targets (issue 5): fp32 identical greedy tokens on every prompt; int8 within 1 point and int4 within "
@@ -156,10 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exports", required=True, help="folder for the onnx-fp32/int8/int4 exports (reused)")
     ap.add_argument("--md", default=None, help="write the markdown table here (e.g. the model's QUANT_ONNX.md)")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
-    ap.add_argument("--per-family", type=int, default=25, help="eval questions per world family (8 families)")
+    ap.add_argument("--per-family", type=int, default=25, help="eval questions per world family")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both torch and onnxruntime")
+    ap.add_argument("--parity-prompts", type=int, default=24, help="image prompts of the greedy parity check")
     a = ap.parse_args(argv)
-    res = report(Path(a.model), Path(a.exports), a.per_family, threads=a.threads)
+    from r4b_edge.errors import R4BError
+
+    if a.per_family < 1 or a.parity_prompts < 1:
+        raise R4BError(f"--per-family and --parity-prompts must be >= 1, got {a.per_family} and {a.parity_prompts}")
+    res = report(Path(a.model), Path(a.exports), a.per_family, parity_prompts=a.parity_prompts, threads=a.threads)
     md = markdown(res)
     print(md)
     from r4b_edge.export.manifest import atomic_write

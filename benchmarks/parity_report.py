@@ -1,7 +1,7 @@
 """Measure GGUF vs torch parity for a checkpoint (used to write docs/gguf.md and to pin
 the test bounds); not run in CI.
 
-    python -m r4b_edge.benchmarks.parity_report CHECKPOINT --work /tmp/parity [--prompts 20]
+    python -m r4b_edge.benchmarks.parity_report CHECKPOINT --work /tmp/parity [--prompts 20] [--out PARITY.md]
 
 Exports F32-mmproj/F16/Q8_0/Q4_K_M pairs into --work (no-op when up to date) and prints
 a markdown table: image-embedding and last-logit max |diff|, the part of the embedding
@@ -97,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--quants", nargs="+", default=["F16", "Q8_0", "Q4_K_M"])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the table here (markdown) and the raw numbers next to it (.json)")
     a = ap.parse_args(argv)
+    from r4b_edge.errors import R4BError
     from r4b_edge.export.gguf import export_gguf
+
+    if a.prompts < 1:
+        raise R4BError(f"--prompts must be >= 1, got {a.prompts}")
 
     prompts = world_prompts(a.prompts)
     rows = []
@@ -112,13 +118,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(m), flush=True)
     g = gelu_effect(a.checkpoint, prompts)
     print(json.dumps({"projector_tanh_vs_erf_gelu_max_abs": g}))
-    print("\n| pair | text MiB | mmproj MiB | emb max abs diff | last-logit max abs diff | greedy 32 identical |")
-    print("|---|---|---|---|---|---|")
-    for m in rows:
-        print(f"| {m['pair']} | {m['text_mib']} | {m['mmproj_mib']} | {m['emb_max_abs']:.2e} | "
-              f"{m['logits_max_abs']:.2e} | {m['greedy_identical']}/{m['prompts']} |")
-    print(f"\nprojector GELU tanh vs erf alone (torch): {g:.2e}")
+    text = markdown(rows, g)
+    print("\n" + text)
+    if a.out:
+        from r4b_edge.export.manifest import atomic_write
+
+        with atomic_write(a.out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        a.out.with_suffix(".json").write_text(json.dumps(
+            {"checkpoint": str(a.checkpoint), "pairs": rows, "projector_tanh_vs_erf_gelu_max_abs": g}, indent=2))
     return 0
+
+
+def markdown(rows: list[dict], gelu: float) -> str:
+    """The parity table (one row per pair) and the projector-GELU line."""
+    lines = ["| pair | text MiB | mmproj MiB | emb max abs diff | last-logit max abs diff | greedy 32 identical |",
+             "|---|---|---|---|---|---|"]
+    for m in rows:
+        lines.append(f"| {m['pair']} | {m['text_mib']} | {m['mmproj_mib']} | {m['emb_max_abs']:.2e} | "
+                     f"{m['logits_max_abs']:.2e} | {m['greedy_identical']}/{m['prompts']} |")
+    lines += ["", f"projector GELU tanh vs erf alone (torch): {gelu:.2e}", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def run_items(model: Any, items: list[dict], max_tokens: int, mode: str = "auto"
         rows.append((it, check_answer(r.answer, it["answer"]), r.thought,
                      r.stats.think_tokens + r.stats.answer_tokens, r.answer))
     out: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1)}
-    for tier in ("perception", "reasoning", "overall"):
+    for tier in ("perception", "reasoning", "graded", "overall"):
         sel = [x for x in rows if tier == "overall" or x[0]["tier"] == tier]
         if sel:
             out[tier] = {"n": len(sel), "accuracy": sum(x[1] for x in sel) / len(sel),
@@ -35,6 +35,11 @@ def run_items(model: Any, items: list[dict], max_tokens: int, mode: str = "auto"
                          "mean_tokens": sum(x[3] for x in sel) / len(sel)}
     out["answers"] = [x[4] for x in rows]
     return out
+
+
+def tiers(r: dict) -> str:
+    """'perception | reasoning | graded' accuracy cells ('-' for a tier without items)."""
+    return " | ".join(f"{r[t]['accuracy']:.1%}" if t in r else "-" for t in ("perception", "reasoning", "graded"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         f"max {a.max_tokens} new tokens, CPU. Measured with `python -m r4b_edge.benchmarks.quant_eval`.",
         "",
         "| model | files (MiB) | accuracy | delta vs torch | think-rate | delta | perception acc | reasoning acc "
-        "| mean tokens | answers identical to torch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| graded acc | mean tokens | answers identical to torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         q = name.split()[1] if name.startswith("GGUF") else None
@@ -81,10 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {sizes[q]:.2f} | {o['accuracy']:.1%} | "
             f"{(o['accuracy'] - ref['overall']['accuracy']) * 100:+.1f} pt | {o['think_rate']:.1%} | "
             f"{(o['think_rate'] - ref['overall']['think_rate']) * 100:+.1f} pt | "
-            f"{r['perception']['accuracy']:.1%} | {r['reasoning']['accuracy']:.1%} | {o['mean_tokens']:.1f} | "
-            f"{same:.1%} |" if q else
+            f"{tiers(r)} | {o['mean_tokens']:.1f} | {same:.1%} |" if q else
             f"| {name} | - | {o['accuracy']:.1%} | - | {o['think_rate']:.1%} | - | "
-            f"{r['perception']['accuracy']:.1%} | {r['reasoning']['accuracy']:.1%} | {o['mean_tokens']:.1f} | - |")
+            f"{tiers(r)} | {o['mean_tokens']:.1f} | - |")
     lines += ["", "Targets: Q8_0 within 1 point and Q4_K_M within 3 points of torch (accuracy and think-rate).", ""]
     text = "\n".join(lines)
     print(text)

@@ -231,7 +231,7 @@ def markdown(doc: dict, plots: Sequence[str] = ()) -> str:
                      f"{_s(mt['vision_encode_ms'])} | {_s(mt['prefill_tps'], '{:.0f}')} | {_s(mt['ttft_ms'])} | "
                      f"{_s(mt['decode_tps'], '{:.0f}')} | {_s(mt['total_ms'])} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "## Modes on the mixed eval (world eval split, greedy, through the public API)", "",
-              "| backend | precision | mode | accuracy | perception / reasoning | think-rate | mean tokens "
+              "| backend | precision | mode | accuracy | perception / reasoning / graded | think-rate | mean tokens "
               "| mean time-to-answer ms | time-to-answer ms | TTFT ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["modes"]:
         if "skipped" in r:
@@ -240,7 +240,7 @@ def markdown(doc: dict, plots: Sequence[str] = ()) -> str:
         for mode, s in r["modes"].items():
             tiers = s.get("tiers", {})
             per_tier = " / ".join(f"{tiers[t]['accuracy']:.3f}" if t in tiers else "-"
-                                  for t in ("perception", "reasoning"))
+                                  for t in ("perception", "reasoning", "graded"))
             lines.append(f"| {r['backend']} | {r['precision']} | {mode} | {s['accuracy']:.3f} | {per_tier} | "
                          f"{s['think_rate']:.2f} | {s['mean_tokens']:.1f} | {s['mean_time_to_answer_ms']:.1f} | "
                          f"{_s(s['time_to_answer_ms'])} | {_s(s['ttft_ms'])} |")

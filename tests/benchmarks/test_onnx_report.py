@@ -21,7 +21,7 @@ def test_parity_eval_speed_and_table(backends):
     from r4b_edge.world import eval_items
 
     items = eval_items(per_family=1)
-    assert len(items) == 8 and {it["tier"] for it in items} == {"perception", "reasoning"}
+    assert len(items) == 9 and {it["tier"] for it in items} == {"perception", "reasoning", "graded"}
     par = onnx_report.greedy_parity(tb, ob, items[:3], n_tokens=8)
     assert par["identical_prompts"] == 3 and par["token_agreement"] == 1.0
     assert par["max_abs_logit_diff"] < 1e-4
@@ -33,3 +33,7 @@ def test_parity_eval_speed_and_table(backends):
            "fp32": {"parity": par, "eval": ev, "decode_tps": speed["fp32"], "bytes": 1_000_000}}
     md = onnx_report.markdown(res)
     assert "| onnx fp32 | 1.0 |" in md and "3/3" in md and "| torch fp32 |" in md
+    head = [c.strip() for c in md.splitlines()[4].split("|")]
+    row = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| onnx fp32")).split("|")]
+    cells = dict(zip(head, row))
+    assert cells["perception acc"].endswith("%") and cells["reasoning acc"] == cells["graded acc"] == "–"
