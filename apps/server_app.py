@@ -149,7 +149,8 @@ def _decision(d: Decision) -> dict:
                            "max_thinking_tokens": p.max_think_tokens,
                            "expected_think_tokens": round(p.expected_think_tokens, 1),
                            "expected_answer_tokens": round(p.expected_answer_tokens, 1),
-                           "expected_total_ms": round(p.expected_total_ms, 1), "reason": p.reason}
+                           "expected_total_ms": round(p.expected_total_ms, 1),
+                           "step_ms_conservative": round(p.step_ms_conservative, 2), "reason": p.reason}
     return out
 
 

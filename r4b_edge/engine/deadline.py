@@ -5,9 +5,11 @@ With `deadline_ms=T` the engine, once it has prefilled the prompt and computed t
 closing line and the answer still arrive before T. The plan uses
 
 - the time already spent (prefill + decision), measured,
-- the decode speed: the mean seconds per token of earlier replies' decode loops (an
-  exponential moving average the engine keeps), or, before any reply, the decision
-  forward's time taken as the cost of one decode step,
+- the decode speed: the median time of the engine's recent decode steps (one sampled token
+  and its forward; the tracker keeps the last `WINDOW`), or, before any, the decision
+  forward's time taken as the cost of one decode step. Steps are timed one by one: a batch
+  (the budget's closing line, fed at once) is timed as its own cost, never divided among
+  its tokens, which would make decoding look faster than it is,
 - expected token counts: reasoning length of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages, from priors),
 - an expected-accuracy model read off `p_think` (the model's own probability that the
@@ -15,19 +17,31 @@ closing line and the answer still arrive before T. The plan uses
   ``1 - p_think * (1 - min(1, B / L))`` for expected reasoning length L.
 
 It takes the option with the best expected accuracy that fits in `SAFETY * T` (ties, and gains
-under `MIN_GAIN`, go to the faster no-think); if nothing fits, the fastest. While the reasoning
-runs, the engine closes it early if the measured speed says the answer would be late.
+under `MIN_GAIN`, go to the faster no-think); if nothing fits, the fastest.
+
+While the reasoning runs, the engine re-measures every step and closes the reasoning early
+(`must_close`) as soon as one more token, the closing batch and the answer might not fit in
+`SAFETY * T` at a conservative pace: the slower of the `QUANTILE` of recent step times and
+this reply's own moving average, the slowest closing batch seen recently, and the `QUANTILE`
+of recent answer lengths. A machine that slows down mid-reply (load) thus shortens the
+reasoning instead of delivering late; the plan's median pace only sizes the budget's ceiling.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
-SAFETY = 0.9  # plan to be done at 90% of the deadline: decode times vary from token to token
+import numpy as np
+
+SAFETY = 0.9  # plan to be done at 90% of the deadline
 MIN_GAIN = 0.02  # think only if it is expected to add at least 2 points of accuracy
-CLOSE_COST_TOKENS = 2.0  # the closing line + `</think>` go in one batch: about two decode steps
+CLOSE_COST_TOKENS = 2.0  # the closing line + `</think>` go in one batch: two steps until one is timed
 OPEN_COST_TOKENS = 1.0  # choosing think re-feeds the think opening: one batch, about one step
-EMA = 0.3  # weight of the newest reply in the moving averages
+EMA = 0.3  # weight of the newest reply (or step, live) in the moving averages
+QUANTILE = 90.0  # percentile of recent step times and answer lengths the live check assumes
+WINDOW = 512  # recent decode steps kept
+MIN_STEPS = 4  # steps measured before they replace the decision forward's time
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class DeadlinePlan:
     expected_accuracy: dict  # {"no-think": a, "think": b or None if it does not fit}
     expected_total_ms: float  # of the chosen option
     reason: str
+    step_ms_conservative: float = 0.0  # the live check's pace: the QUANTILE of recent steps (ms)
 
 
 class DeadlineTracker:
@@ -52,10 +67,11 @@ class DeadlineTracker:
 
     def __init__(self, think_tokens: float = 512.0, answer_tokens_think: float = 64.0,
                  answer_tokens_no_think: float = 64.0) -> None:
-        self.s_per_token: float | None = None
-        self.n_speed = 0
+        self.steps: deque[float] = deque(maxlen=WINDOW)  # seconds per decode step, newest last
+        self.closes: deque[float] = deque(maxlen=32)  # seconds of the budget's closing batch
         self.think_tokens = float(think_tokens)
         self.answer_tokens = {True: float(answer_tokens_think), False: float(answer_tokens_no_think)}
+        self.answers: deque[int] = deque(maxlen=64)  # answer lengths after thinking, newest last
         self.n_think = 0
         self.n_answer = {True: 0, False: 0}
 
@@ -63,13 +79,16 @@ class DeadlineTracker:
     def _ema(old: float, new: float, n: int) -> float:
         return new if n == 0 else (1.0 - EMA) * old + EMA * new
 
-    def observe(self, decode_s: float, decode_tokens: int, thought: bool, think_tokens: int,
-                closed_itself: bool, answer_tokens: int) -> None:
-        """File one finished reply: its decode loop time and its token counts. The loop's last
-        token is never fed back, so it ran `decode_tokens - 1` forward steps."""
-        if decode_tokens >= 3 and decode_s > 0:
-            self.s_per_token = self._ema(self.s_per_token or 0.0, decode_s / (decode_tokens - 1), self.n_speed)
-            self.n_speed += 1
+    def observe_step(self, seconds: float) -> None:
+        """One decode step (sample a token, file it, feed it): its time."""
+        self.steps.append(seconds)
+
+    def observe_close(self, seconds: float) -> None:
+        """The budget's closing batch (closing line, `</think>`, separator): its time."""
+        self.closes.append(seconds)
+
+    def observe(self, thought: bool, think_tokens: int, closed_itself: bool, answer_tokens: int) -> None:
+        """File one finished reply's token counts."""
         if thought and closed_itself and think_tokens > 0:
             self.think_tokens = self._ema(self.think_tokens, float(think_tokens), self.n_think)
             self.n_think += 1
@@ -77,14 +96,22 @@ class DeadlineTracker:
             self.answer_tokens[thought] = self._ema(self.answer_tokens[thought], float(answer_tokens),
                                                     self.n_answer[thought])
             self.n_answer[thought] += 1
+            if thought:
+                self.answers.append(answer_tokens)
 
     def speed(self, fallback_s: float | None) -> tuple[float, str]:
-        """Seconds per decode step to plan with, and where it comes from."""
-        if self.s_per_token is not None:
-            return self.s_per_token, f"measured decode ({self.n_speed} replies)"
+        """Seconds per decode step to plan with (the median of recent steps), and its source."""
+        if len(self.steps) >= MIN_STEPS:
+            return float(np.median(self.steps)), f"measured decode (median of {len(self.steps)} steps)"
         if fallback_s is not None and fallback_s > 0:
             return fallback_s, "decision forward (no decode measured yet)"
         return 0.05, "default 20 tok/s (nothing measured yet)"
+
+    def conservative_step_s(self, spt: float) -> float:
+        """The live check's pace: the QUANTILE of recent step times, at least `spt`."""
+        if len(self.steps) >= MIN_STEPS:
+            return max(spt, float(np.percentile(self.steps, QUANTILE)))
+        return spt
 
     def plan(self, deadline_ms: float, elapsed_ms: float, p_think: float, fallback_s: float | None,
              allow: tuple[bool, ...] = (False, True), user_budget: int | None = None) -> DeadlinePlan:
@@ -94,7 +121,8 @@ class DeadlineTracker:
         a_no, a_th = self.answer_tokens[False], self.answer_tokens[True]
         left_tokens = (SAFETY * deadline_ms - elapsed_ms) / (spt * 1000.0)
         acc_no = 1.0 - p_think
-        budget = math.floor(left_tokens - a_th - CLOSE_COST_TOKENS - OPEN_COST_TOKENS)
+        close = max(self.closes) / spt if self.closes else CLOSE_COST_TOKENS  # in steps
+        budget = math.floor(left_tokens - a_th - close - OPEN_COST_TOKENS)
         if user_budget is not None:
             budget = min(budget, int(user_budget))
         think_fits = True in allow and budget >= 1
@@ -115,23 +143,29 @@ class DeadlineTracker:
                        f"no-think, expected accuracy {acc_no:.3f}")
             else:
                 why = (f"no room to think ({left_tokens:.0f} tokens left, the answer after thinking needs "
-                       f"{a_th + CLOSE_COST_TOKENS + OPEN_COST_TOKENS:.0f}): no-think, expected accuracy "
+                       f"{a_th + close + OPEN_COST_TOKENS:.0f}): no-think, expected accuracy "
                        f"{acc_no:.3f}")
         else:
             think = True
             budget = max(0, budget)
             why = f"think forced, nothing fits: the smallest budget ({budget} tokens)"
         exp_answer = a_th if think else a_no
-        total = elapsed_ms + ((min(budget, L) + CLOSE_COST_TOKENS + OPEN_COST_TOKENS if think else 0.0)
+        total = elapsed_ms + ((min(budget, L) + close + OPEN_COST_TOKENS if think else 0.0)
                               + exp_answer) * ms
         return DeadlinePlan(deadline_ms=float(deadline_ms), elapsed_ms=float(elapsed_ms), tok_s=1.0 / spt,
                             tok_s_source=source, think=think, max_think_tokens=int(budget) if think else None,
                             expected_think_tokens=L, expected_answer_tokens=exp_answer,
                             expected_accuracy={"no-think": acc_no if False in allow else None, "think": acc_th},
-                            expected_total_ms=total, reason=why)
+                            expected_total_ms=total, reason=why,
+                            step_ms_conservative=self.conservative_step_s(spt) * 1000.0)
 
-    def must_close(self, deadline_ms: float, elapsed_ms: float, s_per_token: float) -> bool:
-        """During the reasoning: would the closing line and the answer miss `SAFETY * T` if it
-        went on one more token?"""
-        need = (1.0 + CLOSE_COST_TOKENS + self.answer_tokens[True]) * s_per_token * 1000.0
+    def must_close(self, deadline_ms: float, elapsed_ms: float, s_per_step: float) -> bool:
+        """During the reasoning: might one more token, the closing batch and the answer miss
+        `SAFETY * T` at `s_per_step` (the caller's conservative pace, see the module
+        docstring)? The closing batch costs the slowest recently timed one (two steps before
+        any), the answer the QUANTILE of recent answer lengths after thinking (the prior
+        before any)."""
+        close_s = max(self.closes) if self.closes else CLOSE_COST_TOKENS * s_per_step
+        answer = float(np.percentile(self.answers, QUANTILE)) if self.answers else self.answer_tokens[True]
+        need = ((1.0 + answer) * s_per_step + close_s) * 1000.0
         return elapsed_ms + need >= SAFETY * deadline_ms

@@ -34,6 +34,7 @@ from ..model.template import (
     render_prompt, template_mode,
 )
 from ..model.tokenizer import StreamDecoder
+from .deadline import EMA as DEADLINE_EMA
 from .deadline import DeadlinePlan, DeadlineTracker
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
 from .logprobs import LogprobRecorder
@@ -69,7 +70,8 @@ class _State:
     think_budget: int | None = None  # options' max_think_tokens, or the deadline plan's
     deadline_ms: float | None = None
     c0: float = 0.0  # engine clock at the start of the reply
-    s_per_token: float = 0.0  # live decode speed (deadline mode)
+    s_per_token: float = 0.0  # live decode pace (deadline mode): this reply's moving average of steps
+    s_conservative: float = 0.0  # the plan's conservative pace (a quantile of recent steps)
     closed_itself: bool = False  # the model wrote `</think>` itself
     stop: StopFilter = field(default_factory=StopFilter)
     recorder: LogprobRecorder | None = None
@@ -225,7 +227,9 @@ class Engine:
         st.phase = "answer"
         for t in self._after_close:
             self._count(st, t)
+        c = self.clock()
         st.logits = self.backend.forward_last(ids)
+        self.deadline.observe_close(self.clock() - c)  # one batch: timed as a whole, not per token
         self._check_room(st)
         return events
 
@@ -262,19 +266,22 @@ class Engine:
             st.done, st.finish_reason = True, "length"
 
     def step(self, st: _State) -> list[Event]:
-        """Sample one token and advance the reply; returns its text events."""
+        """Sample one token and advance the reply; returns its text events. Each step that
+        feeds a token is timed for deadline mode's pace (`DeadlineTracker.observe_step`)."""
         if st.phase == "reasoning" and st.thinks and (
                 (st.think_budget is not None and st.n_reasoning >= st.think_budget)
                 or (st.deadline_ms is not None and self.deadline.must_close(
-                    st.deadline_ms, (self.clock() - st.c0) * 1000.0, st.s_per_token))):
+                    st.deadline_ms, (self.clock() - st.c0) * 1000.0, max(st.s_per_token, st.s_conservative)))):
             return self._close_reasoning(st)
-        c = self.clock() if st.deadline_ms is not None else 0.0
+        c = self.clock()
         t = st.sampler(st.logits)
         events = self._accept(st, t, row=st.logits)
         if not st.done:
             st.logits = self.backend.forward_last([t])
-            if st.deadline_ms is not None:  # live speed: a moving average of this reply's steps
-                st.s_per_token = 0.7 * st.s_per_token + 0.3 * (self.clock() - c)
+            dt = self.clock() - c
+            self.deadline.observe_step(dt)
+            if st.deadline_ms is not None:  # live pace: a moving average of this reply's steps
+                st.s_per_token = (1.0 - DEADLINE_EMA) * st.s_per_token + DEADLINE_EMA * dt
         return events
 
     # ---- stream / generate -----------------------------------------------
@@ -368,13 +375,15 @@ class Engine:
         stats.prompt_tokens = be.n_past - n_forced
         st = _State(logits=logits, phase=phase, thinks=decision.think, chat=start.chat, sampler=sampler, options=opts,
                     n_ctx=be.n_ctx, stats=stats)
-        st.decoders = {p: StreamDecoder(self.tok, piece_len=self._piece_len) for p in ("reasoning", "answer")}
+        st.decoders = {p: StreamDecoder(self.tok, piece_len=self._piece_len)
+                       for p in ("reasoning", "answer")}
         st.texts = {"reasoning": TrimmedText(), "answer": TrimmedText()}
         st.stop = StopFilter(tuple(opts.stop) + (THINK_TAGS if start.chat else ()))  # no think tag in an answer
         st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None
         st.think_budget = plan[0].max_think_tokens if plan and plan[0].think else opts.max_think_tokens
         if plan:
             st.deadline_ms, st.c0, st.s_per_token = opts.deadline_ms, c0, 1.0 / plan[0].tok_s
+            st.s_conservative = plan[0].step_ms_conservative / 1000.0
         yield decision
         budget = st.think_budget
         if decision.think and pending and budget is not None and len(drawn) > budget:
@@ -390,13 +399,12 @@ class Engine:
                 break
         if pending and not st.done:
             st.logits = be.forward_last(drawn[-1:])
-        t_loop, c_loop = time.perf_counter(), self.clock()
+        t_loop = time.perf_counter()
         n_loop0 = len(st.reply_ids)
         while not st.done:
             yield from self.step(st)
         t_end = time.perf_counter()
-        self.deadline.observe(self.clock() - c_loop, len(st.reply_ids) - n_loop0, decision.think, st.n_reasoning,
-                              st.closed_itself, st.stats.answer_tokens)
+        self.deadline.observe(decision.think, st.n_reasoning, st.closed_itself, st.stats.answer_tokens)
         yield from self._flush(st)
         stats.finish_reason = st.finish_reason
         stats.ttft_ms = ((st.first_token_at or t_end) - t0) * 1000.0

@@ -23,7 +23,8 @@ FILLER = " step"
 
 class VirtualClock:
     """A clock the scripted backend advances: `prefill_s` per prefill, `step_s` per forward call
-    (give it to `Engine.clock`, so deadline mode plans in scripted time)."""
+    (or `step_time(call, n_tokens)` when given: a machine whose pace changes, batches that cost
+    more than a step); give it to `Engine.clock`, so deadline mode plans in scripted time."""
 
     def __init__(self) -> None:
         self.t = 0.0
@@ -36,8 +37,9 @@ class ScriptedBackend(Backend):
     name = "scripted"
 
     def __init__(self, tokenizer, p_think: float, n_ctx: int = 4096, clock: "VirtualClock | None" = None,
-                 prefill_s: float = 0.0, step_s: float = 0.0, answer_ids: list[int] | None = None):
-        self.clock, self.prefill_s, self.step_s = clock, prefill_s, step_s
+                 prefill_s: float = 0.0, step_s: float = 0.0, answer_ids: list[int] | None = None,
+                 step_time=None):
+        self.clock, self.prefill_s, self.step_s, self.step_time = clock, prefill_s, step_s, step_time
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(max_position_embeddings=n_ctx)
         self.p_think = p_think
@@ -110,7 +112,7 @@ class ScriptedBackend(Backend):
     def forward(self, token_ids) -> np.ndarray:
         self.calls += 1
         if self.clock is not None:  # one decode step per call (a batch costs about one step)
-            self.clock.t += self.step_s
+            self.clock.t += self.step_s if self.step_time is None else self.step_time(self.calls, len(token_ids))
         self.forwarded.append(len(token_ids))
         if len(self.seq) + len(token_ids) > self.n_ctx:
             raise ContextLengthError(f"{len(self.seq) + len(token_ids)} positions exceed the context of {self.n_ctx}")

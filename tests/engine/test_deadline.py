@@ -2,9 +2,10 @@
 backend, in scripted time (each forward call is one 10 ms decode step)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from r4b_edge.engine.deadline import CLOSE_COST_TOKENS, OPEN_COST_TOKENS, SAFETY, DeadlineTracker
+from r4b_edge.engine.deadline import CLOSE_COST_TOKENS, OPEN_COST_TOKENS, QUANTILE, SAFETY, DeadlineTracker
 from r4b_edge.engine.events import Decision
 from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
@@ -43,11 +44,29 @@ def test_plan_keeps_no_think_when_thinking_adds_little():
 
 def test_plan_uses_the_measured_speed_and_lengths():
     t = tracker()
-    t.observe(decode_s=0.5, decode_tokens=26, thought=True, think_tokens=30, closed_itself=True, answer_tokens=3)
+    for s in [0.02] * 8 + [0.01, 0.05]:
+        t.observe_step(s)
+    t.observe(thought=True, think_tokens=30, closed_itself=True, answer_tokens=3)
     p = t.plan(1000, elapsed_ms=0.0, p_think=0.9, fallback_s=0.01)
-    assert p.tok_s == pytest.approx(50.0) and p.tok_s_source == "measured decode (1 replies)"
+    assert p.tok_s == pytest.approx(50.0) and p.tok_s_source == "measured decode (median of 10 steps)"
+    assert p.step_ms_conservative == pytest.approx(1000 * float(np.percentile([0.02] * 8 + [0.01, 0.05], QUANTILE)))
     assert p.expected_think_tokens == 30 and p.expected_answer_tokens == 3
     assert p.max_think_tokens == int((900 / 20) - 3 - CLOSE_COST_TOKENS - OPEN_COST_TOKENS)
+    t.observe_close(0.1)  # a timed closing batch (5 steps) replaces the two-step guess
+    assert t.plan(1000, elapsed_ms=0.0, p_think=0.9, fallback_s=0.01).max_think_tokens == int(
+        (900 / 20) - 3 - 5 - OPEN_COST_TOKENS)
+
+
+def test_must_close_assumes_the_slowest_close_and_a_long_answer():
+    t = tracker()
+    assert not t.must_close(1000, 819.0, 0.01)  # 819 + (1 + 5 answer) * 10 + 2 * 10 = 899 < 900
+    assert t.must_close(1000, 820.0, 0.01)
+    t.observe_close(0.05)
+    t.observe_close(0.03)
+    for n in (2, 2, 2, 12):
+        t.observe(thought=True, think_tokens=0, closed_itself=False, answer_tokens=n)
+    need = (1 + np.percentile([2, 2, 2, 12], QUANTILE)) * 10 + 50
+    assert not t.must_close(1000, 899.0 - need, 0.01) and t.must_close(1000, 900.0 - need, 0.01)
 
 
 def test_plan_respects_a_user_budget():
@@ -55,9 +74,9 @@ def test_plan_respects_a_user_budget():
     assert p.think and p.max_think_tokens == 12
 
 
-def engine(tok, p_think=0.9):
+def engine(tok, p_think=0.9, step_time=None):
     clock = VirtualClock()
-    eng = Engine(ScriptedBackend(tok, p_think, clock=clock, prefill_s=0.02, step_s=0.01))
+    eng = Engine(ScriptedBackend(tok, p_think, clock=clock, prefill_s=0.02, step_s=0.01, step_time=step_time))
     eng.clock = clock
     n_reason = len(tok.encode(REASONING)) + 1
     eng.deadline = DeadlineTracker(think_tokens=n_reason, answer_tokens_think=4, answer_tokens_no_think=4)
@@ -107,6 +126,50 @@ def test_the_engine_learns_the_speed_between_replies(tiny_tokenizer):
     ask(eng, clock, 2000)
     d, _, _ = ask(eng, clock, 2000)
     assert d.deadline.tok_s_source.startswith("measured decode") and d.deadline.tok_s == pytest.approx(100.0)
+
+
+def test_a_budget_cut_reply_does_not_make_decoding_look_faster(tiny_tokenizer):
+    """The closing line goes in one batch: the tracker times it apart from the steps, so after
+    a budget-cut reply the pace is still one step per 10 ms (dividing the loop's time by its
+    filed tokens, closing line included, made it look about twice as fast)."""
+    eng, clock, n_reason = engine(tiny_tokenizer)
+    T = (20 + 10 + (n_reason // 2 + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10) / SAFETY
+    _, r, _ = ask(eng, clock, T)
+    assert r.stats.budget_hit and list(eng.deadline.closes) == [pytest.approx(0.01)]
+    assert set(round(s, 6) for s in eng.deadline.steps) == {0.01}
+    d, _, _ = ask(eng, clock, T)
+    assert d.deadline.tok_s == pytest.approx(100.0) and d.deadline.step_ms_conservative == pytest.approx(10.0)
+
+
+def _slowdown(after_calls: int, factor: float):
+    """Step time 10 ms, `factor` times that from forward call `after_calls` on (load arrives)."""
+    return lambda call, n: 0.01 * (factor if call >= after_calls else 1.0)
+
+
+@pytest.mark.parametrize("factor", [2.0, 3.0])
+def test_a_machine_that_slows_down_mid_reply_still_answers_within_t(tiny_tokenizer, factor):
+    """The plan assumed 10 ms steps; from the third forward call (the first reasoning step) on
+    they take `factor` x that. The live check re-measures every step and closes the reasoning
+    earlier: the answer is still in time (the reasoning shorter), at every deadline where
+    thinking was planned. (A 4x jump cannot be met at T = 200: the closing batch and the
+    answer's three steps alone then take 160 ms after the 80 ms already spent.)"""
+    for T in (200, 260, 330, 420):
+        eng, clock, n_reason = engine(tiny_tokenizer, step_time=_slowdown(3, factor))
+        d, r, ms = ask(eng, clock, T)
+        assert d.think, T
+        assert r.answer == ANSWER and ms <= T, (T, ms, r.stats.think_tokens)
+
+
+def test_jittery_steps_are_planned_at_their_quantile(tiny_tokenizer):
+    """Steps alternating 5 / 25 ms (median 15): the live check paces the reply at the 90th
+    percentile, so the replies stay within T though half the steps are slower than planned."""
+    eng, clock, n_reason = engine(tiny_tokenizer, step_time=lambda call, n: 0.005 if call % 2 else 0.025)
+    ask(eng, clock, 5000)  # a first reply: the steps get measured
+    for T in (200, 260, 330, 420):
+        d, r, ms = ask(eng, clock, T)
+        assert d.deadline.tok_s_source.startswith("measured decode")
+        assert d.deadline.step_ms_conservative == pytest.approx(25.0)
+        assert r.answer == ANSWER and ms <= T, (T, ms)
 
 
 def test_forced_think_gets_only_a_budget(tiny_tokenizer):
