@@ -144,6 +144,10 @@ def test_card_holds_every_table(results):
               "| total | 77.5 min |", "A one-token direct answer is 5 tokens", "| target | met | measured |",
               "`train reproduce` from scratch <= 2 h (all stages + eval) | yes | 77.5 min |"):
         assert s in card, s
+    md = markdown(results, "bpo")
+    rows = targets(results["models"]["bpo"], results["models"]["anneal"])
+    assert len(rows) == 26 and all(f"| {n} | {'yes' if ok else 'NO'} | {v} |" in md for n, ok, v in rows)
+    assert "| bpo | 3rd | graded |" in md and "| bpo | easy |" in md and "AUROC" in md and "own greedy choice" in md
     assert "53-60%" not in card and "26/40" not in card and "0.51x" not in card and "11.1%" not in card
 
 

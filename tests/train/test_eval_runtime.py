@@ -4,9 +4,6 @@ engine's, and its token count is the engine's `Result.token_ids` (which the benc
 API usage report)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from r4b_edge import world as W
