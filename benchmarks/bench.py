@@ -345,9 +345,10 @@ def _host_overhead_main(args: argparse.Namespace) -> int:
     from . import host_overhead, report
 
     repeats = min(args.repeats, 2) if args.quick else args.repeats
+    machine = report.machine_info()  # its load average: at the start
     doc = host_overhead.host_overhead_worker({"model": args.model, "repeats": repeats,
                                               "n_gen": 64 if args.quick else 256})
-    doc |= {"command": _command(args), "machine": report.machine_info(),
+    doc |= {"command": _command(args), "machine": machine, "load_avg_end": list(os.getloadavg()),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     doc["targets"] = host_overhead.targets(doc)
     out = Path(args.out).expanduser()
@@ -356,7 +357,8 @@ def _host_overhead_main(args: argparse.Namespace) -> int:
     md = host_overhead.markdown(doc)
     (out / "host_overhead.md").write_text(f"# Host overhead per token\n\nMeasured {doc['created']} with "
                                           f"`{doc['command']}`; load average at start "
-                                          f"{doc['machine'].get('load_avg')}.\n\n{md}")
+                                          f"{doc['machine'].get('load_avg')}, at the end "
+                                          f"{[round(v, 2) for v in doc['load_avg_end']]}.\n\n{md}")
     print(md)
     print(f"results: {out / 'host_overhead.json'}")
     return 0

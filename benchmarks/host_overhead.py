@@ -179,7 +179,8 @@ def host_overhead_worker(p: dict) -> dict:
             out["rows"].append({"setting": name, "params": kw, "logits": kind,
                                 "engine_ms_per_token": summarize(per_tok),
                                 "engine_cpu_ms_per_token": summarize(cpu_tok), "sampler_ms": samp * 1e3,
-                                "dense_draws": s.dense_draws, "exact_tail_sums": s.exact_tail_sums})
+                                "dense_draws": s.dense_draws, "exact_tail_sums": s.exact_tail_sums,
+                                "rest_bound_draws": s.rest_bound_draws})
     return out
 
 

@@ -8,11 +8,13 @@ the draw is an inverse CDF over the few candidates.
 - top-k (with or without top-p): the k largest logits are found among the
   tokens within a margin of the maximum (grown until at least k are in it),
   so only that head is partitioned; top-p then runs over the k survivors.
-- top-p alone: the head ``x >= max - T * tail_nats`` is exponentiated and
-  sorted; the nucleus boundary is computed for the smallest and the largest
-  total mass the unexponentiated tail allows. When both agree (they do unless
-  the boundary sits within ~1e-6 of a cumulative sum) the nucleus is exact;
-  otherwise the tail is summed exactly (one full-vocabulary pass).
+- top-p alone: the head ``x >= max - T * nucleus_nats`` is exponentiated and
+  sorted; the rest's mass is bounded within ~6% without any exp (`_rest_mass`:
+  a float32 multiply-add and an int cast give the chord of 2**u between
+  integers), and the nucleus boundary is computed for the smallest and the
+  largest total mass those bounds allow. When both agree the nucleus is exact;
+  otherwise (the boundary lies in the bulk, or the rest's uncertainty straddles
+  a cumulative sum) the whole vocabulary is exponentiated and summed once.
 - temperature alone: exact rejection sampling. The proposal is the head's
   true weights plus a flat envelope ``exp(-tail_nats)`` over every tail token
   (each tail weight is below it); a tail proposal is accepted with
@@ -35,6 +37,8 @@ import numpy as np
 from ..errors import GenerationOptionError
 
 DEFAULT_TAIL_NATS = 17.0  # head margin in units of T: exp(-17) * 151,936 = 0.006 of the max's weight
+DEFAULT_NUCLEUS_NATS = 10.0  # top-p alone: the head exponentiated exactly (the rest is bounded)
+_CHORD = 1.0615  # >= max over f in [0, 1) of (1 + f) / 2**f = 1.061476 (at f = 1/ln 2 - 1)
 
 
 @dataclass(frozen=True)
@@ -95,25 +99,56 @@ def _finite_max(x: np.ndarray) -> float:
     return m
 
 
-def _nucleus_by_buckets(w: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray]:
-    """The nucleus of a flat distribution without sorting it: float32 weights (>= 0) are
-    bucketed by their top 16 bits (monotonic in the value), the bucket masses summed from
-    the top give the boundary bucket, and only that bucket is sorted. Returns the nucleus
-    ids (the boundary bucket's part last, sorted by decreasing weight then id) and weights."""
-    keys = w.view(np.int32) >> 16
-    mass = np.bincount(keys, weights=w.astype(np.float64))  # float32 weights take a slow path
-    from_top = np.cumsum(mass[::-1])
-    j = min(int(np.searchsorted(from_top, target, side="left")), len(mass) - 1)
-    b = len(mass) - 1 - j
-    above = np.flatnonzero(keys > b)
-    w_above = w[above].astype(np.float64)
-    inb = np.flatnonzero(keys == b)
-    w_inb = w[inb].astype(np.float64)
-    order = np.lexsort((inb, -w_inb))
-    inb, w_inb = inb[order], w_inb[order]
-    need = target - float(w_above.sum())
-    k = _nucleus_len(np.cumsum(w_inb), need) if need > 0 and len(inb) else 0
-    return np.concatenate([above, inb[:k]]), np.concatenate([w_above, w_inb[:k]])
+def _nucleus_of(ids: np.ndarray, w: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray]:
+    """The nucleus among candidates `ids` (ascending) with float32 weights `w`: the smallest
+    set of largest weights (ties by lower id) whose mass reaches `target`. Only the values
+    are sorted (no argsort): the boundary value b and how many of its ties are needed give
+    the set, every weight above b and the first of those equal to b. Returns ids and float64
+    weights (the ones above b in id order, then b's ties)."""
+    vals = np.sort(w)[::-1]
+    k = _nucleus_len(np.cumsum(vals, dtype=np.float64), target)
+    b = vals[k - 1]
+    above = w > b
+    ties = np.flatnonzero(w == b)[: k - int(np.count_nonzero(above))]
+    return (np.concatenate([ids[above], ids[ties]]),
+            np.concatenate([w[above], w[ties]]).astype(np.float64))
+
+
+def _rest_mass(x: np.ndarray, m: float, t: float, head: np.ndarray, fbuf: np.ndarray,
+               zeros: np.ndarray) -> tuple[float, float]:
+    """Bounds (lo, hi) on sum(exp((x - m) / t)) over the tokens not in `head`, without exp:
+    z = 2**23 * (u + 127), u = (x - m) / (t ln 2), cast to int32 and read back as float32
+    is 2**floor(u) * (1 + frac(u)): the chord of 2**u between integers, which lies between
+    2**u and 1.0615 * 2**u (2**u is convex). Five fast vectorised passes (multiply, add,
+    clamp, cast in place, float32 sum) instead of exp's one slow one. `fbuf` (float32) and
+    `zeros`: buffers of x's size.
+
+    Rounding: the float32 multiply-add moves z by at most `err` (three roundings of values
+    <= (|m| + 89 t) s + 2**31 for every token with u >= -128, the scale's own rounding, which
+    moves u by <= 127 * 2**-24, and the cast's floor), so each value is off by a factor
+    exp(err / 2**23) at most; tokens with u < -126 (float32 denormals or below, clamped to
+    0) are each off by less than 2**-126; the float32 sum is off by at most (n - 1) 2**-24 of
+    itself whatever the summation order. All three enter the bounds. Where float32 cannot
+    hold the scale (|m| / t beyond ~1e6) the bounds are (0, inf)."""
+    n = x.shape[-1]
+    s = np.float32(min(2.0 ** 23 / (t * math.log(2.0)), 1e38))
+    c = 127.0 * 2 ** 23 - m * float(s)
+    if not abs(c) < 1e38:
+        return 0.0, math.inf
+    np.multiply(x, s, out=fbuf)
+    np.add(fbuf, np.float32(c), out=fbuf)
+    np.maximum(fbuf, zeros, out=fbuf)  # -inf and u < -127 -> 0 (an array operand: the SIMD loop)
+    ibuf = fbuf.view(np.int32)
+    np.copyto(ibuf, fbuf, casting="unsafe")  # in place; 0 <= z <= 2**30 + err: in range, truncation = floor
+    ibuf[head] = 0
+    total = float(fbuf.sum())  # the chords; float32, any order: off by <= (n - 1) 2**-24 of it
+    g = (n - 1) * 2.0 ** -24 / (1.0 - (n - 1) * 2.0 ** -24)
+    err = 2.0 ** -24 * ((abs(m) + 89.0 * t) * float(s) + abs(c) + 2.0 ** 31) + 64.0 + 2.0  # in units of z
+    if not err < 2.0 ** 20:  # |m| / t beyond ~1e6: float32 cannot place u; no bound
+        return 0.0, math.inf
+    f = math.exp(err / 2 ** 23)  # >= 1 + |du|: the chord's slope is at most its value
+    tiny = n * 2.0 ** -126
+    return max(0.0, total * (1.0 - g) / (f * _CHORD) - tiny), total * (1.0 + g) * f + tiny
 
 
 def _sorted_prefix(ids: np.ndarray, w: np.ndarray, total: float, lo: float,
@@ -145,12 +180,17 @@ def _sorted_prefix(ids: np.ndarray, w: np.ndarray, total: float, lo: float,
 class Sampler:
     """Draws token ids from logits with one seeded generator per reply."""
 
-    def __init__(self, params: SamplingParams, tail_nats: float = DEFAULT_TAIL_NATS):
+    def __init__(self, params: SamplingParams, tail_nats: float = DEFAULT_TAIL_NATS,
+                 nucleus_nats: float = DEFAULT_NUCLEUS_NATS):
         self.params = params.validate()
         self.rng = np.random.default_rng(params.seed)
-        if not tail_nats > 0:
-            raise GenerationOptionError(f"tail_nats must be > 0, got {tail_nats}")
+        for name, v in (("tail_nats", tail_nats), ("nucleus_nats", nucleus_nats)):
+            if not v > 0:
+                raise GenerationOptionError(f"{name} must be > 0, got {v}")
         self.tail_nats = float(tail_nats)
+        self.nucleus_nats = float(nucleus_nats)
+        self.rest_bound_draws = 0  # top-p-only draws settled thanks to `_rest_mass`'s bounds
+        self._zeros: np.ndarray | None = None
         self.exact_tail_sums = 0  # top-p draws that needed the exact tail mass (benchmarks read it)
         self.dense_draws = 0  # temperature-only draws over the whole vocabulary (flat logits)
         self._buf: np.ndarray | None = None
@@ -208,7 +248,7 @@ class Sampler:
     def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The filtered distribution after top-k then top-p: token ids and their
         unnormalised weights (float64). Sorted by decreasing weight (ties by id), except
-        for very flat top-p-only logits, where only the nucleus' boundary bucket is sorted."""
+        for top-p-only logits whose nucleus reaches into the bulk (`_nucleus_of`: above the boundary in id order)."""
         p = self.params
         x = np.asarray(logits, dtype=np.float32)
         t = p.temperature if p.temperature > 0 else 1.0
@@ -225,30 +265,87 @@ class Sampler:
         return self._nucleus(x, m, t, p.top_p)
 
     def _nucleus(self, x: np.ndarray, m: float, t: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-        """top-p over the whole vocabulary. The head (within `tail_nats` T of the max) is
-        exponentiated in float32 and its largest weights sorted; every tail weight is below
-        the threshold's. If the nucleus is the same for every total mass the tail allows, it is
-        exact. Otherwise (the boundary depends on the tail's mass), or when the head is a large
-        part of the vocabulary, the whole vocabulary is exponentiated and summed once."""
+        """top-p over the whole vocabulary. The head is exponentiated in float32 and its
+        largest weights sorted; every other weight is below the head's threshold. The rest's
+        total mass is bounded, first for free (each weight below the threshold's), then
+        within ~6% by `_rest_mass`; if the nucleus is the same for every total the bounds
+        allow, it is exact. Otherwise (the boundary depends on the rest's mass, or lies in
+        it), or when the head is a large part of the vocabulary, the whole vocabulary is
+        exponentiated and summed once (`_dense_nucleus`).
+
+        The head is the tokens within `tail_nats` T of the max when a 1/1024 strided sample
+        says they are few (~1,000 or fewer; the free bound is then tight), else within
+        `nucleus_nats` T."""
         n = x.shape[-1]
-        head, thr = self._head(x, m, t * self.tail_nats)
+        nats = self.tail_nats
+        thr = np.float32(m - t * nats)
+        if n >= 4096 and int(np.count_nonzero(x[::1024] >= thr)) > 1:  # a sample on 1/64 of the cache lines
+            nats = min(nats, self.nucleus_nats)
+        head, thr_f = self._head(x, m, t * nats)
         if len(head) <= n // 8:
             w = self._weights(x[head], m, t)
             total = float(w.sum(dtype=np.float64))
-            tail_max = (n - len(head)) * math.exp((thr - m) / t)
+            tail_max = (n - len(head)) * math.exp((thr_f - m) / t)
             got = _sorted_prefix(head, w, total, top_p * total, top_p * (total + tail_max))
+            if got is None:
+                lo, hi = _rest_mass(x, m, t, head, self._float_buf(x), self._zeros_like(x))
+                got = _sorted_prefix(head, w, total, top_p * (total + lo), top_p * (total + hi))
+                self.rest_bound_draws += got is not None
+                if got is None and top_p * (total + lo) > total:  # the nucleus surely reaches past the head
+                    return self._dense_nucleus(x, m, t, top_p, above=(math.exp((thr_f - m) / t), total))
             if got is not None:
                 return got
+        return self._dense_nucleus(x, m, t, top_p)
+
+    def _dense_nucleus(self, x: np.ndarray, m: float, t: float, top_p: float,
+                       above: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The nucleus from every weight: exponentiate and sum the whole vocabulary, take
+        the tokens above a threshold whose mass reaches the target (1e-3 of the max's
+        weight, else one a strided sample says is enough, lowered until it is), and find
+        the boundary among those (`_sorted_prefix` when they are few, else `_nucleus_of`).
+        `above`: (weight, mass) when the nucleus is known to reach below that weight and
+        the tokens above it are known to weigh that much: the first threshold is skipped."""
         self.exact_tail_sums += 1
         w_all = self._dense(x, m, t)
         target = top_p * float(w_all.sum(dtype=np.float64))
-        ids = np.flatnonzero(w_all >= np.float32(1e-3))  # candidates: weights >= 1e-3 of the max's
-        w = w_all[ids]
-        mass = float(w.sum(dtype=np.float64))
-        if len(ids) > 4096 or mass < target:  # flat: bucket rather than sort
-            return _nucleus_by_buckets(w_all, target)
-        got = _sorted_prefix(ids, w, mass, target, target)
-        return got if got is not None else _nucleus_by_buckets(w_all, target)
+        ids = w = None
+        if above is None:
+            tau = 1e-3  # of the max's weight
+            ids = np.flatnonzero(w_all >= np.float32(tau))
+            w = w_all[ids]
+            mass = float(w.sum(dtype=np.float64))
+        else:
+            tau, mass = above
+        if ids is None or mass < target:  # the boundary is lower: a threshold from a 1/16 strided sample
+            sample = w_all[::16]
+            below = np.sort(sample[sample < np.float32(tau)])[::-1]
+            est = mass + 16.0 * np.cumsum(below, dtype=np.float64)
+            j = int(np.searchsorted(est, target + 0.25 * (target - mass)))
+            tau = float(below[j]) if j < len(below) else 0.0
+            while True:  # all tokens >= tau: a prefix of the sorted order, so the nucleus is one of its prefixes
+                ids = np.flatnonzero(w_all >= np.float32(tau)) if tau > 0 else np.arange(len(w_all))
+                w = w_all[ids]
+                mass = float(w.sum(dtype=np.float64))
+                if mass >= target or tau <= 0:
+                    break
+                tau = tau / 4.0 if tau > 1e-30 else 0.0
+        if len(ids) <= 512:
+            got = _sorted_prefix(ids, w, mass, target, target)
+            if got is not None:
+                return got
+        return _nucleus_of(ids, w, target)
+
+    def _float_buf(self, x: np.ndarray) -> np.ndarray:
+        """A float32 buffer of x's shape, reused across tokens."""
+        if self._buf is None or self._buf.shape != x.shape:
+            self._buf = np.empty(x.shape, dtype=np.float32)
+        return self._buf
+
+    def _zeros_like(self, x: np.ndarray) -> np.ndarray:
+        """A float32 zeros array of x's shape, kept across tokens."""
+        if self._zeros is None or self._zeros.shape != x.shape:
+            self._zeros = np.zeros(x.shape, dtype=np.float32)
+        return self._zeros
 
     @staticmethod
     def _weights(xs: np.ndarray, m: float, t: float) -> np.ndarray:
@@ -260,9 +357,7 @@ class Sampler:
 
     def _dense(self, x: np.ndarray, m: float, t: float) -> np.ndarray:
         """exp((x - m) / t) over the whole vocabulary, float32, in a buffer reused across tokens."""
-        buf = self._buf
-        if buf is None or buf.shape != x.shape:
-            buf = self._buf = np.empty(x.shape, dtype=np.float32)
+        buf = self._float_buf(x)
         np.subtract(x, np.float32(m), out=buf)
         if t != 1.0:
             np.multiply(buf, np.float32(1.0 / t), out=buf)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from r4b_edge.engine.sampling import (
-    Sampler, SamplingParams, log_softmax, logsumexp, token_logprobs, _nucleus_by_buckets,
+    Sampler, SamplingParams, log_softmax, logsumexp, token_logprobs, _nucleus_of, _rest_mass,
 )
 from r4b_edge.errors import GenerationOptionError
 
@@ -118,7 +118,7 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("tail_nats", [17.0, 0.5])
+@pytest.mark.parametrize("tail_nats", [17.0, 3.0, 0.5])
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_distribution_matches_reference(setting, tail_nats):
     """6,000 draws per logit set; a correct sampler fails a set with probability 1e-4."""
@@ -138,11 +138,11 @@ def test_distribution_matches_reference(setting, tail_nats):
 
 
 def test_every_code_path_is_exercised():
-    """The settings above reach the head-only, exact-tail, dense and rejection paths."""
+    """The settings above reach the head-only, rest-bound, exact-tail, dense and rejection paths."""
     sets = _logit_sets()
-    seen = {"dense": 0, "exact_tail": 0, "head_only_top_p": 0}
+    seen = {"dense": 0, "exact_tail": 0, "rest_bound": 0, "head_only_top_p": 0}
     for logits in sets.values():
-        for nats in (17.0, 0.5):
+        for nats in (17.0, 3.0, 0.5):
             s = Sampler(SamplingParams(temperature=1.0, seed=0), tail_nats=nats)
             for _ in range(50):
                 s(logits)
@@ -151,7 +151,8 @@ def test_every_code_path_is_exercised():
             for _ in range(50):
                 s(logits)
             seen["exact_tail"] += s.exact_tail_sums
-            seen["head_only_top_p"] += 50 - s.exact_tail_sums
+            seen["rest_bound"] += s.rest_bound_draws
+            seen["head_only_top_p"] += 50 - s.exact_tail_sums - s.rest_bound_draws
     assert all(v > 0 for v in seen.values()), seen
 
 
@@ -180,17 +181,75 @@ def test_real_vocab_filtered_set_equals_reference(setting, gap):
     np.testing.assert_allclose(w / w.sum(), ref[ids], rtol=1e-5)
 
 
-def test_nucleus_by_buckets_equals_sorted_nucleus():
+@pytest.mark.parametrize("setting", [dict(temperature=1.0, top_p=0.95), dict(temperature=0.7, top_p=0.95)])
+def test_real_vocab_rows_of_every_path_equal_reference(setting):
+    """Rows like the host-overhead bench's (a N(0, 2.5) bulk under 32 head tokens): the head
+    settled by the free bound, by `_rest_mass`, or not (the boundary near a cumulative sum,
+    or deep in the bulk: the dense path and its threshold ladder). Each filtered set is the
+    reference's exactly, and the paths are all taken."""
+    V = 151936
+    rng = np.random.default_rng(11)
+    s = Sampler(SamplingParams(seed=0, **setting))
+    for gap in (26.0, 23.0, 21.0, 20.0, 19.0, 18.0, 17.0, 16.5, 16.0, 14.0):
+        x = rng.normal(0, 2.5, V).astype(np.float32)
+        top = rng.choice(V, 32, replace=False)
+        x[top] = gap - np.cumsum(rng.exponential(1.2, 32)).astype(np.float32)
+        x[:4] = -np.inf
+        ref = reference_probs(x, **setting)
+        ids, w = s.candidates(x)
+        assert set(ids.tolist()) == set(np.flatnonzero(ref).tolist()), gap
+        np.testing.assert_allclose(w / w.sum(), ref[ids], rtol=1e-5)
+    if setting["temperature"] == 1.0:
+        assert s.rest_bound_draws > 0 and s.exact_tail_sums > 0 and s.rest_bound_draws + s.exact_tail_sums < 10
+
+
+def test_rest_mass_gives_up_where_float32_cannot_place_the_logits():
+    """Logits of 1e7 at temperature 0.01: no bound (the nucleus then comes from the dense path)."""
+    x = np.array([1e7, 1e7 - 0.02, 1e7 - 1.0, 0.0], dtype=np.float32)
+    n = len(x)
+    assert _rest_mass(x, 1e7, 0.01, np.array([0]), np.empty(n, np.float32), np.zeros(n, np.float32)) == (
+        0.0, math.inf)
+    s = Sampler(SamplingParams(temperature=0.01, top_p=0.9, seed=0), tail_nats=0.5)
+    ids, w = s.candidates(x)
+    ref = reference_probs(x, 0.01, top_p=0.9)
+    assert set(ids.tolist()) == set(np.flatnonzero(ref).tolist()) and s.exact_tail_sums == 1
+
+
+def test_nucleus_of_equals_sorted_nucleus():
+    """The value-sorted nucleus is the argsorted one, ties at the boundary taken by lower id."""
     rng = np.random.default_rng(5)
     w = np.exp(rng.normal(0, 3, 5000)).astype(np.float32)
     w[:40] = w[40]  # ties at one value
-    for p in (0.1, 0.5, 0.9, 0.99, 1.0):
-        target = p * float(w.sum(dtype=np.float64))
-        ids, ws = _nucleus_by_buckets(w, target)
-        order = np.lexsort((np.arange(len(w)), -w.astype(np.float64)))
-        cum = np.cumsum(w[order].astype(np.float64))
+    ids = np.sort(rng.choice(100000, 5000, replace=False))
+    order = np.lexsort((ids, -w.astype(np.float64)))
+    cum = np.cumsum(w[order].astype(np.float64))
+    for p in (0.1, 0.5, 0.9, 0.99, 1.0, float(cum[np.flatnonzero(np.isin(order, np.arange(41)))[3]] / cum[-1])):
+        target = p * float(cum[-1])
+        got, gw = _nucleus_of(ids, w, target)
         k = min(int(np.searchsorted(cum, target)) + 1, len(w))
-        assert set(ids.tolist()) == set(order[:k].tolist()), p
+        assert set(got.tolist()) == set(ids[order[:k]].tolist()), p
+        np.testing.assert_array_equal(gw, w[np.searchsorted(ids, got)].astype(np.float64))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rest_mass_bounds_the_exact_mass(seed):
+    """`_rest_mass` brackets the float64 mass of every token outside the head, within ~7%:
+    any vocabulary size, offset, spread and temperature, -inf and far-below-the-max logits."""
+    rng = np.random.default_rng(seed)
+    for n in (50, 4096, 151936):
+        x = rng.normal(float(rng.choice([0.0, 30.0, -500.0, 1000.0])), float(rng.choice([0.5, 2.5, 10.0, 100.0])),
+                       n).astype(np.float32)
+        x[rng.integers(0, n, 3)] = -np.inf
+        t = float(rng.choice([0.05, 0.3, 0.7, 1.0, 2.0]))
+        m = float(x.max())
+        head = np.flatnonzero(x >= np.float32(m - 3 * t))
+        lo, hi = _rest_mass(x, m, t, head, np.empty(n, np.float32), np.zeros(n, np.float32))
+        rest = np.ones(n, bool)
+        rest[head] = False
+        exact = float(np.exp((x[rest].astype(np.float64) - m) / t).sum())
+        assert lo <= exact <= hi, (n, t, lo, exact, hi)
+        if exact > 1e-30:
+            assert hi <= 1.08 * exact and lo >= exact / 1.08
 
 
 def test_greedy_is_argmax_whatever_the_filters():
