@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scanned {picked['scanned']} held-out {FAMILY!r} items ({info['backend']}, auto, greedy): "
           + ", ".join(f"{v} {k}" for k, v in picked["tally"].items()))
     for kind in KINDS:
-        print(describe(kind, picked[kind], paths[kind]))
+        rel = os.path.relpath(paths[kind])
+        print(describe(kind, picked[kind], paths[kind] if rel.startswith("..") else rel))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"model": str(a.model or "bundled"), "backend": info["backend"],
