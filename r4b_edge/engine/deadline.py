@@ -13,18 +13,22 @@ closing line and the answer still arrive before T. The plan uses
 - expected token counts: reasoning length of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages, from priors),
 - an expected-accuracy model read off `p_think` (the model's own probability that the
-  question needs reasoning): no-think ``1 - p_think``; think with budget B
-  ``1 - p_think * (1 - min(1, B / L))`` for expected reasoning length L.
+  question needs reasoning): no-think ``1 - p_think``; think with budget B ``1`` if B covers
+  the expected reasoning length L, else ``1 - p_think`` (reasoning cut short is counted as
+  no gain: every budget-cut reply of the bundled model's deadline sweep was wrong). So
+  deadline mode thinks only where the usual reasoning fits, and is never expected to do
+  worse than no-think.
 
 It takes the option with the best expected accuracy that fits in `SAFETY * T` (ties, and gains
 under `MIN_GAIN`, go to the faster no-think); if nothing fits, the fastest.
 
 While the reasoning runs, the engine re-measures every step and closes the reasoning early
 (`must_close`) as soon as one more token, the closing batch and the answer might not fit in
-`SAFETY * T` at a conservative pace: the slower of the `QUANTILE` of recent step times and
+`LIVE_SAFETY * T` at a conservative pace: the slower of the `QUANTILE` of recent step times and
 this reply's own moving average, the slowest closing batch seen recently, and the `QUANTILE`
 of recent answer lengths. A machine that slows down mid-reply (load) thus shortens the
-reasoning instead of delivering late; the plan's median pace only sizes the budget's ceiling.
+reasoning instead of delivering late; the plan's median pace only sizes the budget's ceiling
+(`max_think_tokens`: what fits in the whole of T).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SAFETY = 0.9  # plan to be done at 90% of the deadline
+LIVE_SAFETY = 0.95  # the live check, which already assumes a slow pace, closes at 95% of it
 MIN_GAIN = 0.02  # think only if it is expected to add at least 2 points of accuracy
 CLOSE_COST_TOKENS = 2.0  # the closing line + `</think>` go in one batch: two steps until one is timed
 OPEN_COST_TOKENS = 1.0  # choosing think re-feeds the think opening: one batch, about one step
@@ -117,27 +122,37 @@ class DeadlineTracker:
              allow: tuple[bool, ...] = (False, True), user_budget: int | None = None) -> DeadlinePlan:
         """Choose among `allow` (False = no-think, True = think) for a reply due at `deadline_ms`."""
         spt, source = self.speed(fallback_s)
-        L = max(1.0, self.think_tokens)
+        L = max(1.0, self.think_tokens if user_budget is None else min(self.think_tokens, user_budget))
         a_no, a_th = self.answer_tokens[False], self.answer_tokens[True]
         left_tokens = (SAFETY * deadline_ms - elapsed_ms) / (spt * 1000.0)
         acc_no = 1.0 - p_think
         close = max(self.closes) / spt if self.closes else CLOSE_COST_TOKENS  # in steps
-        budget = math.floor(left_tokens - a_th - close - OPEN_COST_TOKENS)
+        budget = math.floor(left_tokens - a_th - close - OPEN_COST_TOKENS)  # what fits in SAFETY * T
+        # The budget handed to the reply (its cap) is what fits in the whole of T at the median pace:
+        # the live check (`must_close`) closes the reasoning earlier if a slower pace needs it, so a
+        # reasoning longer than the usual one is not cut while it can still finish in time.
+        cap = math.floor((deadline_ms - elapsed_ms) / (spt * 1000.0) - a_th - close - OPEN_COST_TOKENS)
         if user_budget is not None:
-            budget = min(budget, int(user_budget))
+            budget, cap = min(budget, int(user_budget)), min(cap, int(user_budget))
         think_fits = True in allow and budget >= 1
-        acc_th = 1.0 - p_think * (1.0 - min(1.0, budget / L)) if think_fits else None
+        # Reasoning cut short of its usual length is counted as no gain: on the bundled model every
+        # budget-cut reply of the deadline sweep was wrong, so a cut think is no better than no-think.
+        acc_th = 1.0 - p_think * (1.0 if budget < L else 0.0) if think_fits else None
         no_fits = False in allow and a_no <= left_tokens
         ms = spt * 1000.0
         if think_fits and (False not in allow or acc_th - acc_no >= MIN_GAIN or not no_fits):
             think = True
-            why = (f"think fits with a budget of {budget} tokens (expected reasoning {L:.0f}): expected "
-                   f"accuracy {acc_th:.3f}" + (f" vs no-think {acc_no:.3f}" if False in allow else ""))
+            why = (f"think fits with a budget of {budget} tokens (expected reasoning {L:.0f}; cap {cap} at T, "
+                   f"closed earlier live if the pace needs it): expected accuracy {acc_th:.3f}"
+                   + (f" vs no-think {acc_no:.3f}" if False in allow else ""))
         elif False in allow:
             think = False
             if not no_fits:
                 why = (f"nothing fits in {deadline_ms:.0f} ms ({elapsed_ms:.0f} ms spent, {1.0 / spt:.1f} tok/s): "
                        "no-think is the fastest")
+            elif think_fits and budget < L:
+                why = (f"the usual reasoning ({L:.0f} tokens) does not fit (a budget of {budget}) and reasoning "
+                       f"cut short is counted as no gain: no-think, expected accuracy {acc_no:.3f}")
             elif think_fits:
                 why = (f"thinking would add {acc_th - acc_no:.3f} expected accuracy (< {MIN_GAIN}): "
                        f"no-think, expected accuracy {acc_no:.3f}")
@@ -147,13 +162,13 @@ class DeadlineTracker:
                        f"{acc_no:.3f}")
         else:
             think = True
-            budget = max(0, budget)
+            budget = cap = max(0, budget)
             why = f"think forced, nothing fits: the smallest budget ({budget} tokens)"
         exp_answer = a_th if think else a_no
         total = elapsed_ms + ((min(budget, L) + close + OPEN_COST_TOKENS if think else 0.0)
                               + exp_answer) * ms
         return DeadlinePlan(deadline_ms=float(deadline_ms), elapsed_ms=float(elapsed_ms), tok_s=1.0 / spt,
-                            tok_s_source=source, think=think, max_think_tokens=int(budget) if think else None,
+                            tok_s_source=source, think=think, max_think_tokens=int(max(cap, budget)) if think else None,
                             expected_think_tokens=L, expected_answer_tokens=exp_answer,
                             expected_accuracy={"no-think": acc_no if False in allow else None, "think": acc_th},
                             expected_total_ms=total, reason=why,
@@ -161,11 +176,11 @@ class DeadlineTracker:
 
     def must_close(self, deadline_ms: float, elapsed_ms: float, s_per_step: float) -> bool:
         """During the reasoning: might one more token, the closing batch and the answer miss
-        `SAFETY * T` at `s_per_step` (the caller's conservative pace, see the module
+        `LIVE_SAFETY * T` at `s_per_step` (the caller's conservative pace, see the module
         docstring)? The closing batch costs the slowest recently timed one (two steps before
         any), the answer the QUANTILE of recent answer lengths after thinking (the prior
         before any)."""
         close_s = max(self.closes) if self.closes else CLOSE_COST_TOKENS * s_per_step
         answer = float(np.percentile(self.answers, QUANTILE)) if self.answers else self.answer_tokens[True]
         need = ((1.0 + answer) * s_per_step + close_s) * 1000.0
-        return elapsed_ms + need >= SAFETY * deadline_ms
+        return elapsed_ms + need >= LIVE_SAFETY * deadline_ms

@@ -21,19 +21,20 @@ def tracker() -> DeadlineTracker:
 
 
 @pytest.mark.parametrize("deadline,think,budget,why", [
-    (1000, True, 80, "think fits with a budget of 80"),     # (900-20)/10 = 88 tokens left: 88-5-2-1 = 80 >= 40
-    (300, True, 17, "think fits with a budget of 17"),      # 25 left: 17 tokens of reasoning, acc 0.4825 > 0.1
+    (1000, True, 90, "think fits with a budget of 80"),     # (900-20)/10 = 88 left: 80 >= 40; cap (1000-20)/10-8
+    (560, True, 46, "think fits with a budget of 40"),      # (504-20)/10 = 48.4 left: 40 >= the usual 40; cap 46
+    (300, False, None, "does not fit"),                     # 25 left: 17 tokens < the usual 40: no gain
     (100, False, None, "no room to think"),                 # 7 left: the answer fits, no reasoning does
     (50, False, None, "nothing fits"),                      # 2.5 left: not even the answer
 ])
-def test_plan_choices_are_pinned(deadline, think, budget, why):
+def test_plan_choices_are_pinned(deadline, think, budget, why):  # budget: the cap handed to the reply
     p = tracker().plan(deadline, elapsed_ms=20.0, p_think=0.9, fallback_s=0.01)
     assert (p.think, p.max_think_tokens) == (think, budget)
     assert why in p.reason
     assert p.tok_s == pytest.approx(100.0) and p.tok_s_source.startswith("decision forward")
     assert p.expected_accuracy["no-think"] == pytest.approx(0.1)
     if budget is not None:
-        assert p.expected_accuracy["think"] == pytest.approx(1 - 0.9 * (1 - min(1, budget / 40)))
+        assert p.expected_accuracy["think"] == pytest.approx(1.0)
         assert p.expected_total_ms <= SAFETY * deadline + 1e-9
 
 
@@ -51,22 +52,24 @@ def test_plan_uses_the_measured_speed_and_lengths():
     assert p.tok_s == pytest.approx(50.0) and p.tok_s_source == "measured decode (median of 10 steps)"
     assert p.step_ms_conservative == pytest.approx(1000 * float(np.percentile([0.02] * 8 + [0.01, 0.05], QUANTILE)))
     assert p.expected_think_tokens == 30 and p.expected_answer_tokens == 3
-    assert p.max_think_tokens == int((900 / 20) - 3 - CLOSE_COST_TOKENS - OPEN_COST_TOKENS)
+    # the cap handed to the reply: what fits in the whole of T (the live check closes earlier if needed)
+    assert p.max_think_tokens == int((1000 / 20) - 3 - CLOSE_COST_TOKENS - OPEN_COST_TOKENS)
+    assert "a budget of 39" in p.reason  # what fits in SAFETY * T decides whether to think
     t.observe_close(0.1)  # a timed closing batch (5 steps) replaces the two-step guess
     assert t.plan(1000, elapsed_ms=0.0, p_think=0.9, fallback_s=0.01).max_think_tokens == int(
-        (900 / 20) - 3 - 5 - OPEN_COST_TOKENS)
+        (1000 / 20) - 3 - 5 - OPEN_COST_TOKENS)
 
 
 def test_must_close_assumes_the_slowest_close_and_a_long_answer():
     t = tracker()
-    assert not t.must_close(1000, 819.0, 0.01)  # 819 + (1 + 5 answer) * 10 + 2 * 10 = 899 < 900
-    assert t.must_close(1000, 820.0, 0.01)
+    assert not t.must_close(1000, 869.0, 0.01)  # 869 + (1 + 5 answer) * 10 + 2 * 10 = 949 < 950
+    assert t.must_close(1000, 870.0, 0.01)
     t.observe_close(0.05)
     t.observe_close(0.03)
     for n in (2, 2, 2, 12):
         t.observe(thought=True, think_tokens=0, closed_itself=False, answer_tokens=n)
     need = (1 + np.percentile([2, 2, 2, 12], QUANTILE)) * 10 + 50
-    assert not t.must_close(1000, 899.0 - need, 0.01) and t.must_close(1000, 900.0 - need, 0.01)
+    assert not t.must_close(1000, 949.0 - need, 0.01) and t.must_close(1000, 950.0 - need, 0.01)
 
 
 def test_plan_respects_a_user_budget():
@@ -74,12 +77,14 @@ def test_plan_respects_a_user_budget():
     assert p.think and p.max_think_tokens == 12
 
 
-def engine(tok, p_think=0.9, step_time=None):
+def engine(tok, p_think=0.9, step_time=None, usual=1.0):
+    """`usual`: the tracker's usual reasoning length as a share of the script's (below 1, the
+    reasoning runs longer than planned for, and the budget cuts it)."""
     clock = VirtualClock()
     eng = Engine(ScriptedBackend(tok, p_think, clock=clock, prefill_s=0.02, step_s=0.01, step_time=step_time))
     eng.clock = clock
     n_reason = len(tok.encode(REASONING)) + 1
-    eng.deadline = DeadlineTracker(think_tokens=n_reason, answer_tokens_think=4, answer_tokens_no_think=4)
+    eng.deadline = DeadlineTracker(think_tokens=int(usual * n_reason), answer_tokens_think=4, answer_tokens_no_think=4)
     return eng, clock, n_reason
 
 
@@ -98,8 +103,18 @@ def test_generous_deadline_thinks_fully(tiny_tokenizer):
     assert ms <= 2000
 
 
-def test_tight_deadline_thinks_with_a_fitting_budget(tiny_tokenizer):
+def test_half_the_usual_reasoning_answers_directly(tiny_tokenizer):
+    """A deadline with room for half the usual reasoning: cut-short reasoning counts as no gain."""
     eng, clock, n_reason = engine(tiny_tokenizer)
+    T = (20 + 10 + (n_reason // 2 + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10) / SAFETY
+    d, r, ms = ask(eng, clock, T)
+    assert not d.think and "does not fit" in d.deadline.reason and r.answer == ANSWER and ms <= T
+
+
+def test_tight_deadline_thinks_with_a_fitting_budget(tiny_tokenizer):
+    """The usual reasoning (half the script's) fits: think with that budget; this reasoning runs
+    longer, the budget cuts it, and the answer is in time."""
+    eng, clock, n_reason = engine(tiny_tokenizer, usual=0.5)
     T = (20 + 10 + (n_reason // 2 + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10) / SAFETY  # half the reasoning
     d, r, ms = ask(eng, clock, T)
     assert d.think and 1 <= d.deadline.max_think_tokens < n_reason
@@ -132,7 +147,7 @@ def test_a_budget_cut_reply_does_not_make_decoding_look_faster(tiny_tokenizer):
     """The closing line goes in one batch: the tracker times it apart from the steps, so after
     a budget-cut reply the pace is still one step per 10 ms (dividing the loop's time by its
     filed tokens, closing line included, made it look about twice as fast)."""
-    eng, clock, n_reason = engine(tiny_tokenizer)
+    eng, clock, n_reason = engine(tiny_tokenizer, usual=0.5)
     T = (20 + 10 + (n_reason // 2 + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10) / SAFETY
     _, r, _ = ask(eng, clock, T)
     assert r.stats.budget_hit and list(eng.deadline.closes) == [pytest.approx(0.01)]
@@ -151,10 +166,10 @@ def test_a_machine_that_slows_down_mid_reply_still_answers_within_t(tiny_tokeniz
     """The plan assumed 10 ms steps; from the third forward call (the first reasoning step) on
     they take `factor` x that. The live check re-measures every step and closes the reasoning
     earlier: the answer is still in time (the reasoning shorter), at every deadline where
-    thinking was planned. (A 4x jump cannot be met at T = 200: the closing batch and the
+    thinking was planned. (A 4x jump cannot be met at T = 230: the closing batch and the
     answer's three steps alone then take 160 ms after the 80 ms already spent.)"""
-    for T in (200, 260, 330, 420):
-        eng, clock, n_reason = engine(tiny_tokenizer, step_time=_slowdown(3, factor))
+    for T in (230, 260, 330, 420):
+        eng, clock, n_reason = engine(tiny_tokenizer, step_time=_slowdown(3, factor), usual=0.5)
         d, r, ms = ask(eng, clock, T)
         assert d.think, T
         assert r.answer == ANSWER and ms <= T, (T, ms, r.stats.think_tokens)
