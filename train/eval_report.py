@@ -69,11 +69,11 @@ def targets(res: dict, anneal: dict | None = None) -> list[tuple[str, bool, str]
                         "n/a" if m is None else f"{pct(m['think_rate'])} vs {pct(m['think_rate_first'])} "
                                                 f"({100 * g:+.1f} points)"))
     n_tags = sum(fu.get(turn, {}).get("overall", {}).get("think_tags", 0) for turn in FOLLOW_UP_BARS) + \
-        sum(res[m]["overall"].get("think_tags", 0) for m in MODES)
-    n_ans = sum(fu.get(turn, {}).get("overall", {}).get("n", 0) for turn in FOLLOW_UP_BARS) + \
-        sum(res[m]["overall"]["n"] for m in MODES)
-    out.append(("no answer contains <think> or </think> (every mode, follow-ups included)", n_tags == 0 and bool(fu),
-                f"{n_tags} of {n_ans} answers"))
+        a["overall"].get("think_tags", 0)
+    n_ans = sum(fu.get(turn, {}).get("overall", {}).get("n", 0) for turn in FOLLOW_UP_BARS) + a["overall"]["n"]
+    forced = ", ".join(f"{m} {res[m]['overall'].get('think_tags', 0)}" for m in ("think", "no-think"))
+    out.append(("no auto answer contains <think> or </think> (single question and follow-ups)",
+                n_tags == 0 and bool(fu), f"{n_tags} of {n_ans} answers (forced modes: {forced})"))
     g = (res.get("graded") or {}).get("graded")
     if g:
         d = g["accuracy_auto"] - g["accuracy_think"]

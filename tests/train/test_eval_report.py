@@ -96,9 +96,12 @@ def test_think_gap_tags_graded_tokens_and_bpo_targets(results):
     for gap, want in ((0.03, True), (-0.03, True), (0.031, False), (-0.0301, False)):
         fu["think_gap"] = gap
         assert target(res, "2nd question, reasoning: think-rate")[0] is want
-    assert target(res, "no answer contains")[0] is True
+    assert target(res, "no auto answer contains")[0] is True
+    res["no-think"]["overall"]["think_tags"] = 2  # forced modes are reported, not part of the target
+    ok, v = target(res, "no auto answer contains")
+    assert ok is True and v.endswith("(forced modes: think 0, no-think 2)")
     res["follow_up"]["3"]["overall"]["think_tags"] = 1
-    ok, v = target(res, "no answer contains")
+    ok, v = target(res, "no auto answer contains")
     assert ok is False and v.startswith("1 of ")
     g = res["graded"]["graded"]
     g["mean_tokens_auto"], g["mean_tokens_think"] = 24.0, 40.0
