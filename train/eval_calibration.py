@@ -163,12 +163,7 @@ def plot_calibration(cal: dict, modes: dict, out: Path, model: str) -> list[Path
     ax.set_xlabel("p_think (bin mean)")
     ax.set_ylabel("observed no-think error rate")
     ax.set_title(f"{model}: reliability of p_think")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "reliability.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "reliability.png"))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     marks = {"auto": "o", "think": "^", "no-think": "s"}
     for k, (name, c) in enumerate(cal.items()):
@@ -182,13 +177,20 @@ def plot_calibration(cal: dict, modes: dict, out: Path, model: str) -> list[Path
     ax.set_xlabel("mean output tokens per item")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{model}: sweeping think_threshold (markers: measured auto o, think ^, no-think s)", fontsize=9)
+    paths.append(_save(fig, ax, out / "threshold_curve.png"))
+    return paths
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    """Legend, grid, layout, write the PNG and close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(out / "threshold_curve.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 def _fmt(x: float | None) -> str:
