@@ -291,7 +291,7 @@ def test_colour_count_weight_in_pretrain_and_annealing_mix():
     # annealing: the group shares (direct : reasoning, trace fraction) do not move with the weight
     cur = recs + [rec("sum", "think"), rec("row-max", "think")]
     for cw in (1.0, 3.0):
-        r = Recipe(colour_count_weight=cw, an_direct_to_reasoning=1.0, an_perception_trace_frac=0.1)
+        r = Recipe(colour_count_weight=cw, an_direct_to_reasoning=1.0, an_perception_trace_frac=0.1, an_chat_frac=0.0)
         out, modes, wa = mix_weights(cur, r)
         assert wa.sum() == pytest.approx(1.0)
         think = sum(x for x, m, o in zip(wa, modes, out) if m == "think" and o["mode"] == "think")
