@@ -28,7 +28,7 @@ def register(sub) -> None:
                    help="largest image, width x height (default 64,000,000: the decompression-bomb guard)")
     p.add_argument("--fresh", action="store_true",
                    help="interactive: answer every question on its own, about the image, without the earlier "
-                        "turns (the bundled model is trained on single questions; see its model card)")
+                        "turns (costs a prefill of the image per question)")
     p.set_defaults(func=run)
 
 
