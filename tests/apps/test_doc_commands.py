@@ -140,6 +140,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in IMAGES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(EXAMPLE, tmp_path / name)
+    shutil.copytree(EXAMPLE.parent / "examples", tmp_path / "r4b_edge" / "assets" / "examples")  # the pair
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("R4B_THREADS", "1")
     return tmp_path
