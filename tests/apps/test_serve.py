@@ -215,9 +215,14 @@ def test_tiny_queue_gives_503_and_stays_up(tiny_ckpt):
         for t in threads:
             t.join(120)
         assert len(codes) == 16
-        assert codes.count(200) >= 2
+        # how many of 16 simultaneous requests find the single place free depends on the OS
+        # scheduler (a loaded 2-core CI box saw exactly 1); the worker must serve at least one
+        # and refuse the rest cleanly, and the follow-up requests below show it is not wedged
+        assert codes.count(200) >= 1
         assert (503, "queue_full") in codes
         assert set(codes) <= {200, (503, "queue_full")}
+        h = httpx.get(s.url + "/health").json()
+        assert h["served"] == codes.count(200) and h["queued"] == 0 and not h["busy"]
         # a client that leaves mid-stream does not wedge the worker
         with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
                           json={"messages": [_user("q", _png(9))], "max_tokens": 400, "stream": True}) as r:
