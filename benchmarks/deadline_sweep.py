@@ -1,10 +1,15 @@
 """Deadline sweep: accuracy and the share of answers delivered within T, against T.
 
-`r4b-edge bench --deadline-sweep` asks the world's held-out eval items (perception and reasoning
-families, `r4b_edge.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
+`r4b-edge bench --deadline-sweep` asks the world's held-out eval items (every tier,
+`r4b_edge.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
 no-think, and auto for reference), then with `deadline_ms=T` for a grid of T spanning from the
 no-think replies' 95th-percentile time (x 1.1) to past the think replies' (x 1.3). A reply is
 delivered within T if its wall time, from the `stream` call to its `Done`, is at most T.
+
+At each T every item is also asked in fixed think and fixed no-think right beside its deadline
+reply (the order rotates per item), and those replies decide which fixed mode fits at that T: a
+machine whose speed drifts during the sweep (seen: 12 -> 16 ms per direct reply within one run)
+then moves both sides of the comparison, not only the deadline side.
 
 Targets, per T: at least 95% of the deadline-mode answers within T, and accuracy at least that
 of the better fixed mode that fits in T (a fixed mode fits if 95% of its replies took <= T).
@@ -24,6 +29,7 @@ import numpy as np
 from .latency import summarize
 
 FIXED = ("think", "no-think", "auto")
+SIDE = ("think", "no-think")  # the fixed modes a deadline reply is compared with
 
 
 def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
@@ -43,7 +49,7 @@ def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
             "thought": bool(result.thought), "p_think": result.p_think, "think_tokens": s.think_tokens,
             "answer_tokens": s.answer_tokens, "budget_hit": bool(s.budget_hit), "wall_ms": wall,
             "planned_budget": plan.max_think_tokens if plan else None,
-            "planned_tok_s": plan.tok_s if plan else None}
+            "planned_tok_s": plan.tok_s if plan else None, "plan_reason": plan.reason if plan else None}
 
 
 def sweep_worker(p: dict) -> dict:
@@ -65,29 +71,37 @@ def sweep_worker(p: dict) -> dict:
         p95 = {m: float(np.percentile([r["wall_ms"] for r in rs], 95)) for m, rs in fixed.items()}
         lo, hi = 1.1 * p95["no-think"], 1.3 * p95["think"]
         grid = [0.7 * p95["no-think"]] + [float(x) for x in np.geomspace(lo, hi, int(p.get("n_deadlines", 8)))]
-        sweep = {}
+        sweep: dict = {}
+        beside: dict = {}  # per T: the fixed modes asked right beside each deadline reply
         for T in grid:
-            sweep[f"{T:.3f}"] = [_ask(model, img, it, max_tokens, mode="auto", deadline_ms=T)
-                                 for img, it in zip(images, items)]
+            key = f"{T:.3f}"
+            sweep[key], beside[key] = [], {m: [] for m in SIDE}
+            for i, (img, it) in enumerate(zip(images, items)):
+                order = ("deadline",) + SIDE
+                for what in order[i % 3:] + order[:i % 3]:
+                    if what == "deadline":
+                        sweep[key].append(_ask(model, img, it, max_tokens, mode="auto", deadline_ms=T))
+                    else:
+                        beside[key][what].append(_ask(model, img, it, max_tokens, mode=what))
     finally:
         model.close()
-    return {"items": len(items), "fixed": fixed, "fixed_p95_ms": p95, "sweep": sweep}
+    return {"items": len(items), "fixed": fixed, "fixed_p95_ms": p95, "sweep": sweep, "beside": beside}
 
 
 def summarize_sweep(out: dict) -> dict:
     """Per T: deadline-mode accuracy (overall / per tier), share within T, think rate; the fixed
     modes' accuracy and share within T; the better fitting fixed mode; the targets."""
-    fixed = out["fixed"]
     rows = []
     for key, rs in out["sweep"].items():
         T = float(key)
+        fixed = out.get("beside", {}).get(key) or {m: out["fixed"][m] for m in SIDE}
         within = float(np.mean([r["wall_ms"] <= T for r in rs]))
         acc = float(np.mean([r["correct"] for r in rs]))
         tiers = {t: float(np.mean([r["correct"] for r in rs if r["tier"] == t]))
                  for t in sorted({r["tier"] for r in rs})}
         fits = {m: float(np.mean([r["wall_ms"] <= T for r in fr])) for m, fr in fixed.items()}
         fixed_acc = {m: float(np.mean([r["correct"] for r in fr])) for m, fr in fixed.items()}
-        fitting = [m for m in ("think", "no-think") if fits[m] >= 0.95]
+        fitting = [m for m in SIDE if fits[m] >= 0.95]
         best = max(fitting, key=lambda m: fixed_acc[m]) if fitting else None
         in_range = fits["no-think"] >= 0.95  # below that, no mode delivers 95% in time
         rows.append({
@@ -102,16 +116,19 @@ def summarize_sweep(out: dict) -> dict:
         })
     return {"rows": rows, "fixed_p95_ms": out["fixed_p95_ms"], "items": out["items"],
             "fixed_summary": {m: {"accuracy": float(np.mean([r["correct"] for r in fr])),
-                                  "wall_ms": summarize([r["wall_ms"] for r in fr])} for m, fr in fixed.items()}}
+                                  "wall_ms": summarize([r["wall_ms"] for r in fr])}
+                              for m, fr in out["fixed"].items()}}
 
 
 def markdown(s: dict, command: str = "") -> str:
-    lines = [f"Deadline sweep on {s['items']} held-out world items (perception and reasoning families), "
-             "greedy; wall time from the `stream` call to `Done`." + (f" Command: `{command}`." if command else ""),
+    tiers = sorted({t for r in s["rows"] for t in r["tiers"]})
+    lines = [f"Deadline sweep on {s['items']} held-out world items ({', '.join(tiers)}), greedy; wall time "
+             "from the `stream` call to `Done`; at each T the fixed modes are asked beside each deadline reply "
+             "and decide what fits." + (f" Command: `{command}`." if command else ""),
              "", "Fixed modes: " + "; ".join(
                  f"{m} accuracy {v['accuracy']:.3f}, wall {v['wall_ms']['median']:.1f} ms median, "
                  f"{s['fixed_p95_ms'][m]:.1f} ms p95" for m, v in s["fixed_summary"].items()), "",
-             "| T ms | deadline accuracy | perception / reasoning | within T | think rate | budget cut | "
+             f"| T ms | deadline accuracy | {' / '.join(tiers)} | within T | think rate | budget cut | "
              "think within T | no-think within T | better fitting fixed (accuracy) | met |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
@@ -122,8 +139,8 @@ def markdown(s: dict, command: str = "") -> str:
             met = "yes" if r["met_within"] and r["met_accuracy"] else "**no**"
         else:
             met = "(no mode fits: outside the target)"
-        lines.append(f"| {r['deadline_ms']:.1f} | {r['accuracy']:.3f} | {t.get('perception', 0):.3f} / "
-                     f"{t.get('reasoning', 0):.3f} | {r['within']:.3f} | {r['think_rate']:.2f} | "
+        lines.append(f"| {r['deadline_ms']:.1f} | {r['accuracy']:.3f} | "
+                     f"{' / '.join(f'{t.get(k, 0):.3f}' for k in tiers)} | {r['within']:.3f} | {r['think_rate']:.2f} | "
                      f"{r['budget_hit_rate']:.2f} | {r['fixed_within']['think']:.2f} | "
                      f"{r['fixed_within']['no-think']:.2f} | {bf} | {met} |")
     return "\n".join(lines) + "\n"
@@ -140,8 +157,7 @@ def plot(s: dict, path: Any) -> Any:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(T, [r["accuracy"] for r in s["rows"]], "o-", label="deadline mode")
     for m, style in (("think", "--s"), ("no-think", ":^")):
-        acc = s["fixed_summary"][m]["accuracy"]
-        a1.plot(T, [acc if r["fixed_within"][m] >= 0.95 else np.nan for r in s["rows"]], style,
+        a1.plot(T, [r["fixed_accuracy"][m] if r["fixed_within"][m] >= 0.95 else np.nan for r in s["rows"]], style,
                 label=f"{m} (where 95% fit)")
     a1.set_xscale("log")
     a1.set_xlabel("deadline T (ms)")

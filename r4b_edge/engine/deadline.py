@@ -22,6 +22,12 @@ closing line and the answer still arrive before T. The plan uses
 It takes the option with the best expected accuracy that fits in `SAFETY * T` (ties, and gains
 under `MIN_GAIN`, go to the faster no-think); if nothing fits, the fastest.
 
+Before the prefill, in auto mode, `plan_before_prefill` asks whether the usual reasoning could fit
+even if the prefill and the decision took no time at all. If not, the plan above can only choose
+no-think, so the engine decides it there and then: it prefills the prompt with the empty think
+block, as fixed no-think does, and skips the decision forward (its `p_think` is not measured).
+At tight deadlines that forward is a large share of a direct reply.
+
 While the reasoning runs, the engine re-measures every step and closes the reasoning early
 (`must_close`) as soon as one more token, the closing batch and the answer might not fit in
 `LIVE_SAFETY * T` at a conservative pace: the slower of the `QUANTILE` of recent step times and
@@ -79,6 +85,8 @@ class DeadlineTracker:
         self.answers: deque[int] = deque(maxlen=64)  # answer lengths after thinking, newest last
         self.n_think = 0
         self.n_answer = {True: 0, False: 0}
+        self.prefill_ms: float | None = None  # moving average of prefill (+ decision) times
+        self._live: tuple[float | None, float] | None = None  # must_close's (close s, answer tokens)
 
     @staticmethod
     def _ema(old: float, new: float, n: int) -> float:
@@ -91,6 +99,11 @@ class DeadlineTracker:
     def observe_close(self, seconds: float) -> None:
         """The budget's closing batch (closing line, `</think>`, separator): its time."""
         self.closes.append(seconds)
+        self._live = None
+
+    def observe_prefill(self, ms: float) -> None:
+        """A reply's time from its start to the end of its prefill (and decision, if any)."""
+        self.prefill_ms = ms if self.prefill_ms is None else (1.0 - EMA) * self.prefill_ms + EMA * ms
 
     def observe(self, thought: bool, think_tokens: int, closed_itself: bool, answer_tokens: int) -> None:
         """File one finished reply's token counts."""
@@ -103,6 +116,7 @@ class DeadlineTracker:
             self.n_answer[thought] += 1
             if thought:
                 self.answers.append(answer_tokens)
+            self._live = None
 
     def speed(self, fallback_s: float | None) -> tuple[float, str]:
         """Seconds per decode step to plan with (the median of recent steps), and its source."""
@@ -117,6 +131,32 @@ class DeadlineTracker:
         if len(self.steps) >= MIN_STEPS:
             return max(spt, float(np.percentile(self.steps, QUANTILE)))
         return spt
+
+    def plan_before_prefill(self, deadline_ms: float, user_budget: int | None = None) -> DeadlinePlan | None:
+        """Auto mode, before the prefill: a no-think plan if the usual reasoning could not fit in
+        `SAFETY * T` even with no time spent on the prefill and the decision (then `plan` would
+        choose no-think whatever `p_think` is), else None (prefill, decide, then `plan`). None also
+        while fewer than `MIN_STEPS` decode steps are measured."""
+        if len(self.steps) < MIN_STEPS:
+            return None
+        spt, source = self.speed(None)
+        L = max(1.0, self.think_tokens if user_budget is None else min(self.think_tokens, user_budget))
+        close = max(self.closes) / spt if self.closes else CLOSE_COST_TOKENS
+        budget = math.floor(SAFETY * deadline_ms / (spt * 1000.0) - self.answer_tokens[True] - close
+                            - OPEN_COST_TOKENS)
+        if user_budget is not None:
+            budget = min(budget, int(user_budget))
+        if budget >= L:
+            return None
+        a_no = self.answer_tokens[False]
+        prefill = self.prefill_ms or 0.0
+        why = (f"decided before the prefill: even with no prefill the usual reasoning ({L:.0f} tokens) would not "
+               f"fit (a budget of {max(budget, 0)}), so no-think without the decision forward (p_think not measured)")
+        return DeadlinePlan(deadline_ms=float(deadline_ms), elapsed_ms=0.0, tok_s=1.0 / spt, tok_s_source=source,
+                            think=False, max_think_tokens=None, expected_think_tokens=L,
+                            expected_answer_tokens=a_no, expected_accuracy={"no-think": None, "think": None},
+                            expected_total_ms=prefill + a_no * spt * 1000.0, reason=why,
+                            step_ms_conservative=self.conservative_step_s(spt) * 1000.0)
 
     def plan(self, deadline_ms: float, elapsed_ms: float, p_think: float, fallback_s: float | None,
              allow: tuple[bool, ...] = (False, True), user_budget: int | None = None) -> DeadlinePlan:
@@ -180,7 +220,11 @@ class DeadlineTracker:
         docstring)? The closing batch costs the slowest recently timed one (two steps before
         any), the answer the QUANTILE of recent answer lengths after thinking (the prior
         before any)."""
-        close_s = max(self.closes) if self.closes else CLOSE_COST_TOKENS * s_per_step
-        answer = float(np.percentile(self.answers, QUANTILE)) if self.answers else self.answer_tokens[True]
+        if self._live is None:  # called every reasoning step: recomputed only when a reply is filed
+            self._live = (max(self.closes) if self.closes else None,
+                          float(np.percentile(self.answers, QUANTILE)) if self.answers else self.answer_tokens[True])
+        close_s, answer = self._live
+        if close_s is None:
+            close_s = CLOSE_COST_TOKENS * s_per_step
         need = ((1.0 + answer) * s_per_step + close_s) * 1000.0
         return elapsed_ms + need >= LIVE_SAFETY * deadline_ms

@@ -330,12 +330,18 @@ class Engine:
         # p_think is asked for or deadline mode plans with it (and times that forward).
         preset = start.mode in ("long", "short") and not opts.measure_p_think and opts.deadline_ms is None
         self._check_context(segs, 1 if start.mode is None else len(self._suffix_ids) + 1)
+        c0 = self.clock()
+        early = None  # deadline mode, auto: no-think decided before the prefill (see engine.deadline)
+        if opts.deadline_ms is not None and start.mode == "auto" and not opts.measure_p_think:
+            early = self.deadline.plan_before_prefill(opts.deadline_ms, opts.max_think_tokens)
+            if early is not None:
+                start, preset = dataclasses.replace(start, mode="short"), True
         if preset:
             segs.append(self._opening[start.mode])
-        return self._generate(segs, opts, start, preset, t0, self.clock())
+        return self._generate(segs, opts, start, preset, t0, c0, early)
 
     def _generate(self, segs: list, opts: GenerationOptions, start: _Start, preset: bool,
-                  t0: float, c0: float) -> Iterator[Event]:
+                  t0: float, c0: float, early: DeadlinePlan | None = None) -> Iterator[Event]:
         be = self.backend
         stats = Stats(backend=be.name, device=be.device)
         logits = be.prefill(segs)
@@ -343,7 +349,7 @@ class Engine:
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
         sampler = Sampler(opts.sampling)
         t_dec, c_dec = time.perf_counter(), self.clock()
-        plan: list[DeadlinePlan] = []
+        plan: list[DeadlinePlan] = [early] if early is not None else []
 
         def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
             now = self.clock()
@@ -364,6 +370,7 @@ class Engine:
             phase = "reasoning"
         stats.decision_ms = (time.perf_counter() - t_dec) * 1000.0
         if opts.deadline_ms is not None:
+            self.deadline.observe_prefill((self.clock() - c0) * 1000.0)
             if not plan:  # forced mode (or a prompt that set the phase): only the budget is planned
                 now = self.clock()
                 p = decision.p_think if decision.p_think is not None else float(decision.think)

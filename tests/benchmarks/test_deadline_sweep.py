@@ -35,3 +35,16 @@ def test_summary_targets(tmp_path: Path):
     md = D.markdown(s)
     assert md.count("**no**") == 2 and "no mode fits" in md
     assert D.plot(s, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_fixed_replies_beside_each_T_decide_what_fits():
+    """A machine that slows down during the sweep: the up-front think pass fit in T, but the think
+    replies asked beside the deadline replies at that T did not, so the bar is no-think's."""
+    out = _out()
+    out["beside"] = {"100.000": {"think": [_r("reasoning", True, 130, True), _r("perception", True, 120, True)],
+                                 "no-think": [_r("reasoning", False, 14), _r("perception", True, 15)]}}
+    rows = {r["deadline_ms"]: r for r in D.summarize_sweep(out)["rows"]}
+    assert rows[100.0]["fixed_within"] == {"think": 0.0, "no-think": 1.0}
+    assert rows[100.0]["best_fitting_fixed"] == "no-think" and rows[100.0]["met_accuracy"] is True
+    assert rows[50.0]["best_fitting_fixed"] == "no-think"  # no replies beside it: the up-front pass
+    assert rows[100.0]["fixed_accuracy"]["no-think"] == 0.5

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r4b_edge.engine.deadline import CLOSE_COST_TOKENS, OPEN_COST_TOKENS, QUANTILE, SAFETY, DeadlineTracker
+from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, MIN_STEPS, OPEN_COST_TOKENS, QUANTILE, SAFETY,
+                                      DeadlineTracker)
 from r4b_edge.engine.events import Decision
 from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
@@ -72,6 +73,23 @@ def test_must_close_assumes_the_slowest_close_and_a_long_answer():
     assert not t.must_close(1000, 949.0 - need, 0.01) and t.must_close(1000, 950.0 - need, 0.01)
 
 
+def test_plan_before_prefill_only_when_the_usual_reasoning_cannot_fit_at_all():
+    t = tracker()  # usual reasoning 40 tokens, answers 5
+    assert t.plan_before_prefill(100) is None  # no decode step measured yet: prefill and decide
+    for _ in range(MIN_STEPS):
+        t.observe_step(0.01)
+    # with nothing spent: SAFETY * T / 10 ms - 5 - 2 - 1 tokens of reasoning must reach 40
+    edge = (40 + 5 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10 / SAFETY
+    assert t.plan_before_prefill(edge + 1) is None
+    p = t.plan_before_prefill(edge - 20)
+    assert p is not None and not p.think and p.elapsed_ms == 0 and p.max_think_tokens is None
+    assert p.expected_accuracy == {"no-think": None, "think": None} and "before the prefill" in p.reason
+    # whatever p_think, the plan after the prefill would have chosen no-think too
+    for p_think in (0.0, 0.5, 1.0):
+        assert not t.plan(edge - 20, 0.0, p_think, None).think
+    assert t.plan_before_prefill(edge - 20, user_budget=10) is None  # the user's budget is the usual length
+
+
 def test_plan_respects_a_user_budget():
     p = tracker().plan(1000, elapsed_ms=20.0, p_think=0.9, fallback_s=0.01, user_budget=12)
     assert p.think and p.max_think_tokens == 12
@@ -128,6 +146,23 @@ def test_too_tight_for_thinking_answers_directly(tiny_tokenizer):
     d, r, ms = ask(eng, clock, 100)  # 20 prefill + 10 decision: 60 ms left = 6 tokens: the answer (4), no reasoning
     assert not d.think and "no room to think" in d.deadline.reason
     assert r.reasoning == "" and r.answer == ANSWER and ms <= 100
+
+
+def test_a_deadline_too_tight_to_think_skips_the_decision_forward(tiny_tokenizer):
+    """Once the pace is measured, a T where no reasoning could fit even with a free prefill is
+    answered like fixed no-think: the empty think block is prefilled with the prompt, no
+    decision forward runs, and the reply arrives sooner than one that measures p_think."""
+    eng, clock, _ = engine(tiny_tokenizer)
+    ask(eng, clock, 2000)  # a first reply measures the steps
+    calls = eng.backend.calls
+    d, r, ms = ask(eng, clock, 100)
+    assert not d.think and d.forced and d.p_think is None and "before the prefill" in d.deadline.reason
+    assert r.answer == ANSWER and r.reasoning == "" and r.stats.decision_ms < 1.0
+    skipped_calls = eng.backend.calls - calls
+    eng2, clock2, _ = engine(tiny_tokenizer)  # the same reply, deciding after the prefill
+    d2, r2, ms2 = ask(eng2, clock2, 100)
+    assert d2.p_think is not None and "no room to think" in d2.deadline.reason and r2.answer == ANSWER
+    assert eng2.backend.calls == skipped_calls + 1 and ms == pytest.approx(ms2 - 10)
 
 
 def test_low_p_think_answers_directly_whatever_the_deadline(tiny_tokenizer):
