@@ -12,9 +12,15 @@ the draw is an inverse CDF over the few candidates.
   sorted; the rest's mass is bounded within ~6% without any exp (`_rest_mass`:
   a float32 multiply-add and an int cast give the chord of 2**u between
   integers), and the nucleus boundary is computed for the smallest and the
-  largest total mass those bounds allow. When both agree the nucleus is exact;
-  otherwise (the boundary lies in the bulk, or the rest's uncertainty straddles
-  a cumulative sum) the whole vocabulary is exponentiated and summed once.
+  largest total mass those bounds allow. When both agree the nucleus is exact.
+  When the nucleus surely reaches past the head into the bulk, a draw (not
+  `candidates`) needs the bulk only if it lands there: the head is drawn with
+  probability H / N_hi (H its mass, N_hi a bound on the nucleus mass, so at
+  most the head's true share), in proportion to its weights; otherwise the exact
+  nucleus is built and drawn from what is left (head w / N - w / N_hi, bulk
+  w / N), which adds up to the same distribution. Otherwise (the rest's
+  uncertainty straddles a cumulative sum of the head) the whole vocabulary is
+  exponentiated and summed once.
 - temperature alone: exact rejection sampling. The proposal is the head's
   true weights plus a flat envelope ``exp(-tail_nats)`` over every tail token
   (each tail weight is below it); a tail proposal is accepted with
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -177,6 +184,17 @@ def _sorted_prefix(ids: np.ndarray, w: np.ndarray, total: float, lo: float,
     return ids[sel[:k]], w[sel[:k]].astype(np.float64)
 
 
+class PastHead(NamedTuple):
+    """A top-p nucleus that surely reaches past the head: the head's ids, float32 weights and
+    mass, the weight every other token is below, and an upper bound on the others' mass."""
+
+    head: np.ndarray
+    w: np.ndarray
+    mass: float
+    w_thr: float
+    rest_hi: float
+
+
 class Sampler:
     """Draws token ids from logits with one seeded generator per reply."""
 
@@ -193,6 +211,7 @@ class Sampler:
         self._zeros: np.ndarray | None = None
         self.exact_tail_sums = 0  # top-p draws that needed the exact tail mass (benchmarks read it)
         self.dense_draws = 0  # temperature-only draws over the whole vocabulary (flat logits)
+        self.head_branch_draws = 0  # top-p draws past the head settled without the bulk (`_draw_top_p`)
         self._buf: np.ndarray | None = None
         self._greedy = self.params.temperature <= 0.0
 
@@ -205,12 +224,39 @@ class Sampler:
             return int(logits.argmax()) if isinstance(logits, np.ndarray) else int(np.argmax(logits))
         p = self.params
         x = logits if logits.dtype == np.float32 else np.asarray(logits, dtype=np.float32)
-        if p.top_k and p.top_k < x.shape[-1] or p.top_p < 1.0:
-            ids, w = self.candidates(x)
-            cum = np.cumsum(w)
-            i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
-            return int(ids[min(i, len(ids) - 1)])
+        if p.top_k and p.top_k < x.shape[-1]:
+            return self._draw_from(*self.candidates(x))
+        if p.top_p < 1.0:
+            return self._draw_top_p(x)
         return self._draw_full(x)
+
+    def _draw_from(self, ids: np.ndarray, w: np.ndarray) -> int:
+        """Inverse CDF over candidates `ids` with unnormalised weights `w`."""
+        cum = np.cumsum(w, dtype=np.float64)
+        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+        return int(ids[min(i, len(ids) - 1)])
+
+    def _draw_top_p(self, x: np.ndarray) -> int:
+        """One top-p draw (no top-k): `_nucleus`'s exact set where its bounds settle it, else,
+        when the nucleus surely reaches past the head, the two-branch draw of the module
+        docstring, which builds the exact nucleus only when the draw lands outside the head."""
+        t = self.params.temperature if self.params.temperature > 0 else 1.0
+        top_p = self.params.top_p
+        m = _finite_max(x)
+        past = self._nucleus(x, m, t, top_p, settle_past_head=False)
+        if not isinstance(past, PastHead):
+            return self._draw_from(*past)
+        head, w, mass, w_thr, rest_hi = past
+        n_hi = top_p * (mass + rest_hi) + w_thr  # the nucleus mass N < top_p * total + its last weight
+        if self.rng.random() * n_hi < mass:  # probability H / N_hi <= H / N: a head token
+            self.head_branch_draws += 1
+            return self._draw_from(head, w)
+        ids, wn = self._dense_nucleus(x, m, t, top_p, above=(w_thr, mass))
+        resid = wn / float(wn.sum())
+        pos = np.minimum(np.searchsorted(head, ids), len(head) - 1)  # head is ascending
+        in_head = head[pos] == ids
+        resid[in_head] = np.maximum(resid[in_head] - wn[in_head] / n_hi, 0.0)
+        return self._draw_from(ids, resid)
 
     # ---- candidates (top-k / top-p) --------------------------------------------------------------
     @staticmethod
@@ -264,7 +310,8 @@ class Sampler:
             return ids, w
         return self._nucleus(x, m, t, p.top_p)
 
-    def _nucleus(self, x: np.ndarray, m: float, t: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    def _nucleus(self, x: np.ndarray, m: float, t: float, top_p: float,
+                 settle_past_head: bool = True) -> "tuple[np.ndarray, np.ndarray] | PastHead":
         """top-p over the whole vocabulary. The head is exponentiated in float32 and its
         largest weights sorted; every other weight is below the head's threshold. The rest's
         total mass is bounded, first for free (each weight below the threshold's), then
@@ -275,7 +322,8 @@ class Sampler:
 
         The head is the tokens within `tail_nats` T of the max when a 1/1024 strided sample
         says they are few (~1,000 or fewer; the free bound is then tight), else within
-        `nucleus_nats` T."""
+        `nucleus_nats` T. With `settle_past_head` False, a nucleus that surely reaches past the
+        head is returned as `PastHead` (for `_draw_top_p`) instead of being built."""
         n = x.shape[-1]
         nats = self.tail_nats
         thr = np.float32(m - t * nats)
@@ -292,6 +340,8 @@ class Sampler:
                 got = _sorted_prefix(head, w, total, top_p * (total + lo), top_p * (total + hi))
                 self.rest_bound_draws += got is not None
                 if got is None and top_p * (total + lo) > total:  # the nucleus surely reaches past the head
+                    if not settle_past_head and math.isfinite(hi):
+                        return PastHead(head, w, total, math.exp((thr_f - m) / t), hi)
                     return self._dense_nucleus(x, m, t, top_p, above=(math.exp((thr_f - m) / t), total))
             if got is not None:
                 return got

@@ -156,6 +156,29 @@ def test_every_code_path_is_exercised():
     assert all(v > 0 for v in seen.values()), seen
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_top_p_past_the_head_draws_the_head_or_the_residual_in_proportion(temperature):
+    """A nucleus that surely reaches past the head (5 head tokens hold about half the mass,
+    300 bulk tokens the rest, top-p 0.9): about half the draws are settled inside the head
+    without building the nucleus, the others come from the residual of the exact nucleus. The
+    draws follow the reference distribution, bulk tokens one by one included."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([[0.0, -0.2, -0.5, -0.8, -1.2], rng.normal(-4.6, 0.5, 300)]).astype(np.float32)
+    x = x[rng.permutation(len(x))] * np.float32(temperature)
+    setting = dict(temperature=temperature, top_p=0.9)
+    ref = reference_probs(x, **setting)
+    s = Sampler(SamplingParams(seed=21, **setting), tail_nats=1.5)
+    draws = np.array([s(x) for _ in range(30000)])
+    assert 0.3 < s.head_branch_draws / len(draws) < 0.7 and s.exact_tail_sums > 0.3 * len(draws)
+    assert ref[draws].min() > 0
+    assert gof_pvalue(draws, ref) > 1e-4
+    head = x >= x.max() - np.float32(1.5 * temperature)  # the head's share: a sharper test than the chi-square's
+    share, want = float(np.mean(head[draws])), float(ref[head].sum())
+    assert abs(share - want) < 4.5 * math.sqrt(want * (1 - want) / len(draws)), (share, want)
+    ids, w = s.candidates(x)  # the nucleus itself is unchanged
+    assert set(ids.tolist()) == set(np.flatnonzero(ref).tolist())
+
+
 def test_rejection_path_draws_tail_tokens():
     """Small head margin: tail tokens are proposed, accepted, and come out in proportion."""
     logits = np.array([0.0] + [-3.0] * 20, dtype=np.float32)
