@@ -196,19 +196,14 @@ def roofline_export_worker(p: dict) -> dict:
     shard in bf16) and its GGUF exports; returns the text GGUF paths or per-quant errors."""
     from r4b_edge.export.gguf import export_gguf
     from r4b_edge.export.scale_check import r4b_config, write_random_bf16
-    from r4b_edge.model.template import CHAT_TEMPLATE
     from r4b_edge.model.tokenizer import Tokenizer
-    from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
 
-    from .modes import eval_items
+    from .true_shape import world_tokenizer
 
     work = Path(p["work"])
     src = work / "ckpt"
     if not (src / "config.json").is_file():
-        tok_dir = work / "tokenizer"
-        if not (tok_dir / "tokenizer.json").is_file():
-            texts = [f"{it['question']} {it['answer']}" for it in eval_items(20, 1, None)]
-            save_tokenizer(train_tokenizer(texts, vocab_size=512), tok_dir, CHAT_TEMPLATE)
+        tok_dir = world_tokenizer(work / "tokenizer")
         write_random_bf16(src, r4b_config(151936, Tokenizer.from_dir(tok_dir).image), tok_dir)
     out = {}
     for q in p["quants"]:

@@ -36,25 +36,31 @@ SETTINGS = [
 ]
 
 
+def world_tokenizer(tok_dir: Path) -> Path:
+    """A small BPE tokenizer (512) trained on world questions and answers, for the random
+    true-shape checkpoints (their vocabulary is padded to 151,936); kept if already there."""
+    from r4b_edge.model.template import CHAT_TEMPLATE
+    from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
+    from r4b_edge.world import eval_items
+
+    if not (tok_dir / "tokenizer.json").is_file():
+        texts = [f"{it['question']} {it['answer']}" for it in eval_items(per_family=20, seed=1)]
+        save_tokenizer(train_tokenizer(texts, vocab_size=512), tok_dir, CHAT_TEMPLATE)
+    return tok_dir
+
+
 def build_worker(p: dict) -> dict:
     """Worker: the random checkpoint with `layers` text layers at the true width and vocabulary,
     then its Q4_K_M GGUF pair (both cached). Returns the text GGUF path."""
     from r4b_edge.export.gguf import export_gguf
     from r4b_edge.export.scale_check import r4b_config, write_random_bf16
     from r4b_edge.model.config import RConfig
-    from r4b_edge.model.template import CHAT_TEMPLATE
     from r4b_edge.model.tokenizer import Tokenizer
-    from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
-
-    from .modes import eval_items
 
     work, layers = Path(p["work"]), int(p["layers"])
     src = work / f"ckpt-{layers}L"
     if not (src / "config.json").is_file():
-        tok_dir = work / "tokenizer"
-        if not (tok_dir / "tokenizer.json").is_file():
-            texts = [f"{it['question']} {it['answer']}" for it in eval_items(20, 1, None)]
-            save_tokenizer(train_tokenizer(texts, vocab_size=512), tok_dir, CHAT_TEMPLATE)
+        tok_dir = world_tokenizer(work / "tokenizer")
         d = r4b_config(151936, Tokenizer.from_dir(tok_dir).image).to_dict()
         d["text_config"]["num_hidden_layers"] = layers
         d["vision_config"]["num_hidden_layers"] = 1
