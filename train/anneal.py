@@ -63,7 +63,9 @@ def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.
     """Training list (records, modes) and sampling weights: direct:reasoning = ratio:1, plus a
     `an_perception_trace_frac` share of the direct side taught with its trace after a forced
     `<think>\n` (the decision token untrained: these items stay direct in auto mode);
-    inside each group colour-count records weigh `colour_count_weight`; `an_two_turn_frac` of
+    inside each group colour-count records weigh `colour_count_weight` and product-plus records
+    `an_product_plus_weight` (its trace's last addition is the reasoning tier's weakest
+    step); `an_chat_frac` of
     each group's weight goes to its records' follow-up versions (`stages.chat_versions`: asked
     second or third in a chat about the image)."""
     direct = [x for x in recs if x["mode"] == "direct"]
@@ -78,12 +80,19 @@ def mix_weights(recs: list[dict], r: Recipe) -> tuple[list[dict], list[str], np.
     f2 = r.an_chat_frac
     if not 0.0 <= f2 < 1.0:
         raise TrainingError(f"an_chat_frac={f2} must be in [0, 1)")
+    if not r.an_product_plus_weight > 0:
+        raise TrainingError(f"an_product_plus_weight={r.an_product_plus_weight} must be > 0")
     for lst, mode, share in groups:
         parts = [(lst, share * (1 - f2))] + ([(chat_versions(lst, r.seed, r.chat_three_frac), share * f2)] if f2 > 0 else [])
         for part, sh in parts:
             recs_out += part
             modes += [mode] * len(part)
-            w += list(sh / tot * family_weights(part, r))
+            fw = family_weights(part, r)
+            if r.an_product_plus_weight != 1.0:
+                fw = fw * np.array([r.an_product_plus_weight if x.get("meta", {}).get("family") == "product-plus"
+                                    else 1.0 for x in part])
+                fw = fw / fw.sum()
+            w += list(sh / tot * fw)
     wa = np.asarray(w, dtype=np.float64)
     return recs_out, modes, wa / wa.sum()
 

@@ -69,6 +69,7 @@ class Recipe:
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
     an_perception_trace_frac: float = 0.5  # direct items also taught with their trace (forced think)
     an_chat_frac: float = 0.4  # share of each annealing group taught as a follow-up (2nd/3rd question)
+    an_product_plus_weight: float = 1.0  # sampling weight of product-plus records in the annealing mix
     an_steps: int = 1500
     an_batch: int = 32
     an_lr: float = 1e-3

@@ -149,6 +149,23 @@ def test_anneal_mix_gives_follow_ups_their_share_of_every_group():
         mix_weights(cur, Recipe(an_chat_frac=1.0))
 
 
+def test_anneal_mix_weighs_product_plus_inside_its_group():
+    from r4b_edge.train.anneal import mix_weights
+
+    cur = [world_record("digit"), world_record("sum"), world_record("product-plus"), world_record("row-max", 3)]
+    kw = dict(an_direct_to_reasoning=1.0, an_perception_trace_frac=0.0, an_chat_frac=0.0, colour_count_weight=1.0)
+    out, modes, w1 = mix_weights(cur, Recipe(**kw))
+    _, _, w2 = mix_weights(cur, Recipe(an_product_plus_weight=2.0, **kw))
+    fam = [o["meta"]["family"] for o in out]
+    pp, sm = fam.index("product-plus"), fam.index("sum")
+    assert w1[pp] == pytest.approx(w1[sm]) and w2[pp] == pytest.approx(2 * w2[sm])
+    for mode in set(modes):  # each group keeps its share of the mix
+        sel = np.array([m == mode for m in modes])
+        assert w2[sel].sum() == pytest.approx(w1[sel].sum())
+    with pytest.raises(TrainingError, match="an_product_plus_weight=0"):
+        mix_weights(cur, Recipe(an_product_plus_weight=0, **kw))
+
+
 def test_old_recipe_files_still_load():
     from dataclasses import asdict
 
