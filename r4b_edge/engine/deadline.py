@@ -10,8 +10,13 @@ closing line and the answer still arrive before T. The plan uses
   forward's time taken as the cost of one decode step. Steps are timed one by one: a batch
   (the budget's closing line, fed at once) is timed as its own cost, never divided among
   its tokens, which would make decoding look faster than it is,
-- expected token counts: reasoning length of replies that closed their reasoning
-  themselves, answer length after thinking and without (moving averages, from priors),
+- expected token counts: reasoning length L of replies that closed their reasoning
+  themselves, answer length after thinking and without (moving averages, from priors). Until a
+  reply has closed its reasoning itself (or the user's `max_think_tokens` says how long it may
+  be), L is unknown: the plan then thinks wherever at least `EXPLORE_MIN_TOKENS` of reasoning
+  fit, with the budget that fits, and so learns L (a made-up prior would decide every reply of
+  a fresh process: one of 512 tokens made `chat --deadline 1000` never think on a model whose
+  reasoning takes 45),
 - an expected-accuracy model read off `p_think` (the model's own probability that the
   question needs reasoning): no-think ``1 - p_think``; think with budget B ``1`` if B covers
   the expected reasoning length L, else ``1 - p_think`` (reasoning cut short is counted as
@@ -53,6 +58,7 @@ EMA = 0.3  # weight of the newest reply (or step, live) in the moving averages
 QUANTILE = 90.0  # percentile of recent step times and answer lengths the live check assumes
 WINDOW = 512  # recent decode steps kept
 MIN_STEPS = 4  # steps measured before they replace the decision forward's time
+EXPLORE_MIN_TOKENS = 16  # while L is unknown: the least reasoning budget worth thinking for
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class DeadlinePlan:
     think: bool
     max_think_tokens: int | None  # the reasoning budget (think) or None
     expected_think_tokens: float  # L: mean reasoning length of replies that closed it themselves
+    #                               (while none has: the budget the plan hands out, or 0)
     expected_answer_tokens: float  # of the chosen option
     expected_accuracy: dict  # {"no-think": a, "think": b or None if it does not fit}
     expected_total_ms: float  # of the chosen option
@@ -76,11 +83,11 @@ class DeadlinePlan:
 class DeadlineTracker:
     """The engine's running measurements for deadline planning (see the module docstring)."""
 
-    def __init__(self, think_tokens: float = 512.0, answer_tokens_think: float = 64.0,
+    def __init__(self, think_tokens: float | None = None, answer_tokens_think: float = 64.0,
                  answer_tokens_no_think: float = 64.0) -> None:
         self.steps: deque[float] = deque(maxlen=WINDOW)  # seconds per decode step, newest last
         self.closes: deque[float] = deque(maxlen=32)  # seconds of the budget's closing batch
-        self.think_tokens = float(think_tokens)
+        self.think_tokens = None if think_tokens is None else float(think_tokens)  # L; None: not known yet
         self.answer_tokens = {True: float(answer_tokens_think), False: float(answer_tokens_no_think)}
         self.answers: deque[int] = deque(maxlen=64)  # answer lengths after thinking, newest last
         self.n_think = 0
@@ -108,7 +115,9 @@ class DeadlineTracker:
     def observe(self, thought: bool, think_tokens: int, closed_itself: bool, answer_tokens: int) -> None:
         """File one finished reply's token counts."""
         if thought and closed_itself and think_tokens > 0:
-            self.think_tokens = self._ema(self.think_tokens, float(think_tokens), self.n_think)
+            old = self.think_tokens
+            self.think_tokens = self._ema(0.0 if old is None else old, float(think_tokens),
+                                          self.n_think if old is not None else 0)
             self.n_think += 1
         if answer_tokens > 0:
             self.answer_tokens[thought] = self._ema(self.answer_tokens[thought], float(answer_tokens),
@@ -132,6 +141,13 @@ class DeadlineTracker:
             return max(spt, float(np.percentile(self.steps, QUANTILE)))
         return spt
 
+    def usual(self, user_budget: int | None = None) -> float | None:
+        """L, the usual reasoning length (capped by the user's budget; the budget alone while no
+        reply has been measured), or None when nothing says it yet."""
+        if self.think_tokens is None:
+            return None if user_budget is None else max(1.0, float(user_budget))
+        return max(1.0, self.think_tokens if user_budget is None else min(self.think_tokens, user_budget))
+
     def plan_before_prefill(self, deadline_ms: float, user_budget: int | None = None) -> DeadlinePlan | None:
         """Auto mode, before the prefill: a no-think plan if the usual reasoning could not fit in
         `SAFETY * T` even with no time spent on the prefill and the decision (then `plan` would
@@ -140,20 +156,22 @@ class DeadlineTracker:
         if len(self.steps) < MIN_STEPS:
             return None
         spt, source = self.speed(None)
-        L = max(1.0, self.think_tokens if user_budget is None else min(self.think_tokens, user_budget))
+        L = self.usual(user_budget)
         close = max(self.closes) / spt if self.closes else CLOSE_COST_TOKENS
         budget = math.floor(SAFETY * deadline_ms / (spt * 1000.0) - self.answer_tokens[True] - close
                             - OPEN_COST_TOKENS)
         if user_budget is not None:
             budget = min(budget, int(user_budget))
-        if budget >= L:
+        if budget >= (L if L is not None else EXPLORE_MIN_TOKENS):
             return None
         a_no = self.answer_tokens[False]
         prefill = self.prefill_ms or 0.0
-        why = (f"decided before the prefill: even with no prefill the usual reasoning ({L:.0f} tokens) would not "
+        what = (f"the usual reasoning ({L:.0f} tokens)" if L is not None
+                else f"{EXPLORE_MIN_TOKENS} tokens of reasoning (no reasoning length measured yet)")
+        why = (f"decided before the prefill: even with no prefill {what} would not "
                f"fit (a budget of {max(budget, 0)}), so no-think without the decision forward (p_think not measured)")
         return DeadlinePlan(deadline_ms=float(deadline_ms), elapsed_ms=0.0, tok_s=1.0 / spt, tok_s_source=source,
-                            think=False, max_think_tokens=None, expected_think_tokens=L,
+                            think=False, max_think_tokens=None, expected_think_tokens=L or 0.0,
                             expected_answer_tokens=a_no, expected_accuracy={"no-think": None, "think": None},
                             expected_total_ms=prefill + a_no * spt * 1000.0, reason=why,
                             step_ms_conservative=self.conservative_step_s(spt) * 1000.0)
@@ -162,7 +180,8 @@ class DeadlineTracker:
              allow: tuple[bool, ...] = (False, True), user_budget: int | None = None) -> DeadlinePlan:
         """Choose among `allow` (False = no-think, True = think) for a reply due at `deadline_ms`."""
         spt, source = self.speed(fallback_s)
-        L = max(1.0, self.think_tokens if user_budget is None else min(self.think_tokens, user_budget))
+        L = self.usual(user_budget)
+        need = L if L is not None else EXPLORE_MIN_TOKENS  # the reasoning a think must have room for
         a_no, a_th = self.answer_tokens[False], self.answer_tokens[True]
         left_tokens = (SAFETY * deadline_ms - elapsed_ms) / (spt * 1000.0)
         acc_no = 1.0 - p_think
@@ -177,12 +196,13 @@ class DeadlineTracker:
         think_fits = True in allow and budget >= 1
         # Reasoning cut short of its usual length is counted as no gain: on the bundled model 61 of 64
         # budget-cut replies of the deadline sweep were wrong, so a cut think is no better than no-think.
-        acc_th = 1.0 - p_think * (1.0 if budget < L else 0.0) if think_fits else None
+        acc_th = 1.0 - p_think * (1.0 if budget < need else 0.0) if think_fits else None
         no_fits = False in allow and a_no <= left_tokens
         ms = spt * 1000.0
         if think_fits and (False not in allow or acc_th - acc_no >= MIN_GAIN or not no_fits):
             think = True
-            why = (f"think fits with a budget of {budget} tokens (expected reasoning {L:.0f}; cap {cap} at T, "
+            usual = f"expected reasoning {L:.0f}" if L is not None else "no reasoning length measured yet"
+            why = (f"think fits with a budget of {budget} tokens ({usual}; cap {cap} at T, "
                    f"closed earlier live if the pace needs it): expected accuracy {acc_th:.3f}"
                    + (f" vs no-think {acc_no:.3f}" if False in allow else ""))
         elif False in allow:
@@ -190,8 +210,10 @@ class DeadlineTracker:
             if not no_fits:
                 why = (f"nothing fits in {deadline_ms:.0f} ms ({elapsed_ms:.0f} ms spent, {1.0 / spt:.1f} tok/s): "
                        "no-think is the fastest")
-            elif think_fits and budget < L:
-                why = (f"the usual reasoning ({L:.0f} tokens) does not fit (a budget of {budget}) and reasoning "
+            elif think_fits and budget < need:
+                what = (f"the usual reasoning ({L:.0f} tokens)" if L is not None
+                        else f"{EXPLORE_MIN_TOKENS} tokens of reasoning (no reasoning length measured yet)")
+                why = (f"{what} does not fit (a budget of {budget}) and reasoning "
                        f"cut short is counted as no gain: no-think, expected accuracy {acc_no:.3f}")
             elif think_fits:
                 why = (f"thinking would add {acc_th - acc_no:.3f} expected accuracy (< {MIN_GAIN}): "
@@ -205,11 +227,12 @@ class DeadlineTracker:
             budget = cap = max(0, budget)
             why = f"think forced, nothing fits: the smallest budget ({budget} tokens)"
         exp_answer = a_th if think else a_no
-        total = elapsed_ms + ((min(budget, L) + close + OPEN_COST_TOKENS if think else 0.0)
+        exp_think = L if L is not None else (float(max(budget, 0)) if think else 0.0)
+        total = elapsed_ms + ((min(budget, exp_think) + close + OPEN_COST_TOKENS if think else 0.0)
                               + exp_answer) * ms
         return DeadlinePlan(deadline_ms=float(deadline_ms), elapsed_ms=float(elapsed_ms), tok_s=1.0 / spt,
                             tok_s_source=source, think=think, max_think_tokens=int(max(cap, budget)) if think else None,
-                            expected_think_tokens=L, expected_answer_tokens=exp_answer,
+                            expected_think_tokens=exp_think, expected_answer_tokens=exp_answer,
                             expected_accuracy={"no-think": acc_no if False in allow else None, "think": acc_th},
                             expected_total_ms=total, reason=why,
                             step_ms_conservative=self.conservative_step_s(spt) * 1000.0)

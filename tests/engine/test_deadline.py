@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, MIN_STEPS, OPEN_COST_TOKENS, QUANTILE, SAFETY,
-                                      DeadlineTracker)
+from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, EXPLORE_MIN_TOKENS, MIN_STEPS, OPEN_COST_TOKENS,
+                                      QUANTILE, SAFETY, DeadlineTracker)
 from r4b_edge.engine.events import Decision
 from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
@@ -88,6 +88,37 @@ def test_plan_before_prefill_only_when_the_usual_reasoning_cannot_fit_at_all():
     for p_think in (0.0, 0.5, 1.0):
         assert not t.plan(edge - 20, 0.0, p_think, None).think
     assert t.plan_before_prefill(edge - 20, user_budget=10) is None  # the user's budget is the usual length
+
+
+def test_a_fresh_tracker_thinks_where_some_reasoning_fits_and_learns_its_length():
+    """No reply has closed its reasoning yet: no made-up usual length decides. The plan thinks
+    with the budget that fits when at least EXPLORE_MIN_TOKENS do, and learns L from the reply."""
+    t = DeadlineTracker(answer_tokens_think=5, answer_tokens_no_think=5)
+    assert t.usual() is None and t.usual(user_budget=12) == 12
+    p = t.plan(1000, elapsed_ms=20.0, p_think=0.9, fallback_s=0.01)  # (900 - 20) / 10 = 88 left: 80
+    assert p.think and "no reasoning length measured yet" in p.reason and p.expected_think_tokens == 80
+    assert p.expected_total_ms <= SAFETY * 1000 + 1e-9
+    T = (20 + (EXPLORE_MIN_TOKENS - 1 + 5 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 10) / SAFETY  # room for 15
+    p = t.plan(T, elapsed_ms=20.0, p_think=0.9, fallback_s=0.01)
+    assert not p.think and f"{EXPLORE_MIN_TOKENS} tokens of reasoning" in p.reason
+    assert not t.plan(1000, elapsed_ms=20.0, p_think=0.01, fallback_s=0.01).think  # the model says: no need
+    t.observe(thought=True, think_tokens=30, closed_itself=False, answer_tokens=3)  # cut: says nothing of L
+    assert t.usual() is None
+    t.observe(thought=True, think_tokens=30, closed_itself=True, answer_tokens=3)
+    assert t.usual() == 30 and t.plan(1000, 20.0, 0.9, 0.01).expected_think_tokens == 30
+
+
+def test_a_fresh_engine_thinks_under_a_deadline(tiny_tokenizer):
+    """A process whose first request has a deadline (the CLI's `chat --deadline`): it thinks,
+    the reasoning closes itself within the budget, and the next plan knows its length."""
+    eng, clock, n_reason = engine(tiny_tokenizer)
+    eng.deadline = DeadlineTracker()  # as the Engine makes it
+    d, r, ms = ask(eng, clock, 2000)
+    assert d.think and "no reasoning length measured yet" in d.deadline.reason
+    assert r.reasoning == REASONING.strip() and r.answer == ANSWER and not r.stats.budget_hit and ms <= 2000
+    assert eng.deadline.usual() == n_reason - 1  # the reasoning's tokens (n_reason counts `</think>` too)
+    d, _, _ = ask(eng, clock, 2000)
+    assert d.think and f"expected reasoning {n_reason - 1}" in d.deadline.reason
 
 
 def test_plan_respects_a_user_budget():
