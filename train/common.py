@@ -60,6 +60,8 @@ class Recipe:
     pt_focus_lr: float = 2e-3
     pt_chat_frac: float = 0.3  # share of stage 1's weight on follow-up versions (2nd/3rd question of a chat)
     chat_three_frac: float = 0.5  # share of follow-ups asked third (two earlier questions), else second
+    pt_replay_frac: float = 0.0  # share of stage 1's weight on stage 0's text reasoning records (replay)
+    pt_replay_per_reasoning: int = 2000  # stage-0 text records per reasoning family replayed in stage 1
     # stage 2: bi-mode annealing
     an_pool_perception: int = 400  # per perception family
     an_pool_reasoning: int = 1500  # per reasoning family

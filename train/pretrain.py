@@ -36,6 +36,18 @@ def stage1_records(recs: list[dict], r: Recipe) -> tuple[list[dict], np.ndarray]
     return single + chats, w / w.sum()
 
 
+def replay_records(r: Recipe) -> tuple[list[dict], list[str]]:
+    """Stage 0's text records of the reasoning families (scan as text, step trace), replayed in
+    stage 1 at `pt_replay_frac` of its weight so the decoder keeps stage 0's arithmetic (which
+    direct-answer-only batches wipe: docs/training.md)."""
+    from .lm import text_records
+
+    if not 0.0 <= r.pt_replay_frac < 1.0 or r.pt_replay_per_reasoning < 1:
+        raise TrainingError(f"pt_replay_frac={r.pt_replay_frac} must be in [0, 1) and pt_replay_per_reasoning="
+                            f"{r.pt_replay_per_reasoning} >= 1")
+    return text_records(r.seed, r.pt_replay_per_reasoning, 0)
+
+
 def run(run_dir: Path, r: Recipe) -> Path:
     """Stage 1 end to end; returns the stage's model folder (skips when already finished)."""
     dev, out, done = begin_stage(run_dir, r, "pretrain")
@@ -56,6 +68,12 @@ def run(run_dir: Path, r: Recipe) -> Path:
     data = encode_all(tok, recs, cfg, ["direct"] * len(recs), mask_empty_think=True)
     if r.pt_ground:
         data = grounded(tok, data, recs, cfg, r, response_slots=True)
+    if r.pt_replay_frac != 0:  # stage 0's text reasoning records, encoded as stage 0 does
+        trecs, tmodes = replay_records(r)
+        data = data + encode_all(tok, trecs, cfg, tmodes)
+        weights = np.concatenate([(1 - r.pt_replay_frac) * weights,
+                                  np.full(len(trecs), r.pt_replay_frac / len(trecs))])
+        recs = recs + trecs
     pad = tok.token_to_id("<|endoftext|>")
     run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), pad,
             r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain", weights=weights)

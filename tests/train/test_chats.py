@@ -174,3 +174,15 @@ def test_old_recipe_files_still_load():
     assert recipe_from_dict(d) == Recipe()
     with pytest.raises(TrainingError, match="unknown fields \\['nope'\\]"):
         recipe_from_dict({"nope": 1})
+
+
+def test_stage1_replay_records_are_stage0_reasoning_traces():
+    from r4b_edge.train.pretrain import replay_records
+
+    recs, modes = replay_records(Recipe(pt_replay_frac=0.2, pt_replay_per_reasoning=3))
+    fams = sorted({x["meta"]["family"] for x in recs})
+    assert fams == ["product-plus", "row-max", "sum"] and len(recs) == 9 and set(modes) == {"think"}
+    assert all(not x.get("images") and x.get("trace") for x in recs)
+    for bad in (dict(pt_replay_frac=1.0), dict(pt_replay_frac=-0.1), dict(pt_replay_frac=0.2, pt_replay_per_reasoning=0)):
+        with pytest.raises(TrainingError, match="pt_replay"):
+            replay_records(Recipe(**bad))
