@@ -95,10 +95,10 @@ def targets(res: dict, anneal: dict | None = None) -> list[tuple[str, bool, str]
     return out
 
 
-def target_table(rows: list[tuple[str, bool, str]]) -> list[str]:
-    """The target rows as a markdown table."""
+def target_table(rows: list[tuple[str, bool | None, str]]) -> list[str]:
+    """The target rows as a markdown table (ok None: not measured)."""
     return ["| target | met | measured |", "|---|---|---|"] + \
-        [f"| {n} | {'yes' if ok else 'NO'} | {v} |" for n, ok, v in rows]
+        [f"| {n} | {'not measured' if ok is None else 'yes' if ok else 'NO'} | {v} |" for n, ok, v in rows]
 
 
 def mode_table(models: dict) -> list[str]:

@@ -309,7 +309,8 @@ def run(run_dir: Path, r: Recipe, out: Path, models: Sequence[str] = ("anneal", 
     (out / "items.json").write_text(json.dumps(items_json(items, per_item), separators=(",", ":")))
     (out / "results.md").write_text(markdown(all_res, ship))
     plots(all_res, out)
-    (out / "wall_seconds.json").write_text(json.dumps({"seconds": round(time.time() - t_start, 1)}))
+    (out / "wall_seconds.json").write_text(json.dumps({"seconds": round(time.time() - t_start, 1),
+                                                       "run": str(Path(run_dir).resolve())}))
     return all_res
 
 

@@ -23,16 +23,27 @@ ASSETS = Path(__file__).resolve().parents[1] / "r4b_edge" / "assets"
 STAGE_ORDER = ("lm", "pretrain", "anneal", "bpo", "grpo")
 
 
-def stage_seconds(run_dir: Path, stage: str) -> float | None:
-    """Wall seconds a stage took (wall_seconds.json, else the last metrics timestamp)."""
+def stage_timing(run_dir: Path, stage: str) -> tuple[float | None, bool]:
+    """Wall seconds a stage took and whether this run's own timer recorded them: `wall_seconds.json`
+    written by `run_stage` (or the eval) naming this run folder. A stage copied in from another run
+    or trained outside `reproduce` falls back to its metrics logs (the last timestamp of each phase,
+    summed) and is not timed here; neither is one with no record (None)."""
     w = run_dir / stage / "wall_seconds.json"
     if w.exists():
-        return float(json.loads(w.read_text())["seconds"])
-    m = run_dir / stage / "metrics.jsonl"
-    if m.exists():
+        rec = json.loads(w.read_text())
+        return float(rec["seconds"]), rec.get("run") == str(run_dir.resolve())
+    total = None
+    for m in sorted((run_dir / stage).rglob("metrics.jsonl")) if (run_dir / stage).is_dir() else []:
         rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
-        return float(max(x.get("time", 0.0) for x in rows)) if rows else None
-    return None
+        if rows:
+            total = (total or 0.0) + float(max(x.get("time", 0.0) for x in rows))
+    return total, False
+
+
+def run_timing(run_dir: Path) -> dict:
+    """timing.json's fields: seconds per stage and eval, and the ones this run's timers recorded."""
+    got = {st: stage_timing(run_dir, st) for st in STAGE_ORDER + ("eval",)}
+    return {"stages": {st: v[0] for st, v in got.items()}, "timed_here": [st for st, v in got.items() if v[1]]}
 
 
 def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
@@ -60,7 +71,7 @@ def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
     if is_main():
         prev = json.loads(w.read_text())["seconds"] if w.exists() else 0.0
         w.parent.mkdir(parents=True, exist_ok=True)
-        w.write_text(json.dumps({"seconds": prev + dt}))
+        w.write_text(json.dumps({"seconds": prev + dt, "run": str(run_dir.resolve())}))
     barrier()
     return dt
 
@@ -113,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate import run as run_eval
 
         results = run_eval(run_dir, r, run_dir / "eval")  # writes eval/wall_seconds.json
-    timing = {"stages": {st: stage_seconds(run_dir, st) for st in STAGE_ORDER + ("eval",)},
-              "this_invocation_seconds": time.time() - t0}
+    timing = dict(run_timing(run_dir), this_invocation_seconds=time.time() - t0)
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=2))
     if results:
         ship(run_dir, r, Path(a.out), results, timing)
@@ -134,8 +144,7 @@ def main_ship(argv: list[str] | None = None) -> int:
     if not res_p.exists():
         raise TrainingError(f"{res_p} missing: run `train eval --run {run_dir}` first")
     tp = run_dir / "timing.json"
-    timing = dict(json.loads(tp.read_text()) if tp.exists() else {},
-                  stages={st: stage_seconds(run_dir, st) for st in STAGE_ORDER + ("eval",)})
+    timing = dict(json.loads(tp.read_text()) if tp.exists() else {}, **run_timing(run_dir))
     tp.write_text(json.dumps(timing, indent=2))
     ship(run_dir, r, Path(a.out), json.loads(res_p.read_text()), timing)
     print(a.out)

@@ -106,6 +106,8 @@ def test_reproduce_again_skips_finished_stages_and_keeps_their_times(runs):
     assert all(json.loads(v)["seconds"] > 0 for v in before.values())
     train(["reproduce", "--run-dir", str(one), "--preset", "micro", "--skip-eval"])
     assert {st: (one / st / "wall_seconds.json").read_text() for st in STAGES} == before
+    timing = json.loads((one / "timing.json").read_text())
+    assert timing["timed_here"] == list(STAGES)  # every stage timed by this run's own timers (no eval: skipped)
 
 
 def test_kill_9_then_resume_continues(runs, tmp_path):
