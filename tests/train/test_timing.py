@@ -58,3 +58,17 @@ def test_card_claims_the_from_scratch_time_only_when_measured():
     assert f"| {name} | not measured | {text} |" in target_table([(name, ok, text)])
     old = {"stages": stages}  # timing.json from before `timed_here`: read as before
     assert reproduce_row(old, total)[1] is True
+
+
+def test_shipped_preset_is_the_bundled_models_recipe():
+    """`train reproduce` (preset `shipped`) trains the model that ships: its recipe.json, read as a
+    run folder reads it, equals the preset field for field."""
+    from dataclasses import asdict
+
+    from r4b_edge.api import BUNDLED_MODEL
+    from r4b_edge.train.common import Recipe, recipe_from_dict
+
+    shipped = recipe_from_dict(json.loads((BUNDLED_MODEL / "recipe.json").read_text()))
+    preset = Recipe.preset("shipped")
+    diff = {k: (v, asdict(preset)[k]) for k, v in asdict(shipped).items() if asdict(preset)[k] != v}
+    assert not diff, f"bundled model's recipe vs the shipped preset (recipe.json, preset): {diff}"
