@@ -114,7 +114,7 @@ def wall_table(timing: dict) -> tuple[list[str], float]:
     def cell(k: str, v: float | None) -> str:
         if not v:
             return "not recorded"
-        return f"{v / 60:.1f} min" + (" (trained in an earlier run, its logs' time)" if k in reused else "")
+        return f"{v / 60:.1f} min" + (" (trained in an earlier run: the time recorded there)" if k in reused else "")
 
     total = float(sum(v for v in st.values() if v))
     lines = ["| stage | wall time |", "|---|---|"] + [f"| {k} | {cell(k, v)} |" for k, v in st.items()]

@@ -60,7 +60,7 @@ class Recipe:
     pt_focus_lr: float = 2e-3
     pt_chat_frac: float = 0.3  # share of stage 1's weight on follow-up versions (2nd/3rd question of a chat)
     chat_three_frac: float = 0.5  # share of follow-ups asked third (two earlier questions), else second
-    pt_replay_frac: float = 0.0  # share of stage 1's weight on stage 0's text reasoning records (replay)
+    pt_replay_frac: float = 0.2  # share of stage 1's weight on stage 0's text reasoning records (replay)
     pt_replay_per_reasoning: int = 2000  # stage-0 text records per reasoning family replayed in stage 1
     # stage 2: bi-mode annealing
     an_pool_perception: int = 400  # per perception family
@@ -69,7 +69,7 @@ class Recipe:
     an_samples: int = 8  # N no-think samples per objective item
     an_temperature: float = 1.0
     an_direct_to_reasoning: float = 1.0  # mixing ratio (paper: ~2:1)
-    an_perception_trace_frac: float = 0.5  # direct items also taught with their trace (forced think)
+    an_perception_trace_frac: float = 0.7  # direct items also taught with their trace (forced think)
     an_chat_frac: float = 0.4  # share of each annealing group taught as a follow-up (2nd/3rd question)
     an_product_plus_weight: float = 1.0  # sampling weight of product-plus records in the annealing mix
     an_steps: int = 1500
@@ -107,7 +107,7 @@ class Recipe:
                        vision_intermediate=64, vocab_size=400, lm_per_reasoning=10, lm_per_perception=4, lm_steps=6,
                        lm_batch=8, pt_per_family=40, pt_steps=12, pt_batch=8, pt_focus_steps=4,
                        pt_lr=3e-3, an_pool_perception=6, an_pool_reasoning=10, an_samples=4, an_steps=10,
-                       an_batch=8, an_lr=3e-3, an_chat_frac=0.25, an_pool_graded=8, lm_per_graded=8, pt_chat_frac=0.25, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
+                       an_batch=8, an_lr=3e-3, an_chat_frac=0.25, an_pool_graded=8, lm_per_graded=8, pt_chat_frac=0.25, pt_replay_per_reasoning=10, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
                        rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,
                        save_every=4, log_every=2, micro_batch=16)
         raise TrainingError(f"unknown recipe preset {name!r}; use 'shipped' or 'micro'")

@@ -53,7 +53,7 @@ def test_card_claims_the_from_scratch_time_only_when_measured():
     lines, total = wall_table(part)
     name, ok, text = reproduce_row(part, total)
     assert ok is None and text.startswith("lm, pretrain trained in an earlier run")
-    assert "| lm | 16.7 min (trained in an earlier run, its logs' time) |" in lines
+    assert "| lm | 16.7 min (trained in an earlier run: the time recorded there) |" in lines
     assert "| total | 90.5 min (stage sum) |" in lines
     assert f"| {name} | not measured | {text} |" in target_table([(name, ok, text)])
     old = {"stages": stages}  # timing.json from before `timed_here`: read as before
