@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import torch
 from r4b_edge.errors import TrainingError
 
 from .card import card_inputs, model_card, write_example
-from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
+from .common import Recipe, atomic_write_text, barrier, is_main, load_recipe, set_threads, setup_dist
 
 ASSETS = Path(__file__).resolve().parents[1] / "r4b_edge" / "assets"
 STAGE_ORDER = ("lm", "pretrain", "anneal", "bpo", "grpo")
+#: How often a running stage writes its time so far (an interrupted stage keeps it for the resume).
+HEARTBEAT_S = 30.0
 
 
 def stage_timing(run_dir: Path, stage: str) -> tuple[float | None, bool]:
@@ -48,32 +51,53 @@ def run_timing(run_dir: Path) -> dict:
 
 def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
     """Run one stage (in-process, or under torchrun when nproc > 1); returns wall seconds.
-    A stage finished earlier is skipped and its recorded wall time left as it is."""
+    A stage finished earlier is skipped and its recorded wall time left as it is. While it runs,
+    its time so far is written every `HEARTBEAT_S` (`"partial": true`), so a stage killed midway
+    and resumed later adds its new time to the old (the steps redone after the last checkpoint
+    count twice: an overestimate, never an underestimate)."""
     from .stages import stage_model_dir
 
     if (stage_model_dir(run_dir, stage) / "config.json").exists():
         return 0.0
-    t0 = time.time()
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",
-               "r4b_edge.train", stage, "--run-dir", str(run_dir)]
-        rc = subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(max(1, r.threads))))
-        if rc:
-            raise TrainingError(f"stage {stage} exited with status {rc} under torchrun ({nproc} processes)")
-    else:
-        from . import anneal, bpo, lm, pretrain
-
-        fn = {"lm": lm.run, "pretrain": pretrain.run, "anneal": anneal.run,
-              "bpo": lambda d, rr: bpo.run(d, rr, "bpo"), "grpo": lambda d, rr: bpo.run(d, rr, "grpo")}[stage]
-        fn(run_dir, r)
-    dt = time.time() - t0
     w = run_dir / stage / "wall_seconds.json"
-    if is_main():
-        prev = json.loads(w.read_text())["seconds"] if w.exists() else 0.0
+    prev = float(json.loads(w.read_text())["seconds"]) if w.exists() else 0.0
+    t0 = time.time()
+
+    def record(partial: bool) -> None:
+        rec = {"seconds": prev + time.time() - t0, "run": str(run_dir.resolve())} | ({"partial": True} if partial else {})
         w.parent.mkdir(parents=True, exist_ok=True)
-        w.write_text(json.dumps({"seconds": prev + dt, "run": str(run_dir.resolve())}))
+        atomic_write_text(w, json.dumps(rec))
+
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            record(partial=True)
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    if is_main():
+        beat.start()
+    try:
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m",
+                   "r4b_edge.train", stage, "--run-dir", str(run_dir)]
+            rc = subprocess.call(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(max(1, r.threads))))
+            if rc:
+                raise TrainingError(f"stage {stage} exited with status {rc} under torchrun ({nproc} processes)")
+        else:
+            from . import anneal, bpo, lm, pretrain
+
+            fn = {"lm": lm.run, "pretrain": pretrain.run, "anneal": anneal.run,
+                  "bpo": lambda d, rr: bpo.run(d, rr, "bpo"), "grpo": lambda d, rr: bpo.run(d, rr, "grpo")}[stage]
+            fn(run_dir, r)
+    finally:
+        stop.set()
+        if beat.is_alive():
+            beat.join()
+        if is_main():
+            record(partial=not (stage_model_dir(run_dir, stage) / "config.json").exists())
     barrier()
-    return dt
+    return time.time() - t0
 
 
 def ship(run_dir: Path, r: Recipe, out: Path, results: dict, timing: dict) -> Path:

@@ -72,3 +72,45 @@ def test_shipped_preset_is_the_bundled_models_recipe():
     preset = Recipe.preset("shipped")
     diff = {k: (v, asdict(preset)[k]) for k, v in asdict(shipped).items() if asdict(preset)[k] != v}
     assert not diff, f"bundled model's recipe vs the shipped preset (recipe.json, preset): {diff}"
+
+
+def test_interrupted_stage_keeps_its_time_for_the_resume(tmp_path, monkeypatch):
+    """A stage that dies midway leaves its time so far (heartbeat + the final partial record);
+    the resumed run adds to it and clears the partial flag."""
+    import time
+
+    import r4b_edge.train.lm as lm
+    from r4b_edge.errors import TrainingError
+    from r4b_edge.train import recipe
+    from r4b_edge.train.common import Recipe
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(recipe, "HEARTBEAT_S", 0.02)
+    seen = []
+
+    def dies(run_dir, r):
+        time.sleep(0.15)
+        seen.append(json.loads((run_dir / "lm" / "wall_seconds.json").read_text()))  # a heartbeat landed
+        raise TrainingError("killed")
+
+    monkeypatch.setattr(lm, "run", dies)
+    try:
+        recipe.run_stage(run, Recipe(), "lm", 1)
+    except TrainingError:
+        pass
+    assert seen and seen[0]["partial"] is True and seen[0]["run"] == str(run.resolve()) and seen[0]["seconds"] > 0
+    first = json.loads((run / "lm" / "wall_seconds.json").read_text())
+    assert first["partial"] is True and first["seconds"] >= 0.15
+
+    def finishes(run_dir, r):
+        time.sleep(0.1)
+        (run_dir / "lm" / "model").mkdir(parents=True)
+        (run_dir / "lm" / "model" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(lm, "run", finishes)
+    recipe.run_stage(run, Recipe(), "lm", 1)
+    done = json.loads((run / "lm" / "wall_seconds.json").read_text())
+    assert "partial" not in done and done["seconds"] >= first["seconds"] + 0.1
+    assert stage_timing(run, "lm") == (done["seconds"], True)
+    assert recipe.run_stage(run, Recipe(), "lm", 1) == 0.0  # finished: skipped, time kept
+    assert json.loads((run / "lm" / "wall_seconds.json").read_text()) == done
