@@ -1,10 +1,18 @@
 """Shared fixtures: a tiny trained tokenizer and tiny random R-4B checkpoints (exact layout)."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
+# A suite started as a background job of a non-interactive shell (`bash .ci/run &`, nohup under a
+# CI runner) inherits SIGINT ignored; every child would inherit that too, and Python leaves an
+# ignored SIGINT ignored, so the tests that press Ctrl-C on a child (chat REPL, pull, serve)
+# would test nothing but the launch. A handled signal is reset to the default in a child at exec,
+# so installing Python's own handler here gives every child the terminal's Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def tiny_corpus() -> list[str]:
