@@ -5,6 +5,7 @@ import argparse
 import re
 from typing import Any
 
+from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.model.template import API_MODES
 
 
@@ -14,6 +15,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for any backend (default: idle physical cores, at most 4; or $R4B_THREADS)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS/Metal/CoreML, then CPU), cpu, cuda, mps, metal (torch/llama), coreml (onnx)")
+    add_repack_arg(p)
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Backend load options from the command line; `repack` only when given (a llama option)."""
+    opts: dict[str, Any] = {"threads": args.threads}
+    if getattr(args, "llama_repack", None) is not None:
+        opts["repack"] = args.llama_repack
+    return opts
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -48,4 +58,4 @@ def unescape(text: str) -> str:
 def load_model(args: argparse.Namespace):
     import r4b_edge
 
-    return r4b_edge.load(args.model, backend=args.backend, device=args.device, threads=args.threads)
+    return r4b_edge.load(args.model, backend=args.backend, device=args.device, **load_options(args))

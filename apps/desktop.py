@@ -468,9 +468,19 @@ def screenshot(args: argparse.Namespace) -> int:
         win.close()
 
 
+def _repack_env(args: argparse.Namespace) -> None:
+    """--llama-repack reaches the llama backend of every model the window loads through its
+    environment variable (the window may load several models, of any backend)."""
+    if getattr(args, "llama_repack", None):
+        from r4b_edge.backends.llama_repack import ENV
+
+        os.environ[ENV] = args.llama_repack
+
+
 def run(args: argparse.Namespace) -> int:
     _need_qt()
     _check_args(args)
+    _repack_env(args)
     if args.screenshot:
         return screenshot(args)
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from r4b_edge.backends.llama_repack import ENV as REPACK_ENV
+from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.model.template import API_MODES
 
 DEFAULT_PRECISIONS = {"torch": "fp32", "llama": "F16,Q8_0,Q4_K_M", "onnx": "fp32,int8,int4"}
@@ -51,6 +53,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: physical cores not busy by the load average; 1 with --quick)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, metal")
+    add_repack_arg(p)
     p.add_argument("--quick", action="store_true", help="one precision per backend, small grid (< 2 min)")
     p.add_argument("--roofline", action="store_true",
                    help="also build a random 4B-shape model (F16 + Q4_K_M GGUF, ~20 GB disk) and compare "
@@ -129,6 +132,7 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         "roofline_dir": a.roofline_dir,
         "device": a.device,
         "quick": q, "roofline": a.roofline, "baselines": not a.no_baselines, "modes_table": not a.no_modes,
+        "llama_repack": a.llama_repack or os.environ.get(REPACK_ENV) or "auto",
     }
     if s["repeats"] < 1 or s["warmup"] < 0 or s["eval_per_family"] < 1 or s["max_tokens"] < 1:
         raise R4BError("--repeats, --eval-per-family and --max-tokens must be >= 1, --warmup >= 0")
@@ -436,6 +440,8 @@ def main(args: argparse.Namespace) -> int:
     from r4b_edge.api import default_model_path
     from r4b_edge.errors import ModelNotFoundError, R4BError
 
+    if args.llama_repack:  # every worker (a child process) and the stock-Llama baselines follow it
+        os.environ[REPACK_ENV] = args.llama_repack
     if args.host_overhead:
         return _host_overhead_main(args)
     if args.deadline_sweep:

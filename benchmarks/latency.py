@@ -15,6 +15,7 @@ JSON on stdin and reads one tagged JSON line back from stdout.
 from __future__ import annotations
 
 from r4b_edge.engine.memory import peak_rss_mb  # VmHWM on Linux
+from r4b_edge.errors import describe_exit
 
 import importlib
 import json
@@ -73,8 +74,13 @@ def run_isolated(target: str, payload: dict, timeout: float = 900.0, threads: in
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"worker exited with code {proc.returncode}: {' | '.join(tail)}"}
+    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-3:]
+    why = f"worker {describe_exit(proc.returncode)}" + (f": {' | '.join(tail)}" if tail else "")
+    if proc.returncode < 0 and "llama" in json.dumps(payload):  # a native crash in llama.cpp
+        from r4b_edge.backends.llama_repack import crash_hint
+
+        why += f"; {crash_hint(proc.returncode)}"
+    return {"error": why}
 
 
 def _worker_main(argv: Sequence[str]) -> int:

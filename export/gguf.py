@@ -96,6 +96,7 @@ class ExportResult:
     mmproj_quant: str
     skipped: bool = False
     sizes: dict[str, int] = field(default_factory=dict)
+    verified: str = ""  # the llama.cpp test decode's repack choice ("" when not verified)
 
 
 def gguf_name(hf: str) -> str | None:
@@ -394,42 +395,36 @@ def read_back(path: Path, plan: list[_Tensor]) -> None:
         raise ExportError(f"{path}: key {R4B_CONFIG_KEY} missing on read-back")
 
 
-def load_check(text: Path, mmproj: Path) -> None:
-    """Load the pair in llama.cpp (text model on CPU, mmproj through mtmd)."""
+def load_check(text: Path, mmproj: Path, repack: str | None = None, threads: int = 1):
+    """Decode a few tokens of the pair in llama.cpp, in a child process, with the repack choice the
+    llama backend would make here (`llama_repack.choose`), and encode one view through the mmproj:
+    a file that would crash the runtime fails the export with one line naming the cause and the
+    override. Returns the RepackChoice."""
     try:
-        import llama_cpp
-        from llama_cpp import mtmd_cpp
+        import llama_cpp  # noqa: F401
     except ImportError as e:
         raise ExportError(f"verification needs llama-cpp-python (pip install 'r4b-edge[export]'): {e}") from None
-    from r4b_edge.backends.llama_backend import quiet_llama
+    from r4b_edge.backends.llama_repack import FIX, choose, crash_hint, probe
 
-    quiet_llama()
-    llama_cpp.llama_backend_init()
-    mp = llama_cpp.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
-    if not model:
-        raise ExportError(f"llama.cpp cannot load the text GGUF {text}")
-    try:
-        cp = mtmd_cpp.mtmd_context_params_default()
-        cp.use_gpu = False
-        cp.warmup = False
-        cp.print_timings = False
-        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, cp)
-        if not ctx:
-            raise ExportError(f"llama.cpp (mtmd) cannot load the mmproj GGUF {mmproj}")
-        mtmd_cpp.mtmd_free(ctx)
-    finally:
-        llama_cpp.llama_model_free(model)
+    choice = choose(repack, text, threads=threads)
+    res = probe(text, choice.use_extra_bufts, mmproj=mmproj, threads=threads)
+    if not res.ok:
+        state = "on" if choice.use_extra_bufts else "off"
+        hint = crash_hint(res.returncode) if choice.use_extra_bufts else ""
+        raise ExportError(f"{text.name} does not run in llama.cpp here: a test decode with repacking {state} "
+                          f"({choice.reason}) was {res.describe()}"
+                          + (f"; {hint}" if hint else f" (not a repacking fault: {FIX} does not apply)"))
+    return choice
 
 
 # ---- entry point ----------------------------------------------------------------------------
 def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4_K_M",
                 mmproj_quant: str | None = None, name: str = "model", verify: bool = True,
-                stock_pinpoints: bool = False, force: bool = False) -> ExportResult:
+                stock_pinpoints: bool = False, force: bool = False, repack: str | None = None) -> ExportResult:
     """Export the R-4B checkpoint `src` to `out/{name}-{quant}.gguf` + `out/mmproj-{name}-{mq}.gguf`
     + `out/manifest.json`. `mmproj_quant` defaults to Q8_0 for Q8_0 and F16 otherwise. Bad inputs
-    fail before anything is written; an up-to-date output is left alone (unless `force`)."""
+    fail before anything is written; an up-to-date output is left alone (unless `force`). `verify`
+    decodes the files in a llama.cpp child process with the `repack` choice (auto | on | off)."""
     spec = quant_spec(quant)
     mspec = quant_spec(mmproj_quant or ("Q8_0" if spec.name == "Q8_0" else "F16"), mmproj=True)
     src_p, out_p = Path(src).expanduser(), Path(out).expanduser()
@@ -447,6 +442,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4
     text_plan, vis_plan = _text_plan(source, spec), _vision_plan(source, mspec.python_type)
     tok_data = tokenizer_data(source)
     out_p.mkdir(parents=True, exist_ok=True)
+    checked = None
     try:
         with atomic_write(text_p) as t_tmp, atomic_write(mm_p) as m_tmp:
             if spec.python_type:
@@ -462,9 +458,10 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4
             if verify:
                 read_back(m_tmp, vis_plan)
                 read_back(t_tmp, text_plan)
-                load_check(t_tmp, m_tmp)
+                checked = load_check(t_tmp, m_tmp, repack)
     finally:
         source.close()
     man = write_manifest(out_p, [text_p, mm_p], src_p, "gguf", spec.name, extra)
     return ExportResult(out_p, text_p, mm_p, man, spec.name, mspec.name,
-                        sizes={p.name: p.stat().st_size for p in (text_p, mm_p)})
+                        sizes={p.name: p.stat().st_size for p in (text_p, mm_p)},
+                        verified=checked.line() if checked else "")

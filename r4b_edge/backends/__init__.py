@@ -58,7 +58,7 @@ def detect_format(path: str | Path) -> str:
 COMMON_LOAD_OPTIONS = ("device", "threads")
 LOAD_OPTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("dtype", "use_cache"),
-    "llama": ("n_ctx", "n_batch", "mmproj", "verbose"),
+    "llama": ("n_ctx", "n_batch", "mmproj", "verbose", "repack"),
     "onnx": (),
 }
 
