@@ -72,6 +72,10 @@ def register(subparsers: Any) -> None:
                    help="only compare r4b-edge decode with raw llama-cpp-python (llama.cpp's sampler chain) on a "
                         "random R-4B at the true width and vocabulary, greedy and sampled: writes true_shape.* "
                         "into --out (model cached in --roofline-dir, default <cache>/true-shape)")
+    p.add_argument("--repack", action="store_true",
+                   help="only measure llama.cpp's weight repacking on this CPU: prefill/decode with it on and off "
+                        "side by side (bundled and true-shape models, Q4_K_M and Q8_0) and the auto probe's cost: "
+                        "writes repack.json/.md into --out (models cached in --cache)")
     p.add_argument("--true-shape-layers", type=int, default=2,
                    help="decoder layers of the --true-shape model (default 2; R-4B has 36)")
     p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
@@ -435,6 +439,30 @@ def _true_shape_main(args: argparse.Namespace) -> int:
     return 0 if "rows" in d else 1
 
 
+def _repack_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --repack`: llama.cpp's extra buffer types on vs off, and the probe's cost."""
+    import json
+
+    from . import repack, report
+
+    machine = report.machine_info()
+    t0 = time.perf_counter()
+    d = repack.run_repack(Path(args.cache).expanduser().resolve() / "repack", args.threads or 1,
+                          repeats=max(3, args.repeats), layers=args.true_shape_layers,
+                          log=lambda m: print(m, file=sys.stderr))
+    d |= {"command": _command(args), "machine": machine,
+          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+          "duration_s": round(time.perf_counter() - t0, 1)}
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "repack.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
+    md = repack.markdown(d)
+    (out / "repack.md").write_text(f"# llama.cpp weight repacking on vs off\n\nMeasured {d['created']} "
+                                   f"({d['duration_s']:.0f} s); load average at start {machine.get('load_avg')}.\n\n{md}")
+    print(md)
+    return 0 if d["rows"] else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `r4b-edge bench`."""
     from r4b_edge.api import default_model_path
@@ -448,6 +476,8 @@ def main(args: argparse.Namespace) -> int:
         return _deadline_sweep_main(args)
     if args.true_shape:
         return _true_shape_main(args)
+    if args.repack:
+        return _repack_main(args)
     s = _settings(args)
     model = Path(args.model).expanduser() if args.model else default_model_path()
     if not (model / "config.json").is_file():

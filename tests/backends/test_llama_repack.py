@@ -152,3 +152,30 @@ def test_cli_flag_info_and_bench_crash_report(home: Path, q8_dir: Path, monkeypa
     res = run_isolated("tests.backends.crash_worker:segv", {"backend": "llama"}, timeout=120)
     assert "worker killed by SIGSEGV (segmentation fault)" in res["error"]
     assert "--llama-repack off" in res["error"]
+
+
+def test_docs_stock_recipes_turn_repacking_off(q8_dir: Path, tmp_path: Path) -> None:
+    """docs/gguf.md's llama-cpp-python snippet, run verbatim (model path aside) in a child, loads
+    with `use_extra_bufts` off and decodes; `stock_llama_params` does the same in-process."""
+    import re
+    import sys
+
+    import llama_cpp
+
+    from r4b_edge.backends.llama_repack import stock_llama_params
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gguf.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "use_extra_bufts = False" in b)
+    code = block.replace("out/gguf-q4/model-Q4_K_M.gguf", str(_text(q8_dir))) + (
+        "\nprint('extra_bufts', llm.model_params.use_extra_bufts)"
+        "\nprint('text', repr(llm.create_completion('a', max_tokens=3, temperature=0)['choices'][0]['text']))\n")
+    (tmp_path / "snippet.py").write_text(code)
+    out = subprocess.run([sys.executable, str(tmp_path / "snippet.py")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "extra_bufts False" in out.stdout and "text " in out.stdout
+    for flag in (False, True):
+        with stock_llama_params(flag):
+            llm = llama_cpp.Llama(model_path=str(_text(q8_dir)), n_ctx=64, verbose=False, vocab_only=True)
+        assert llm.model_params.use_extra_bufts is flag
+        llm.close()
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored
