@@ -35,9 +35,10 @@ def llama_cpu(path: Path | None, fmt: str | None, setting: str | None) -> dict:
         except R4BError as e:
             out["choice"] = {"error": str(e)}
     else:
-        out["policy"] = ("auto: repack on for F16/F32 files; quantized files: "
+        out["policy"] = ("F16/F32 files: on (nothing to repack); quantized files: "
                          + ("off (llama.cpp was built with AMX kernels, which crash)" if out["llama_amx"]
-                            else "a one-time probe per kind of file decides (cached)"))
+                            else "a one-time probe per kind of file decides (cached)")
+                         if out["setting"] == "auto" else f"{out['setting']} for every file")
     return out
 
 
