@@ -199,12 +199,17 @@ def _config_json(src: _Source) -> str:
 
 
 def tokenizer_data(src: _Source) -> dict:
-    """Token list, types and merges for the GGUF vocabulary; ExportError when the tokenizer
-    cannot be written (checked before any file is opened)."""
+    """Token list, types, merges and tokenizer.json for the GGUF vocabulary; ExportError when
+    the tokenizer cannot be written (checked before any file is opened). Special added tokens
+    are CONTROL, the others USER_DEFINED (as llama.cpp's convert_hf_to_gguf types them); the
+    think tags are plain added tokens whatever the source folder says (`mark_text_tokens`), so
+    llama.cpp renders them in a reply's text as it does for Qwen3."""
     import gguf
 
-    tok, n_vocab = src.tokenizer, src.config.vocab_size
-    hf = tok.backend
+    from r4b_edge.model.tokenizer import mark_text_tokens
+
+    n_vocab = src.config.vocab_size
+    hf = mark_text_tokens(src.tokenizer.backend)
     vocab = hf.get_vocab(with_added_tokens=True)
     if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
         raise ExportError(f"tokenizer has ids up to {max(vocab.values())} but text_config.vocab_size is {n_vocab}")
@@ -216,17 +221,18 @@ def tokenizer_data(src: _Source) -> dict:
         at = added.get(i)
         types[i] = (gguf.TokenType.NORMAL if at is None else
                     gguf.TokenType.CONTROL if at.special else gguf.TokenType.USER_DEFINED)
-    model = json.loads(hf.to_str())["model"]
+    doc = hf.to_str()
+    model = json.loads(doc)["model"]
     if model.get("type") != "BPE":
         raise ExportError(f"tokenizer model is {model.get('type')!r}; the GGUF export needs a byte-level BPE")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges}
+    return {"tokens": tokens, "types": types, "merges": merges, "json": doc}
 
 
 def _tokenizer_kv(w: Any, src: _Source, data: dict) -> None:
     import gguf
 
-    tok, hf = src.tokenizer, src.tokenizer.backend
+    tok = src.tokenizer
     tokens, types, merges = data["tokens"], data["types"], data["merges"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -240,7 +246,7 @@ def _tokenizer_kv(w: Any, src: _Source, data: dict) -> None:
         w.add_bos_token_id(pad)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    w.add_string(GGUF_HF_JSON_KEY, hf.to_str())
+    w.add_string(GGUF_HF_JSON_KEY, data["json"])
 
 
 def _text_plan(src: _Source, spec: QuantSpec) -> list[_Tensor]:

@@ -264,6 +264,7 @@ def export_onnx(src: str | Path, out: str | Path, precision: str = "fp32", force
     import torch
 
     from r4b_edge.model.checkpoint import load_checkpoint
+    from r4b_edge.model.tokenizer import mark_tokenizer_files
 
     from . import onnx_quant
 
@@ -290,6 +291,7 @@ def export_onnx(src: str | Path, out: str | Path, precision: str = "fp32", force
         for name in _TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+        mark_tokenizer_files(tmp)  # think tags non-special, as in Qwen3, whatever the source says
         doc = genai_config(config, tokenizer, precision, graph_precision)
         doc["export_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

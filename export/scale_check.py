@@ -51,6 +51,7 @@ def write_random_bf16(out: Path, config, tokenizer_dir: Path, seed: int = 0) -> 
     import shutil
 
     from r4b_edge.model.checkpoint import INDEX_NAME, expected_shapes
+    from r4b_edge.model.tokenizer import mark_tokenizer_files
 
     out.mkdir(parents=True, exist_ok=True)
     shapes = expected_shapes(config)
@@ -94,6 +95,7 @@ def write_random_bf16(out: Path, config, tokenizer_dir: Path, seed: int = 0) -> 
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / f, out / f)
+    mark_tokenizer_files(out)  # think tags non-special, as in Qwen3 (a --tokenizer folder may predate that)
 
 
 def _anon_mib() -> float:
