@@ -14,6 +14,7 @@ from r4b_edge.backends import llama_repack as lr
 from r4b_edge.errors import BackendOptionError, ExportError, describe_exit
 
 pytest.importorskip("llama_cpp")
+AMX_HERE = lr.build_has_amx(lr.parse_features(lr.llama_system_info()))
 
 AMX_LINE = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
             "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
@@ -76,8 +77,11 @@ def test_auto_rules_without_probing(home: Path, monkeypatch: pytest.MonkeyPatch,
 def test_probe_decodes_and_its_crash_turns_repacking_off(home: Path, monkeypatch: pytest.MonkeyPatch,
                                                           q8_dir: Path) -> None:
     text, mm = _text(q8_dir), next(q8_dir.glob("mmproj-*.gguf"))
-    ok = lr.probe(text, True, mmproj=mm)
-    assert ok.ok, ok.describe()
+    assert lr.probe(text, False, mmproj=mm).ok
+    on = lr.probe(text, True, mmproj=mm)
+    # with repacking on the child decodes, except where llama.cpp has its AMX kernels (the fault
+    # this guards against: there it may die, and the suite must not)
+    assert on.ok or (AMX_HERE and on.returncode < 0), on.describe()
     monkeypatch.setenv(lr.CRASH_HOOK_ENV, "segv")
     assert lr.probe(text, False).ok  # the hook only fires where weights are repacked
     bad = lr.probe(text, True)
@@ -96,7 +100,7 @@ def test_probe_decodes_and_its_crash_turns_repacking_off(home: Path, monkeypatch
 def test_backend_falls_back_and_decodes(home: Path, monkeypatch: pytest.MonkeyPatch, q8_dir: Path) -> None:
     """The crash hook stands in for an AMX CPU: the backend loads with repacking off and answers
     as it does with repacking on (same greedy tokens)."""
-    import r4b_edge
+    import sys
 
     from r4b_edge.api import EXAMPLE_IMAGE
     from r4b_edge.backends.llama_backend import LlamaBackend
@@ -109,13 +113,17 @@ def test_backend_falls_back_and_decodes(home: Path, monkeypatch: pytest.MonkeyPa
     finally:
         be.close()
     outs = {}
-    for setting in ("off", "on"):
+    for setting in ("off", "on"):  # in a child: repacking on may crash natively on an AMX CPU
         monkeypatch.delenv(lr.CRASH_HOOK_ENV, raising=False)
-        with r4b_edge.load(q8_dir, backend="llama", device="cpu", threads=1, repack=setting) as m:
-            assert m.backend.repack.use_extra_bufts == (setting == "on")
-            r = m.chat(EXAMPLE_IMAGE, "What is the sum of all the digits?", mode="no-think", max_tokens=12)
-            outs[setting] = r.answer
-    assert outs["off"] == outs["on"]
+        out = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(EXAMPLE_IMAGE),
+                              "What is the sum of all the digits?", "--model", str(q8_dir), "--threads", "1",
+                              "--llama-repack", setting, "--mode", "no-think", "--max-tokens", "12", "--json"],
+                             capture_output=True, text=True, timeout=300)
+        if setting == "on" and AMX_HERE and out.returncode < 0:
+            continue  # the known llama.cpp fault, contained in the child
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs[setting] = json.loads(out.stdout)["answer"]
+    assert outs["off"] and outs["off"] == outs.get("on", outs["off"])
 
 
 # ---- export, info, bench -------------------------------------------------------------------------
