@@ -187,3 +187,10 @@ def test_docs_stock_recipes_turn_repacking_off(q8_dir: Path, tmp_path: Path) -> 
         assert llm.model_params.use_extra_bufts is flag
         llm.close()
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored
+
+
+def test_repack_on_another_backend_is_a_clear_error(tiny_ckpt: Path) -> None:
+    from r4b_edge.backends import create_backend
+
+    with pytest.raises(BackendOptionError, match=r"repack \(--llama-repack\) is a llama backend option .* torch backend"):
+        create_backend(tiny_ckpt, backend="auto", device="cpu", repack="off")
