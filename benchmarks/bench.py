@@ -408,58 +408,55 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _true_shape_main(args: argparse.Namespace) -> int:
-    """`r4b-edge bench --true-shape`: ours vs raw llama-cpp-python at R-4B's true width/vocab."""
+def _timed_report(args: argparse.Namespace, stem: str, title: str, run: Callable[[], dict],
+                  markdown: Callable[[dict], str]) -> dict:
+    """Run one stand-alone measurement; write `--out`/STEM.json and STEM.md (title, when, how long,
+    the load average at the start, then `markdown(d)`); print the table."""
     import json
 
+    from . import report
+
+    machine = report.machine_info()  # before the run: its load average is the one at the start
+    t0 = time.perf_counter()
+    d = run()
+    d |= {"command": _command(args), "machine": machine,
+          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+          "duration_s": round(time.perf_counter() - t0, 1)}
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
+    md = markdown(d)
+    (out / f"{stem}.md").write_text(f"# {title}\n\nMeasured {d['created']} ({d['duration_s']:.0f} s); load average "
+                                   f"at start {machine.get('load_avg')}.\n\n{md}")
+    print(md)
+    return d
+
+
+def _true_shape_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --true-shape`: ours vs raw llama-cpp-python at R-4B's true width/vocab."""
     from r4b_edge.errors import R4BError
 
-    from . import report, true_shape
+    from . import true_shape
 
     if args.true_shape_layers < 1:
         raise R4BError(f"--true-shape-layers must be >= 1, got {args.true_shape_layers}")
     threads = args.threads or 2
     work = Path(args.roofline_dir or Path(args.cache) / "true-shape").expanduser().resolve()
-    machine = report.machine_info()  # before the run: its load average is the one at the start
-    t0 = time.perf_counter()
-    d = true_shape.run_true_shape(work, args.true_shape_layers, threads, device=args.device,
-                                  repeats=max(3, min(args.repeats, 2) if args.quick else args.repeats),
-                                  n_gen=16 if args.quick else 32, log=lambda m: print(m, file=sys.stderr))
-    d |= {"command": _command(args), "machine": machine,
-          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-          "duration_s": round(time.perf_counter() - t0, 1)}
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "true_shape.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
-    md = true_shape.markdown(d)
-    (out / "true_shape.md").write_text(f"# True-shape decode: r4b-edge vs raw llama-cpp-python\n\nMeasured "
-                                       f"{d['created']} ({d['duration_s']:.0f} s); load average at start "
-                                       f"{d['machine'].get('load_avg')}.\n\n{md}")
-    print(md)
+    title = "True-shape decode: r4b-edge vs raw llama-cpp-python"
+    d = _timed_report(args, "true_shape", title, lambda: true_shape.run_true_shape(
+        work, args.true_shape_layers, threads, device=args.device,
+        repeats=max(3, min(args.repeats, 2) if args.quick else args.repeats),
+        n_gen=16 if args.quick else 32, log=lambda m: print(m, file=sys.stderr)), true_shape.markdown)
     return 0 if "rows" in d else 1
 
 
 def _repack_main(args: argparse.Namespace) -> int:
     """`r4b-edge bench --repack`: llama.cpp's extra buffer types on vs off, and the probe's cost."""
-    import json
+    from . import repack
 
-    from . import repack, report
-
-    machine = report.machine_info()
-    t0 = time.perf_counter()
-    d = repack.run_repack(Path(args.cache).expanduser().resolve() / "repack", args.threads or 1,
-                          repeats=max(3, args.repeats), layers=args.true_shape_layers,
-                          log=lambda m: print(m, file=sys.stderr))
-    d |= {"command": _command(args), "machine": machine,
-          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-          "duration_s": round(time.perf_counter() - t0, 1)}
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "repack.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
-    md = repack.markdown(d)
-    (out / "repack.md").write_text(f"# llama.cpp weight repacking on vs off\n\nMeasured {d['created']} "
-                                   f"({d['duration_s']:.0f} s); load average at start {machine.get('load_avg')}.\n\n{md}")
-    print(md)
+    d = _timed_report(args, "repack", "llama.cpp weight repacking on vs off", lambda: repack.run_repack(
+        Path(args.cache).expanduser().resolve() / "repack", args.threads or 1, repeats=max(3, args.repeats),
+        layers=args.true_shape_layers, log=lambda m: print(m, file=sys.stderr)), repack.markdown)
     return 0 if d["rows"] else 1
 
 

@@ -92,7 +92,8 @@ def run_repack(work: Path, threads: int, n_prompt: int = 128, n_gen: int = 32, r
         log(f"true-shape model not built: {b.get('skipped') or b.get('error')}")
     for name, src in srcs:
         got = run_isolated("r4b_edge.benchmarks.repack:prepare_worker",
-                           {"src": src, "work": str(work), "name": name.replace(' ', '-'), "quants": ["Q4_K_M", "Q8_0"]},
+                           {"src": src, "work": str(work), "name": name.replace(" ", "-"),
+                            "quants": ["Q4_K_M", "Q8_0"]},
                            timeout=3600)
         for q, path in (got.get("paths") or {}).items():
             files[f"{name} {q}"] = path
@@ -134,7 +135,8 @@ def markdown(d: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['file']} | {r['size_mb']} | {r['skipped']} | | | | | | | {r['probe_s']['median']:.2f} |")
+            lines.append(f"| {r['file']} | {r['size_mb']} | {r['skipped']} | | | | | | | "
+                         f"{r['probe_s']['median']:.2f} |")
             continue
         on, off = r["on"], r["off"]
         lines.append(f"| {r['file']} | {r['size_mb']} | {on['pp_tps']['median']:.1f} | {off['pp_tps']['median']:.1f} | "

@@ -148,7 +148,9 @@ class ProbeResult:
     detail: str = ""
 
     def describe(self) -> str:
-        return "decoded normally" if self.ok else f"{describe_exit(self.returncode)}{': ' + self.detail if self.detail else ''}"
+        if self.ok:
+            return "decoded normally"
+        return describe_exit(self.returncode) + (f": {self.detail}" if self.detail else "")
 
 
 @dataclass(frozen=True)
