@@ -1,14 +1,16 @@
 """`r4b-edge chat IMAGE [PROMPT]`: one-shot reply, or a multi-turn REPL.
 
-In the REPL, Ctrl-C during an answer stops it and returns to the prompt (the
-conversation keeps its earlier turns); Ctrl-C or Ctrl-D at the prompt quits.
+The image is read and checked before the model loads, so a missing or unreadable
+file fails at once. In the REPL, Ctrl-C during an answer stops it and returns to
+the prompt (the conversation keeps its earlier turns); Ctrl-C or Ctrl-D at the
+prompt quits.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from .common import add_generation_args, add_model_args, generation_options, load_model
 
@@ -70,16 +72,18 @@ def _render(events, args: argparse.Namespace, out: TextIO) -> object:
     return result
 
 
-def _open_conversation(model, image: str | None, max_pixels: int | None):
-    """model.conversation(image); the too-large hint names this command's flag."""
+def read_image(image: str, max_pixels: int | None) -> Any:
+    """The RGB image `chat` was given (None for 'none'), read and checked before any model loads;
+    the too-large hint names this command's flag."""
     from r4b_edge.errors import ImageTooLargeError, R4BError
+    from r4b_edge.model.processing import DEFAULT_MAX_PIXELS, load_image
 
-    if max_pixels is not None:
-        if max_pixels < 1:
-            raise R4BError(f"--max-image-pixels must be >= 1, got {max_pixels}")
-        model.max_pixels = max_pixels
+    if max_pixels is not None and max_pixels < 1:
+        raise R4BError(f"--max-image-pixels must be >= 1, got {max_pixels}")
+    if image.lower() == "none":
+        return None
     try:
-        return model.conversation(image)
+        return load_image(image, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     except ImageTooLargeError as e:
         size = f"{e.pixels} pixels" if e.pixels else "too many pixels"
         raise ImageTooLargeError(f"{image}: image is {size}, over the limit of {e.limit} pixels "
@@ -98,11 +102,13 @@ def _turn(conv, line: str, opts: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    image = read_image(args.image, args.max_image_pixels)  # seconds before the model would say so
     model = load_model(args)
     opts = generation_options(args)
     try:
-        image = None if args.image.lower() == "none" else args.image
-        conv = _open_conversation(model, image, args.max_image_pixels)
+        if args.max_image_pixels is not None:
+            model.max_pixels = args.max_image_pixels
+        conv = model.conversation(image)
         if args.prompt is not None:
             if args.json:
                 r = conv.ask(args.prompt, **opts)

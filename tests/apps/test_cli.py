@@ -176,3 +176,30 @@ def test_every_verb_registers_and_a_broken_verb_import_is_raised(monkeypatch):
     monkeypatch.setitem(cli.VERBS, "broken", "r4b_edge.apps.no_such_verb_module")
     with pytest.raises(ModuleNotFoundError, match="no_such_verb_module"):
         cli.build_parser()
+
+
+def _bad_image(d, kind: str):
+    if kind == "missing":
+        return d / "missing.png"
+    if kind == "directory":
+        return d
+    p = d / f"{kind}.png"
+    p.write_bytes(b"" if kind == "empty" else b"just some text")
+    return p
+
+
+@pytest.mark.parametrize("kind,needle", [("missing", "image file not found"), ("empty", "file is empty"),
+                                         ("text", "not an image in an accepted format"),
+                                         ("directory", "is a directory")])
+@pytest.mark.parametrize("prompt", [["what?"], []], ids=["one-shot", "repl"])
+def test_chat_checks_the_image_before_the_model_loads(tmp_path, monkeypatch, capsys, kind, needle, prompt):
+    """A bad image is reported at once: the model (seconds to load) is never loaded."""
+    import r4b_edge
+
+    loads = []
+    monkeypatch.setattr(r4b_edge, "load", lambda *a, **k: loads.append(a) or pytest.fail("the model was loaded"))
+    path = _bad_image(tmp_path, kind)
+    rc = main(["chat", str(path), *prompt])
+    err = capsys.readouterr().err
+    assert rc == 1 and loads == []
+    assert needle in err and str(path) in err and err.count("\n") == 1
