@@ -34,6 +34,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def decision_line(think: bool, p_think: float | None, forced: bool) -> str:
+    """`thinking… p_think=0.93`, `answering directly… p_think=0.04`; `forced, ` in front when the mode
+    or a threshold decided; no p_think where it was not measured."""
+    label = ("forced, " if forced else "") + ("thinking…" if think else "answering directly…")
+    return label if p_think is None else f"{label} p_think={p_think:.2f}"
+
+
 def _render(events, args: argparse.Namespace, out: TextIO) -> object:
     """Print a reply as it streams; returns the Result."""
     from r4b_edge import AnswerDelta, Decision, Done, ReasoningDelta
@@ -43,12 +50,7 @@ def _render(events, args: argparse.Namespace, out: TextIO) -> object:
     result, in_reasoning = None, False
     for ev in events:
         if isinstance(ev, Decision):
-            tag = "forced, " if ev.forced else ""
-            if ev.p_think is None:  # forced mode: p_think is not measured
-                label = "thinking…" if ev.think else "answering directly"
-            else:
-                label = f"thinking… p={ev.p_think:.2f}" if ev.think else f"answering directly (p_think={ev.p_think:.2f})"
-            print(f"{dim}[{tag}{label}]{reset}", file=out, flush=True)
+            print(f"{dim}[{decision_line(ev.think, ev.p_think, ev.forced)}]{reset}", file=out, flush=True)
             if ev.deadline is not None:
                 d = ev.deadline
                 print(f"{dim}[deadline {d.deadline_ms:.0f} ms: {d.reason}; {d.tok_s:.1f} tok/s "

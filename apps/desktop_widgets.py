@@ -46,10 +46,10 @@ def save_screenshot(widget: Any, path: str | Path) -> Path:
 
 
 def badge_text(d: Decision) -> str:
-    """`thinking, p=0.93` or `direct`."""
-    if not d.think:
-        return "direct"
-    return "thinking" if d.p_think is None else f"thinking, p={d.p_think:.2f}"
+    """`thinking, p_think=0.93` or `direct, p_think=0.04`, as `chat` prints them; `(forced)` when the
+    mode or a threshold decided; no p_think where it was not measured."""
+    word = ("thinking" if d.think else "direct") + (" (forced)" if d.forced else "")
+    return word if d.p_think is None else f"{word}, p_think={d.p_think:.2f}"
 
 
 def stats_text(result: Result) -> str:

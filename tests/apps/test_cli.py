@@ -80,7 +80,7 @@ def test_repl_multi_turn(tiny_ckpt, png):
                        env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count(">>> ") == 3
-    assert p.stdout.count("p_think=") + p.stdout.count("thinking… p=") == 2
+    assert p.stdout.count("p_think=") == 2
 
 
 def test_repl_fresh_answers_each_question_alone(tiny_ckpt, png):
@@ -203,3 +203,18 @@ def test_chat_checks_the_image_before_the_model_loads(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert rc == 1 and loads == []
     assert needle in err and str(path) in err and err.count("\n") == 1
+
+
+def test_decision_line_says_p_think_both_ways():
+    """One wording whether the model thinks or answers directly (the app's badge uses the same)."""
+    import argparse
+    import io
+
+    from r4b_edge import Decision
+    from r4b_edge.apps.chat import _render
+
+    out = io.StringIO()
+    _render([Decision(True, 0.934, False), Decision(False, 0.041, False), Decision(False, None, True),
+             Decision(True, 0.5, True)], argparse.Namespace(hide_thinking=False, verbose=False), out)
+    assert out.getvalue().splitlines() == ["[thinking… p_think=0.93]", "[answering directly… p_think=0.04]",
+                                           "[forced, answering directly…]", "[forced, thinking… p_think=0.50]"]

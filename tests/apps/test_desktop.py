@@ -19,7 +19,8 @@ pytest.importorskip("PySide6.QtWidgets")
 from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa: E402
-from r4b_edge.apps.desktop_widgets import save_screenshot  # noqa: E402
+from r4b_edge.apps.desktop_widgets import badge_text, save_screenshot  # noqa: E402
+from r4b_edge.engine.events import Decision  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_ask_streams_and_multi_turn(window, png, ref):
     _ask(win, "What colour is the square?")
     want = ref.chat(png, "What colour is the square?", mode="think", max_tokens=24)
     assert not win.error_label.isVisible(), win.error_label.text()
-    assert re.fullmatch(r"thinking, p=\d\.\d\d", win.reply.badge.text())
+    assert re.fullmatch(r"thinking \(forced\), p_think=\d\.\d\d", win.reply.badge.text())
     assert win.reply.reasoning.toPlainText() == want.reasoning
     assert win.reply.answer.toPlainText() == want.answer
     stats = win.reply.stats.text()
@@ -82,7 +83,7 @@ def test_ask_streams_and_multi_turn(window, png, ref):
     conv = ref.conversation(png)
     conv.ask("What colour is the square?", mode="think", max_tokens=24)
     want2 = conv.ask("And how many?", mode="no-think", max_tokens=24)
-    assert win.reply.badge.text() == "direct"
+    assert re.fullmatch(r"direct \(forced\), p_think=\d\.\d\d", win.reply.badge.text())  # as `chat` says
     assert not win.reply.reasoning_panel.isVisible()
     assert win.reply.answer.toPlainText() == want2.answer
     assert len(win.conv.messages) == 4
@@ -288,3 +289,10 @@ def test_every_backend(app, tmp_path_factory, tiny_ckpt, png, backend):
     finally:
         win.shutdown()
         win.close()
+
+
+def test_badge_shows_p_think_whether_or_not_it_thinks():
+    assert badge_text(Decision(True, 0.934, False)) == "thinking, p_think=0.93"
+    assert badge_text(Decision(False, 0.041, False)) == "direct, p_think=0.04"
+    assert badge_text(Decision(False, None, True)) == "direct (forced)"  # not measured: nothing to show
+    assert badge_text(Decision(True, 0.2, True)) == "thinking (forced), p_think=0.20"
