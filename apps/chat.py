@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any, TextIO
 
+from r4b_edge.model.processing import IMAGE_FORMATS_TEXT
+
 from .common import add_generation_args, add_model_args, generation_options, load_model
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -19,7 +21,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat about an image", description=__doc__)
-    p.add_argument("image", help="image file (PNG/JPEG/WebP/BMP); 'none' for a text-only chat")
+    p.add_argument("image", help=f"image file ({IMAGE_FORMATS_TEXT}); 'none' for a text-only chat")
     p.add_argument("prompt", nargs="?", default=None, help="question; without it, an interactive session starts")
     add_model_args(p)
     add_generation_args(p)

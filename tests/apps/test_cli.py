@@ -218,3 +218,11 @@ def test_decision_line_says_p_think_both_ways():
              Decision(True, 0.5, True)], argparse.Namespace(hide_thinking=False, verbose=False), out)
     assert out.getvalue().splitlines() == ["[thinking… p_think=0.93]", "[answering directly… p_think=0.04]",
                                            "[forced, answering directly…]", "[forced, thinking… p_think=0.50]"]
+
+
+def test_chat_help_names_every_accepted_format(capsys):
+    from r4b_edge.model.processing import IMAGE_FORMATS_TEXT
+
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    assert IMAGE_FORMATS_TEXT in " ".join(capsys.readouterr().out.split())
