@@ -1,9 +1,10 @@
 """`r4b-edge chat IMAGE [PROMPT]`: one-shot reply, or a multi-turn REPL.
 
 The image is read and checked before the model loads, so a missing or unreadable
-file fails at once. In the REPL, Ctrl-C during an answer stops it and returns to
-the prompt (the conversation keeps its earlier turns); Ctrl-C or Ctrl-D at the
-prompt quits.
+file fails at once. In the REPL, a line that starts with `/` is a command (`/help`
+lists them: /reset, /stats, /exit); an empty line does nothing. Ctrl-C during an
+answer stops it and returns to the prompt (the conversation keeps its earlier
+turns); Ctrl-D, `/exit` or Ctrl-C at the prompt quits.
 """
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from r4b_edge.model.processing import IMAGE_FORMATS_TEXT
 from .common import add_generation_args, add_model_args, generation_options, load_model
 
 DIM, RESET = "\033[2m", "\033[0m"
+
+#: REPL commands -> what they do (the /help text); /quit and /? are aliases.
+COMMANDS = {
+    "/help": "list these commands (also /?)",
+    "/reset": "forget the conversation; the image stays",
+    "/stats": "the stats line of the last reply (timings, tokens, tok/s, memory)",
+    "/exit": "quit (also /quit or Ctrl-D)",
+}
+ALIASES = {"/?": "/help", "/quit": "/exit"}
 
 
 def register(sub) -> None:
@@ -95,14 +105,71 @@ def read_image(image: str, max_pixels: int | None) -> Any:
                                  "(or larger) to allow it", e.pixels, e.limit) from None
 
 
-def _turn(conv, line: str, opts: dict, args: argparse.Namespace) -> None:
-    """One REPL answer; Ctrl-C stops it and leaves the conversation as it was before the question."""
+def _turn(conv, line: str, opts: dict, args: argparse.Namespace) -> Any:
+    """One REPL answer; Ctrl-C stops it and leaves the conversation as it was before the question.
+    Returns the Result, or None for a stopped answer."""
     events = conv.stream(line, **opts)
     try:
-        _render(events, args, sys.stdout)
+        return _render(events, args, sys.stdout)
     except KeyboardInterrupt:
         events.close()  # the engine stops now; the unanswered question is not recorded
         print("\n[stopped]", flush=True)
+        return None
+
+
+def _help() -> str:
+    width = max(len(c) for c in COMMANDS) + 2
+    rows = [f"  {c:<{width}}{text}" for c, text in COMMANDS.items()]
+    return "\n".join(["commands (a line that starts with / is a command, never a question):", *rows,
+                      "an empty line does nothing; Ctrl-C stops an answer, and quits at the prompt"])
+
+
+def _command(line: str, conv, image: str, last: Any) -> bool:
+    """Run one REPL command; False when it quits."""
+    word, _, rest = line.partition(" ")
+    cmd = ALIASES.get(word, word)
+    if cmd not in COMMANDS:
+        print(f"unknown command {word}: type /help for the commands (a question cannot start with /)", flush=True)
+        return True
+    if rest.strip():
+        print(f"{word} takes no argument (got {rest.strip()!r}); /help lists the commands", flush=True)
+        return True
+    if cmd == "/exit":
+        return False
+    if cmd == "/help":
+        print(_help(), flush=True)
+    elif cmd == "/reset":
+        conv.reset()
+        about = "with no image" if image.lower() == "none" else f"about {image}"
+        print(f"[conversation reset: the next question starts a new chat {about}]", flush=True)
+    elif cmd == "/stats":
+        print(last.stats.line() if last is not None
+              else "[no stats: no reply has finished yet, or the last one was stopped]", flush=True)
+    return True
+
+
+def _repl(model, conv, opts: dict, args: argparse.Namespace) -> None:
+    info = model.info()
+    print(f"r4b-edge chat on {args.image} ({info['backend']}/{info['device']}); /help for commands, "
+          "Ctrl-D or /exit to quit, Ctrl-C during an answer stops it, "
+          + ("every question on its own (--fresh)" if args.fresh else "/reset to forget the conversation"),
+          flush=True)
+    last = None
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(line, conv, args.image, last):
+                return
+            continue
+        if args.fresh:
+            conv.reset()
+        last = _turn(conv, line, opts, args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,31 +180,13 @@ def run(args: argparse.Namespace) -> int:
         if args.max_image_pixels is not None:
             model.max_pixels = args.max_image_pixels
         conv = model.conversation(image)
-        if args.prompt is not None:
-            if args.json:
-                r = conv.ask(args.prompt, **opts)
-                print(json.dumps(r.to_dict(), indent=2, ensure_ascii=False))
-            else:
-                _render(conv.stream(args.prompt, **opts), args, sys.stdout)
-            return 0
-        print(f"r4b-edge chat on {args.image} ({model.info()['backend']}/{model.info()['device']}); "
-              "empty line, Ctrl-D or Ctrl-C to quit, Ctrl-C during an answer stops it, "
-              + ("every question on its own (--fresh)" if args.fresh else "/reset to forget the conversation"),
-              flush=True)
-        while True:
-            try:
-                line = input(">>> ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print()
-                break
-            if not line:
-                break
-            if line == "/reset":
-                conv.reset()
-                continue
-            if args.fresh:
-                conv.reset()
-            _turn(conv, line, opts, args)
+        if args.prompt is None:
+            _repl(model, conv, opts, args)
+        elif args.json:
+            r = conv.ask(args.prompt, **opts)
+            print(json.dumps(r.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            _render(conv.stream(args.prompt, **opts), args, sys.stdout)
         return 0
     finally:
         model.close()

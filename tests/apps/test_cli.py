@@ -76,24 +76,24 @@ def test_chat_hide_thinking_hides_the_reasoning(tiny_ckpt, png, capsys):
 def test_repl_multi_turn(tiny_ckpt, png):
     env = dict(os.environ)
     p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model", str(tiny_ckpt),
-                        "--max-tokens", "4"], input="first?\nsecond?\n\n", capture_output=True, text=True,
+                        "--max-tokens", "4"], input="first?\nsecond?\n", capture_output=True, text=True,
                        env=env, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count(">>> ") == 3
+    assert p.stdout.count(">>> ") == 3  # two questions, then end of input (Ctrl-D) quits
     assert p.stdout.count("p_think=") == 2
 
 
 def test_repl_fresh_answers_each_question_alone(tiny_ckpt, png):
     def session(questions: str, *flags: str) -> list[str]:
         p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model", str(tiny_ckpt),
-                            "--max-tokens", "6", *flags], input=questions + "\n", capture_output=True, text=True,
+                            "--max-tokens", "6", *flags], input=questions, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0, p.stderr
         return p.stdout.split(">>> ")[1:-1]  # one reply per question
 
     alone = session("second?\n")
     assert "(--fresh)" in subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model",
-                                          str(tiny_ckpt), "--fresh"], input="\n", capture_output=True,
+                                          str(tiny_ckpt), "--fresh"], input="", capture_output=True,
                                          text=True, timeout=120).stdout
     fresh = session("first?\nsecond?\n", "--fresh")
     assert len(fresh) == 2 and fresh[1] == alone[0]  # greedy: the same reply as a one-question session
