@@ -6,7 +6,10 @@ import re
 from typing import Any
 
 from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
+from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.template import API_MODES
+
+_DEFAULT = GenerationOptions()  # the flags' defaults are the engine's
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,13 +33,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", choices=list(API_MODES), help="auto: the model decides; think / no-think: forced")
     p.add_argument("--think-threshold", type=float, default=None, metavar="P", help="think iff p_think >= P (auto mode)")
     p.add_argument("--max-think-tokens", type=int, default=None, metavar="N", help="thinking budget: close the reasoning after N tokens")
-    p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="bound on the whole reply (default 1024)")
+    p.add_argument("--max-tokens", type=int, default=_DEFAULT.max_tokens, metavar="N",
+                   help=f"bound on the whole reply (default {_DEFAULT.max_tokens})")
     p.add_argument("--deadline", type=float, default=None, metavar="MS",
                    help="latency budget for the reply in milliseconds: auto mode picks no-think, or think "
                         "with a reasoning budget that fits (the decision line says what and why)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=_DEFAULT.temperature,
+                   help=f"0 = greedy (default {_DEFAULT.temperature:g})")
+    p.add_argument("--top-p", type=float, default=_DEFAULT.top_p, help=f"default {_DEFAULT.top_p:g} (off)")
+    p.add_argument("--top-k", type=int, default=_DEFAULT.top_k, help=f"default {_DEFAULT.top_k} (off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the answer where TEXT appears (repeatable; TEXT itself is not printed; "

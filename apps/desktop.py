@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.template import API_MODES
 
 MODES = API_MODES
+#: The reply bound the window starts with: the engine's default, as `chat` and the API use.
+DEFAULT_MAX_TOKENS = GenerationOptions.max_tokens
 
 
 def register(sub) -> None:
@@ -27,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("--mode", default="auto", choices=list(MODES), help="initial mode")
     p.add_argument("--think-threshold", type=float, default=None, metavar="P", help="initial fixed threshold (auto mode)")
     p.add_argument("--max-think-tokens", type=int, default=None, metavar="N", help="initial thinking budget")
-    p.add_argument("--max-tokens", type=int, default=512, metavar="N", help="initial reply bound (default 512)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help=f"initial reply bound (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--screenshot", default=None, metavar="PNG",
                    help="no window: load, ask --prompt about --image offscreen, save a screenshot, exit")
     p.set_defaults(func=run)
@@ -122,7 +126,7 @@ def _window_class():
             self.budget_spin = QSpinBox(minimum=-1, maximum=65536, value=-1, singleStep=64)
             self.budget_spin.setSpecialValueText("unlimited")
             self.budget_spin.setSuffix(" tokens")
-            self.max_tokens_spin = QSpinBox(minimum=1, maximum=65536, value=512, singleStep=64)
+            self.max_tokens_spin = QSpinBox(minimum=1, maximum=65536, value=DEFAULT_MAX_TOKENS, singleStep=64)
             form = QFormLayout()
             form.addRow("Model", mrow)
             form.addRow("Backend", brow)

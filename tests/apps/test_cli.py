@@ -226,3 +226,15 @@ def test_chat_help_names_every_accepted_format(capsys):
     with pytest.raises(SystemExit):
         main(["chat", "--help"])
     assert IMAGE_FORMATS_TEXT in " ".join(capsys.readouterr().out.split())
+
+
+def test_generation_flag_defaults_are_the_engines():
+    from r4b_edge.apps.cli import build_parser
+    from r4b_edge.engine.options import GenerationOptions
+
+    want = GenerationOptions()
+    for argv in (["chat", "x.png"], ["app"]):
+        args = build_parser().parse_args(argv)
+        assert args.max_tokens == want.max_tokens, argv
+    args = build_parser().parse_args(["chat", "x.png"])
+    assert (args.temperature, args.top_p, args.top_k) == (want.temperature, want.top_p, want.top_k)

@@ -21,6 +21,7 @@ import r4b_edge  # noqa: E402
 from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa: E402
 from r4b_edge.apps.desktop_widgets import badge_text, save_screenshot  # noqa: E402
 from r4b_edge.engine.events import Decision  # noqa: E402
+from r4b_edge.engine.options import GenerationOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,8 @@ def test_options_from_controls(window):
     win.threshold_check.setChecked(True)
     win.threshold_spin.setValue(0.7)
     win.budget_spin.setValue(32)
-    assert win.options() == dict(mode="auto", max_tokens=512, max_think_tokens=32, think_threshold=0.7,
-                                 measure_p_think=True)
+    assert win.options() == dict(mode="auto", max_tokens=GenerationOptions().max_tokens, max_think_tokens=32,
+                                 think_threshold=0.7, measure_p_think=True)  # the engine's default, as `chat`
     win.mode_box.setCurrentText("think")
     win.budget_spin.setValue(-1)
     assert not win.threshold_spin.isEnabled()
