@@ -46,6 +46,15 @@ def _need_qt() -> None:
         raise BackendUnavailableError("`r4b-edge app` needs PySide6: pip install 'r4b-edge[app]'") from None
 
 
+def image_filter() -> str:
+    """The Open image dialog's filter: the suffixes of the formats `load_image` decodes
+    (`r4b_edge.model.processing` owns them), then all files."""
+    from r4b_edge.model.processing import IMAGE_FORMATS_TEXT, image_suffixes
+
+    patterns = " ".join(f"*{s}" for s in image_suffixes())
+    return f"Images: {IMAGE_FORMATS_TEXT} ({patterns});;All files (*)"
+
+
 def _window_class():
     """Build MainWindow lazily so importing this module needs no Qt."""
     from PySide6.QtCore import Qt
@@ -259,8 +268,7 @@ def _window_class():
 
         # ---- image ----------------------------------------------------------------------------
         def choose_image(self) -> None:
-            f, _ = QFileDialog.getOpenFileName(self, "Open image", "",
-                                               "Images (*.png *.jpg *.jpeg *.webp *.bmp *.gif *.tif *.tiff);;All files (*)")
+            f, _ = QFileDialog.getOpenFileName(self, "Open image", "", image_filter())
             if f:
                 self.set_image(f)
 

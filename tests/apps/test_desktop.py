@@ -22,6 +22,7 @@ from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa:
 from r4b_edge.apps.desktop_widgets import badge_text, save_screenshot  # noqa: E402
 from r4b_edge.engine.events import Decision  # noqa: E402
 from r4b_edge.engine.options import GenerationOptions  # noqa: E402
+from r4b_edge.model.processing import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +298,20 @@ def test_badge_shows_p_think_whether_or_not_it_thinks():
     assert badge_text(Decision(False, 0.041, False)) == "direct, p_think=0.04"
     assert badge_text(Decision(False, None, True)) == "direct (forced)"  # not measured: nothing to show
     assert badge_text(Decision(True, 0.2, True)) == "thinking (forced), p_think=0.20"
+
+
+def test_open_dialog_offers_only_what_load_image_reads(window, tmp_path, monkeypatch):
+    """Every suffix the Open image dialog offers is a file `load_image` decodes (TIFF was offered, then refused)."""
+    from PySide6.QtWidgets import QFileDialog
+
+    asked = []
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a: asked.append(a) or ("", ""))
+    window.choose_image()
+    images = asked[0][3].split(";;")[0]
+    patterns = re.search(r"\((.*)\)", images).group(1).split()
+    assert {"*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif", "*.bmp"} <= set(patterns)
+    pixels = Image.fromarray(np.random.default_rng(2).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    for pattern in patterns:
+        path = tmp_path / f"x{pattern[1:]}"
+        pixels.save(path)  # Pillow picks the format from the suffix
+        assert load_image(path).size == (16, 12), pattern  # raises ImageError for a format it refuses
