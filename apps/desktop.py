@@ -156,7 +156,6 @@ def _window_class():
             self.error_label.setStyleSheet("QLabel { color: #a00000; background: #fdecea; padding: 6px; }")
             self.error_label.setVisible(False)
             self.question = QLineEdit(returnPressed=self.ask)
-            self.question.setPlaceholderText("Ask about the image…")
             self.ask_button = QPushButton("Ask", clicked=self.ask)
             self.stop_button = QPushButton("Stop", clicked=self.stop)
             qrow = QHBoxLayout()
@@ -204,6 +203,8 @@ def _window_class():
             auto = self.mode_box.currentText() == "auto"
             self.threshold_check.setEnabled(auto)
             self.threshold_spin.setEnabled(auto and self.threshold_check.isChecked())
+            self.question.setPlaceholderText("Ask about the image…" if self.image_path
+                                             else "Open an image first, then ask about it…")
 
         def show_error(self, message: str) -> None:
             self.error_label.setText(message)
@@ -287,6 +288,7 @@ def _window_class():
             self.preview.set_image(pil_to_qimage(img))
             self.image_info.setText(f"{Path(path).name} — {img.width}×{img.height}")
             self.new_chat()
+            self._sync()
             return True
 
         def new_chat(self) -> None:
@@ -319,6 +321,10 @@ def _window_class():
                 return
             if self.model is None:
                 self.show_error("load a model first (choose a model folder or .gguf file and press Load)")
+                return
+            if self.image_path is None:
+                self.show_error("open an image first: Open image… or drop an image file on the window "
+                                "(the app asks about an image; for a chat without one: r4b-edge chat none)")
                 return
             if not q:
                 self.show_error("type a question first")

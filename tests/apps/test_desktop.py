@@ -315,3 +315,18 @@ def test_open_dialog_offers_only_what_load_image_reads(window, tmp_path, monkeyp
         path = tmp_path / f"x{pattern[1:]}"
         pixels.save(path)  # Pillow picks the format from the suffix
         assert load_image(path).size == (16, 12), pattern  # raises ImageError for a format it refuses
+
+
+def test_question_before_an_image_gets_a_hint(window, png):
+    win = window
+    assert win.image_path is None
+    win.question.setText("What colour is the square?")
+    win.ask_button.click()
+    assert not win.busy and win.worker is None  # nothing was sent to the model
+    assert win.error_label.isVisible() and "open an image first" in win.error_label.text()
+    assert "Open an image first" in win.question.placeholderText()
+    assert win.question.text() == "What colour is the square?"  # kept for after the image is open
+    assert win.set_image(str(png)) and "Ask about the image" in win.question.placeholderText()
+    win.max_tokens_spin.setValue(8)
+    _ask(win, win.question.text())
+    assert not win.error_label.isVisible() and "first token" in win.reply.stats.text()
