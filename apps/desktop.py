@@ -17,6 +17,14 @@ from r4b_edge.model.template import API_MODES
 MODES = API_MODES
 #: The reply bound the window starts with: the engine's default, as `chat` and the API use.
 DEFAULT_MAX_TOKENS = GenerationOptions.max_tokens
+#: The system libraries PySide6's X11 (xcb) plugin loads, as Debian/Ubuntu packages (docs/app.md
+#: lists them). Missing one, Qt aborts the process with a message that may name another library.
+X11_PACKAGES = (
+    "libx11-xcb1", "libxcb1", "libxcb-cursor0", "libxcb-icccm4", "libxcb-image0", "libxcb-keysyms1",
+    "libxcb-randr0", "libxcb-render0", "libxcb-render-util0", "libxcb-shape0", "libxcb-shm0", "libxcb-sync1",
+    "libxcb-util1", "libxcb-xfixes0", "libxcb-xkb1", "libxkbcommon0", "libxkbcommon-x11-0",
+    "libegl1", "libgl1", "libfontconfig1", "libdbus-1-3", "libglib2.0-0",
+)
 
 
 def register(sub) -> None:
@@ -495,6 +503,31 @@ def _repack_env(args: argparse.Namespace) -> None:
         os.environ[ENV] = args.llama_repack
 
 
+def x11_problem() -> Optional[str]:
+    """Why Qt's X11 plugin cannot load here, or None. Where Qt would use X11 (Linux, $DISPLAY set, no
+    other platform chosen), the plugin is loaded first, so a missing system library becomes a message
+    naming it and the packages to install instead of Qt's abort."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if not sys.platform.startswith("linux") or not os.environ.get("DISPLAY"):
+        return None
+    if platform.split(":")[0] not in ("", "xcb") or (not platform and os.environ.get("WAYLAND_DISPLAY")):
+        return None  # another platform plugin (Wayland, offscreen, ...) is used
+    import ctypes
+
+    from PySide6.QtCore import QLibraryInfo
+
+    plugin = Path(QLibraryInfo.path(QLibraryInfo.LibraryPath.PluginsPath)) / "platforms" / "libqxcb.so"
+    if not plugin.exists():
+        return None
+    try:
+        ctypes.CDLL(str(plugin))
+    except OSError as e:
+        return (f"Qt cannot load its X11 plugin ({e}): install the X11 libraries docs/app.md lists "
+                f"(Debian/Ubuntu: sudo apt-get install {' '.join(X11_PACKAGES)}), "
+                "or render offscreen with --screenshot OUT.png")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _need_qt()
     _check_args(args)
@@ -507,6 +540,11 @@ def run(args: argparse.Namespace) -> int:
 
         raise R4BError("no display found (DISPLAY/WAYLAND_DISPLAY unset): run it in a desktop session, "
                        "or render offscreen with --screenshot OUT.png")
+    problem = x11_problem()
+    if problem:
+        from r4b_edge.errors import R4BError
+
+        raise R4BError(problem)
     app = qt_app()
     win = main_window_class()(args.model, args.backend, args.device, threads=args.threads)
     _apply_args(win, args)

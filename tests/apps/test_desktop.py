@@ -330,3 +330,32 @@ def test_question_before_an_image_gets_a_hint(window, png):
     win.max_tokens_spin.setValue(8)
     _ask(win, win.question.text())
     assert not win.error_label.isVisible() and "first token" in win.reply.stats.text()
+
+
+def test_missing_x11_library_is_a_message(monkeypatch):
+    """Where Qt would load its X11 plugin, a library it lacks is named, with the packages to install
+    (Qt itself aborts the process, naming another library); docs/app.md lists the same packages."""
+    import ctypes
+    from pathlib import Path
+
+    from r4b_edge.apps import desktop
+
+    def cannot_load(path, *a, **k):
+        raise OSError("libxcb-icccm.so.4: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(ctypes, "CDLL", cannot_load)
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("QT_QPA_PLATFORM")
+    if sys.platform.startswith("linux"):
+        problem = desktop.x11_problem()
+        assert problem and "libxcb-icccm.so.4" in problem and "apt-get install" in problem
+        assert "libxcb-icccm4" in problem and "libxcb-keysyms1" in problem and "--screenshot" in problem
+    for env in (dict(QT_QPA_PLATFORM="offscreen"), dict(WAYLAND_DISPLAY="wayland-0")):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert desktop.x11_problem() is None, env  # X11 is not used: nothing to check
+    doc = " ".join((Path(__file__).resolve().parents[2] / "docs" / "app.md").read_text().split())
+    missing = [p for p in desktop.X11_PACKAGES if f" {p} " not in doc]
+    assert not missing, f"docs/app.md does not list {missing}"
