@@ -176,3 +176,26 @@ def test_export_and_model_commands_run_in_document_order(path: Path, workdir: Pa
     exported = [a[a.index("--out") + 1] for _, a in RUNS[path] if a[0] == "export" and "--out" in a]
     for d in exported:
         assert any((workdir / d).iterdir()), f"{path.name}: export to {d} wrote nothing"
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="no bundled model")
+def test_serve_snippet_runs_and_keeps_reasoning_and_answer_apart(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    """docs/serve.md's openai-client snippet, run as written against a live server on the bundled model
+    (only its address changes): the streamed reasoning and answer print apart, as the API returns them."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from r4b_edge.apps.server_app import ServerThread, create_app
+
+    doc = (ROOT / "docs" / "serve.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- serve-snippet -->\s*```python\n(.*?)```", doc, re.S)
+    assert m, "docs/serve.md has no marked openai-client snippet"
+    code = m.group(1)
+    assert "http://127.0.0.1:8000/v1" in code
+    question = re.search(r'"text": "([^"]+)"', code).group(1)
+    with r4b_edge.load() as model, ServerThread(create_app(model)) as server:
+        want = model.chat("photo.png", question, mode="think", max_tokens=512)
+        assert want.reasoning and want.answer, "fixture: the bundled model thinks, then answers"
+        exec(compile(code.replace("http://127.0.0.1:8000/v1", server.url + "/v1"), "docs/serve.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.endswith(f"{want.reasoning}\n---\n{want.answer}\n"), out[-400:]
