@@ -3,7 +3,6 @@ chat/training rendering with loss masks (spec: docs/data-format.md)."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -11,6 +10,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.fsutil import atomic_write
 from r4b_edge.model.template import IMAGE_PLACEHOLDER, TARGET_MODES, Message, render_conversation
 
 IGNORE = -100
@@ -56,12 +56,9 @@ def validate_record(rec: dict, where: str = "") -> dict:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """Write records atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
