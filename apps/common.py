@@ -5,7 +5,9 @@ import argparse
 import re
 from typing import Any
 
+from r4b_edge.backends import BACKENDS
 from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
+from r4b_edge.backends.runtime import DEVICE_ALIASES
 from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.template import API_MODES
 
@@ -14,10 +16,12 @@ _DEFAULT = GenerationOptions()  # the flags' defaults are the engine's
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="stored model name (r4b-edge list) or path: R-4B folder, .gguf file/folder or ONNX export folder (default: the bundled model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama", "onnx"], help="inference backend (default: by the model's files)")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="inference backend (default: by the model's files)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for any backend (default: idle physical cores, at most 4; or $R4B_THREADS)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS/Metal/CoreML, then CPU), cpu, cuda, mps, metal (torch/llama), coreml (onnx)")
+    p.add_argument("--device", default="auto", choices=list(DEVICE_ALIASES), metavar="DEVICE",
+                   help="auto (CUDA, then Apple MPS/Metal/CoreML, then CPU), cpu, cuda, gpu, mps, metal (torch/llama), "
+                        "coreml (onnx)")
     add_repack_arg(p)
 
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from r4b_edge.backends import BACKENDS
+from r4b_edge.backends.runtime import DEVICE_ALIASES
 from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.template import API_MODES
 
@@ -123,10 +125,10 @@ def _window_class():
             for w in (self.model_edit, self.folder_button, self.file_button):
                 mrow.addWidget(w)
             self.backend_box = QComboBox()
-            self.backend_box.addItems(["auto", "torch", "llama", "onnx"])
+            self.backend_box.addItems(["auto", *BACKENDS])
             self.backend_box.setCurrentText(backend)
             self.device_box = QComboBox(editable=True)
-            self.device_box.addItems(["auto", "cpu", "cuda", "mps", "metal"])
+            self.device_box.addItems(list(DEVICE_ALIASES))
             self.device_box.setCurrentText(device)
             self.load_button = QPushButton("Load", clicked=self.load_model)
             brow = QHBoxLayout()

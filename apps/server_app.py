@@ -33,7 +33,9 @@ from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageErro
 
 from .server_http import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, R4BServer, guarded_protocol
 from .server_logprobs import choice_logprobs
-from .server_request import APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request
+from .server_request import (
+    DEFAULT_MAX_QUEUE, APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request,
+)
 from .server_security import AccessGuard, AccessPolicy
 from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped, make_options
 
@@ -157,7 +159,7 @@ def _decision(d: Decision) -> dict:
 class ChatServer:
     """State shared by the handlers: the model's worker, limits and names."""
 
-    def __init__(self, model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
+    def __init__(self, model: Any, model_name: str = "r4b-edge", max_queue: int = DEFAULT_MAX_QUEUE,
                  limits: Optional[Limits] = None, decode_workers: int = 1):
         self.model, self.model_name = model, model_name
         self.limits = limits or Limits()
@@ -291,7 +293,7 @@ class ChatServer:
             job.cancel()  # client gone or stream over: the worker stops at its next event
 
 
-def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
+def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = DEFAULT_MAX_QUEUE,
                limits: Optional[Limits] = None, policy: Optional[AccessPolicy] = None,
                decode_workers: int = 1) -> FastAPI:
     """The FastAPI app serving `model` (an `r4b_edge.Model`); starts its worker thread.

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.template import EFFORT_MODES, THINKING_MODES, Message
 
 from .server_logprobs import parse_stop_logprobs
@@ -40,6 +41,8 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = "invali
 
 #: Default number of open connections (at the limit idle ones are closed first).
 DEFAULT_MAX_CONNECTIONS = 256
+#: Default number of requests that may wait while one is answered (more get 503).
+DEFAULT_MAX_QUEUE = 16
 #: Default seconds a client has to send a whole request head, and again its body.
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
@@ -52,7 +55,7 @@ class Limits:
     max_image_pixels: int = 25_000_000
     max_images: int = 8
     max_messages: int = 256
-    default_max_tokens: int = 1024
+    default_max_tokens: int = GenerationOptions.max_tokens  # the engine's own default
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds for the body to arrive
 
 

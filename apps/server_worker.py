@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from r4b_edge.engine.generate import GenerationOptions
+from .server_request import DEFAULT_MAX_QUEUE
 
 log = logging.getLogger("r4b_edge.serve")
 
@@ -66,7 +67,7 @@ class Job:
 class ModelWorker:
     """A daemon thread serving `Job`s from a bounded queue, one at a time."""
 
-    def __init__(self, model: Any, max_queue: int = 16):
+    def __init__(self, model: Any, max_queue: int = DEFAULT_MAX_QUEUE):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.model = model
