@@ -2,9 +2,14 @@
 openings, the reasoning/answer split, where an answer ends and what history keeps."""
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+import r4b_edge
 from r4b_edge.api import BUNDLED_MODEL
 from r4b_edge.model import reply
 from r4b_edge.model.reply import (
@@ -13,6 +18,7 @@ from r4b_edge.model.reply import (
 )
 from r4b_edge.model.template import CHAT_TEMPLATE, MODE_SUFFIX, Message, render_conversation, render_prompt
 
+REPO = Path(r4b_edge.__file__).resolve().parent.parent
 TOKEN_STRINGS = (reply.ENDOFTEXT, reply.IM_START, reply.IM_END, reply.IMAGE_PLACEHOLDER, reply.THINK_OPEN,
                  reply.THINK_CLOSE)
 
@@ -83,3 +89,35 @@ def test_end_tokens_are_the_tokenizers_eos() -> None:
 
     tok = Tokenizer.from_dir(BUNDLED_MODEL)
     assert tok.eos_ids == {tok.token_to_id(t) for t in END_TOKENS}
+
+
+def _format_strings(tree: ast.AST) -> list[tuple[int, str]]:
+    """String constants of `tree` (f-string pieces included) that spell a token string as format,
+    not prose: docstrings and other bare string statements are left out, and so is text that
+    reads as words once the token strings are taken out (messages, the model card's prose)."""
+    bare = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in bare:
+            rest = n.value
+            for t in TOKEN_STRINGS:
+                rest = rest.replace(t, "")
+            if rest != n.value and not re.search(r"[A-Za-z]{2,} [A-Za-z]{2,}", rest):
+                out.append((n.lineno, n.value))
+    return out
+
+
+def test_token_strings_are_spelled_only_in_reply_py() -> None:
+    """Every other module imports them (the Hugging Face remote code, which must stay
+    self-contained for `trust_remote_code`, keeps its own `<image>` default)."""
+    skip = {REPO / "r4b_edge" / "model" / "reply.py"}
+    skip_dirs = (REPO / "r4b_edge" / "model" / "hf_remote", REPO / "r4b_edge" / "assets")
+    roots = [REPO / d for d in ("r4b_edge", "train", "export", "apps", "benchmarks") if (REPO / d).is_dir()]
+    bad = []
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            if f in skip or any(d in f.parents for d in skip_dirs):
+                continue
+            for line, s in _format_strings(ast.parse(f.read_text(encoding="utf-8"))):
+                bad.append(f"{f.relative_to(REPO)}:{line}: {s!r}")
+    assert not bad, bad
