@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from r4b_edge.engine.options import GenerationOptions
+from r4b_edge.model.reply import history_answer
 from r4b_edge.model.template import EFFORT_MODES, THINKING_MODES, Message
 
 from .server_logprobs import parse_stop_logprobs
@@ -251,11 +252,6 @@ def _text_of(content: Any, param: str, role: str) -> tuple[str, list[tuple[Any, 
     return "".join(texts), images
 
 
-def _assistant_text(text: str) -> str:
-    """Earlier answers only: a reasoning block sent back by a client is dropped (as the template does)."""
-    return text.split("</think>")[-1].lstrip() if "</think>" in text else text
-
-
 def _messages(body: dict, limits: Limits) -> tuple[list[Message], list[bytes], list[str]]:
     raw = body.get("messages")
     if raw is None:
@@ -292,7 +288,7 @@ def _messages(body: dict, limits: Limits) -> tuple[list[Message], list[bytes], l
                 images.append(decode_data_uri(url, pp))
                 params.append(pp)
         if role == "assistant":
-            out.append(Message("assistant", _assistant_text(text)))
+            out.append(Message("assistant", history_answer(text)))  # a client's reasoning block is dropped
         elif role == "user":
             out.append(Message("user", text, images=len(urls)))
         else:

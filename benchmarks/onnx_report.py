@@ -28,6 +28,7 @@ def greedy_parity(ref: Any, other: Any, items: Sequence[dict], n_tokens: int = 3
     (teacher-forced on the reference's tokens, so one flip does not cascade into the logits
     comparison): prompts whose tokens all match, and max |logit difference|."""
     from r4b_edge.model.processing import prepare_image
+    from r4b_edge.model.reply import IMAGE_PLACEHOLDER
     from r4b_edge.model.template import Message, render_prompt
 
     tok = ref.tokenizer
@@ -35,7 +36,7 @@ def greedy_parity(ref: Any, other: Any, items: Sequence[dict], n_tokens: int = 3
     for it in items:
         img = prepare_image(it["image"], ref.config)
         text = render_prompt([Message("user", it["question"], images=1)], "auto")
-        pre, post = text.split("<image>", 1)
+        pre, post = text.split(IMAGE_PLACEHOLDER, 1)
         segs = [tok.encode(pre), img, tok.encode(post)]
         la, lb = ref.prefill(segs), other.prefill(segs)
         ta, tb = [], []

@@ -26,9 +26,10 @@ def world_prompts(n: int) -> list:
 
 
 def prompt_segments(tok, image, question: str):
+    from r4b_edge.model.reply import IMAGE_PLACEHOLDER
     from r4b_edge.model.template import Message, render_prompt
 
-    a, b = render_prompt([Message("user", question, images=1)], "auto").split("<image>")
+    a, b = render_prompt([Message("user", question, images=1)], "auto").split(IMAGE_PLACEHOLDER)
     return [tok.encode(a), image, tok.encode(b)]
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from r4b_edge.errors import ExportError, R4BError
 from r4b_edge.formats import GGUF_HF_JSON_KEY, GGUF_IMAGE_NEWLINE
 from r4b_edge.formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
+from r4b_edge.model.reply import ENDOFTEXT
 from r4b_edge.model.template import CHAT_TEMPLATE
 
 from .manifest import atomic_write, is_up_to_date, write_manifest
@@ -240,7 +241,7 @@ def _tokenizer_kv(w: Any, src: _Source, data: dict) -> None:
     w.add_token_types(types)
     w.add_token_merges(merges)
     w.add_eos_token_id(tok.im_end)
-    pad = tok.token_to_id("<|endoftext|>")
+    pad = tok.token_to_id(ENDOFTEXT)
     if pad is not None:
         w.add_pad_token_id(pad)
         w.add_bos_token_id(pad)

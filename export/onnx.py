@@ -41,6 +41,7 @@ from r4b_edge.formats import ONNX_FORMAT_NAME as FORMAT_NAME, ONNX_FORMAT_VERSIO
 from r4b_edge.formats import ONNX_GENAI_CONFIG as GENAI_CONFIG, ONNX_NEWLINE_FILE as NEWLINE_FILE
 from r4b_edge.formats import ONNX_PRECISIONS as PRECISIONS, ONNX_VISION_FILE as VISION_FILE
 from r4b_edge.fsutil import replace_dir
+from r4b_edge.model.reply import ENDOFTEXT
 
 OPSET = 18
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -211,7 +212,7 @@ def genai_config(config: Any, tokenizer: Any, precision: str, graph_precision: d
         "model": {
             "type": "r4b", "context_length": config.max_position_embeddings, "vocab_size": config.vocab_size,
             "eos_token_id": sorted(tokenizer.eos_ids), "bos_token_id": None,
-            "pad_token_id": tokenizer.token_to_id("<|endoftext|>"),
+            "pad_token_id": tokenizer.token_to_id(ENDOFTEXT),
             "image_token_id": config.image_token_index, "special_tokens": specials,
             "chat_template": tokenizer.chat_template,
             "embedding": {"filename": EMBED_FILE, "inputs": _io({"input_ids": ["batch", "seq"]}),

@@ -152,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (src / "config.json").exists():
         tok_dir = a.tokenizer
         if tok_dir is None:
+            from r4b_edge.model.reply import IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
             from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
 
             tok_dir = a.work / "tokenizer"
-            texts = [f"<|im_start|>user\n<image>\nquestion {i}<|im_end|>\n<think>\n</think>\n\n" for i in range(200)]
+            texts = [f"{IM_START}user\n{IMAGE_PLACEHOLDER}\nquestion {i}{IM_END}\n{THINK_OPEN}\n{THINK_CLOSE}\n\n"
+                     for i in range(200)]
             save_tokenizer(train_tokenizer(texts, vocab_size=512), tok_dir, "")
         tok = Tokenizer.from_dir(tok_dir)
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.reply import ENDOFTEXT
 from r4b_edge.world import GRADED, PERCEPTION, REASONING
 
 from .common import Metrics, Recipe, barrier, is_main, rank, world_size
@@ -127,7 +128,7 @@ def run(run_dir: Path, r: Recipe) -> Path:
     if r.an_ground:
         data = grounded(tok, data, recs, cfg, r, response_slots=False)
     torch.manual_seed(r.seed + 2)
-    run_sft(stage, model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"), r,
+    run_sft(stage, model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id(ENDOFTEXT), r,
             steps=r.an_steps, batch=r.an_batch, lr=r.an_lr, salt=2, desc="anneal", weights=w)
     return save_stage_model(run_dir, "anneal", model, cfg)
 

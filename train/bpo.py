@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.reply import ENDOFTEXT, THINK_OPEN
 from r4b_edge.world import GRADED, PERCEPTION, REASONING, TIERS
 
 from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
@@ -102,7 +103,7 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
         p.requires_grad_(False)
     pixels = pixel_cache(cfg)
     roller = Roller(model, tok, cfg, recs_path.parent, pixels)
-    pad_id, think_id = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<think>")
+    pad_id, think_id = tok.token_to_id(ENDOFTEXT), tok.token_to_id(THINK_OPEN)
     # eps 1e-6: many RL gradients are ~0 (all-equal groups); a tiny eps would turn float noise
     # into full-size Adam steps (and break N-process == 1-process agreement)
     opt = make_optimizer(model, r.rl_lr, eps=1e-6)

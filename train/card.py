@@ -62,13 +62,11 @@ def curation_levels(curated: Path) -> dict | None:
 
 def card_inputs(run_dir: Path, cfg: Any, results: dict, timing: dict, example: dict, n_params: int) -> CardInputs:
     """Gather the card's inputs from a finished run."""
-    from r4b_edge.model.template import MODE_SUFFIX, THINK_OPEN
-
+    from .rollout import forced_ids
     from .stages import load_tokenizer
 
     tok = load_tokenizer(run_dir)
-    forced = {k: len(tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):], add_special_tokens=False).ids)
-              for k, m in (("think_opening", "long"), ("no_think_opening", "short"))}
+    forced = {k: len(forced_ids(tok, m)) for k, m in (("think_opening", "long"), ("no_think_opening", "short"))}
     cur = run_dir / "anneal" / "curation.json"
     return CardInputs(results=results, timing=timing, recipe=json.loads((run_dir / "recipe.json").read_text()),
                       config={"text": dict(cfg.text_config), "vision": dict(cfg.vision_config),

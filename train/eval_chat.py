@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from r4b_edge.model.template import THINK_CLOSE, THINK_OPEN
+from r4b_edge.model.reply import answer_text
 from r4b_edge.world import history_for
 
 #: World seed salt of the eval chats' earlier questions (training's is train.stages.CHAT_SALT = 53).
@@ -23,17 +23,9 @@ AskFn = Callable[[Sequence[dict]], Sequence["str | None"]]
 
 def runtime_answer(raw: str | None) -> str:
     """The answer the runtime returns and keeps in a chat's history: the text after `</think>` up
-    to any think tag (the engine stops the answer there), stripped; "" when the think block never
-    closed (the reply was all reasoning)."""
-    if raw is None:
-        return ""
-    cut = min((raw.find(t) for t in (THINK_OPEN, THINK_CLOSE) if t in raw), default=len(raw))
-    return raw[:cut].strip()
-
-
-def has_think_tag(raw: str | None) -> bool:
-    """Whether an answer's text holds `<think>` or `</think>`."""
-    return raw is not None and (THINK_OPEN in raw or THINK_CLOSE in raw)
+    to any think tag (the engine stops the answer there), stripped (`r4b_edge.model.reply.answer_text`);
+    "" when the think block never closed (the reply was all reasoning)."""
+    return "" if raw is None else answer_text(raw)
 
 
 def follow_up_items(items: Sequence[dict], seed: int, ask: AskFn) -> dict[int, list[dict]]:

@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.template import API_MODES, MODE_SUFFIX, THINK_OPEN, template_mode
+from r4b_edge.model.reply import has_think_tag
+from r4b_edge.model.template import API_MODES
 from r4b_edge.world import EVAL_SEED_OFFSET, FAMILIES, TIERS
 
 from .common import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl
 from .eval_calibration import calibration, p_think_batched, plot_calibration, sweep_check
-from .eval_chat import TURNS, follow_up_items, follow_up_summary, has_think_tag
+from .eval_chat import TURNS, follow_up_items, follow_up_summary
 from .eval_report import markdown
-from .rollout import Roller, items_from_records
+from .rollout import Roller, forced_ids, items_from_records
 from .stages import ensure_world, stage_model_dir
 
 MODES = API_MODES
@@ -131,9 +132,7 @@ def graded_report(items: Sequence[dict], rows: dict[str, dict[str, np.ndarray]])
 def reply_budget(tok: Any, mode: str, max_tokens: int) -> int:
     """Tokens to generate so the whole reply (forced opening included) is at most `max_tokens`,
     as the engine's `max_tokens` bounds `Result.token_ids`."""
-    forced = MODE_SUFFIX[template_mode(mode)][len(THINK_OPEN):]
-    n_forced = len(tok.encode(forced, add_special_tokens=False).ids) if forced else 0
-    return max(1, max_tokens - n_forced)
+    return max(1, max_tokens - len(forced_ids(tok, mode)))
 
 
 def raw_answers(ro: Sequence[Any]) -> list[str | None]:

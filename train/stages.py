@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.reply import IM_START, IMAGE_PLACEHOLDER, THINK_OPEN
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
 from r4b_edge.world import FAMILIES, TEMPLATES, history_for, make_example, scan_text
 
 from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
-from .data import IMAGE_PLACEHOLDER, Encoded, PixelCache, encode_record
+from .data import Encoded, PixelCache, encode_record
 from .tokenizer import train_tokenizer, save_tokenizer
 from .world import write_world
 
@@ -155,11 +156,11 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
     if not carries_answer(rec):
         return e  # the answer carry is for questions read at a glance (perception, a graded easy item)
     a0 = tok.encode(ans, add_special_tokens=False).ids[0]
-    think = tok.token_to_id("<think>")
+    think = tok.token_to_id(THINK_OPEN)
     if think not in e.ids:
         return e
     t = len(e.ids) - 1 - e.ids[::-1].index(think)  # the last turn's <think>
-    heads = [i for i in range(t) if e.ids[i] == tok.token_to_id("<|im_start|>")]
+    heads = [i for i in range(t) if e.ids[i] == tok.token_to_id(IM_START)]
     lo = heads[-2] if len(heads) >= 2 else 0  # the last user turn (earlier turns are history)
     start = None
     pw = meta.get("pos") or (meta.get("colour") if colour_anchor else None)

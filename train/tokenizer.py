@@ -10,10 +10,8 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from r4b_edge.model.tokenizer import (
-    END_THINK, ENDOFTEXT, IM_END, IM_START, IMAGE, TEXT_TOKENS, THINK, added_tokens_decoder,
-    mark_text_tokens,
-)
+from r4b_edge.model.reply import ENDOFTEXT, IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
+from r4b_edge.model.tokenizer import TEXT_TOKENS, added_tokens_decoder, mark_text_tokens
 
 # Qwen2's pre-tokenizer split pattern (as in Qwen2/Qwen3 tokenizer.json).
 QWEN2_PATTERN = (
@@ -24,7 +22,7 @@ QWEN2_PATTERN = (
 # Order fixes the ids: they follow the regular vocabulary. All are special (skipped by
 # `decode(skip_special_tokens=True)`, CONTROL in a GGUF) but the think tags (`TEXT_TOKENS`),
 # which are plain added tokens as in Qwen3's tokenizer, so stock tools keep them in the text.
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMAGE, THINK, END_THINK]
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMAGE_PLACEHOLDER, THINK_OPEN, THINK_CLOSE]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:

@@ -27,7 +27,8 @@ from ..formats import GGUF_IMAGE_NEWLINE
 from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from ..model.config import RConfig
 from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
-from ..model.tokenizer import IM_END, Tokenizer
+from ..model.reply import IM_END
+from ..model.tokenizer import Tokenizer
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
 from .gguf_pair import find_gguf_pair
 from .llama_repack import RepackChoice, repack_setting

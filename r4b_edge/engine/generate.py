@@ -10,7 +10,7 @@ Three layers, each on top of the one below:
 The engine sees only numpy logits through the `Backend` contract, so every
 backend gets the same decision, budget and reasoning/answer split.
 
-What a reply is (docs/design.md, "What the engine counts"): every token after
+What a reply is (`model/reply.py`, docs/design.md "What the engine counts"): every token after
 the prompt's `<think>`, forced or sampled, is one entry of `Result.token_ids`:
 the think block (the mode's forced opening, the reasoning, the budget's
 closing line), `</think>`, the answer and the end token. `max_tokens` bounds
@@ -29,10 +29,10 @@ import numpy as np
 from ..backends.base import Backend
 from ..errors import ContextLengthError, GenerationOptionError
 from ..model.processing import PreparedImage
-from ..model.template import (
-    EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, MODE_SUFFIX, THINK_OPEN, Message, phase_after,
-    render_prompt, template_mode,
+from ..model.reply import (
+    ANSWER_SEPARATOR, EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, THINK_OPEN, THINK_TAGS, forced_opening,
 )
+from ..model.template import Message, phase_after, render_prompt, template_mode
 from ..model.tokenizer import StreamDecoder
 from .deadline import EMA as DEADLINE_EMA
 from .deadline import DeadlinePlan, DeadlineTracker
@@ -42,7 +42,7 @@ from .memory import peak_rss_mb
 from .options import DEFAULT_BUDGET_CLOSING, GenerationOptions, check_text
 from .sampling import Sampler, token_logprobs
 from .stop import StopFilter
-from .text import THINK_TAGS, TrimmedText
+from .text import TrimmedText
 
 __all__ = ["DEFAULT_BUDGET_CLOSING", "Engine", "GenerationOptions"]
 
@@ -99,8 +99,8 @@ class Engine:
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
         # What each forced mode writes after the prompt's `<think>`.
-        self._opening = {m: self.tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):]) for m in ("long", "short")}
-        self._after_close = self.tok.encode("\n\n")
+        self._opening = {m: self.tok.encode(forced_opening(m)) for m in ("long", "short")}
+        self._after_close = self.tok.encode(ANSWER_SEPARATOR)
         self._piece_len: dict[int, int] = {}  # the stream decoders' shared len(decode([id])) cache
         # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
         self._marked = frozenset(self.tok.eos_ids) | {self.tok.think, self.tok.end_think}

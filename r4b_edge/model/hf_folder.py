@@ -19,7 +19,8 @@ from pathlib import Path
 from ..errors import ModelFormatError
 from .config import PREPROCESSOR_CONFIG, RConfig, read_json
 from .hf_remote import AUTO_MAP, REMOTE_FILES, source_dir
-from .template import CHAT_TEMPLATE, IMAGE_PLACEHOLDER
+from .reply import IMAGE_PLACEHOLDER
+from .template import CHAT_TEMPLATE
 from .tokenizer import mark_tokenizer_files
 
 PROCESSOR_NAME = "processor_config.json"

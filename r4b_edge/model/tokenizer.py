@@ -11,18 +11,14 @@ from typing import Iterable
 from tokenizers import Tokenizer as _HFTokenizer
 
 from ..errors import ModelFormatError, ModelNotFoundError
-from .template import IM_END, IM_START
-from .template import IMAGE_PLACEHOLDER as IMAGE
-from .template import THINK_CLOSE as END_THINK
-from .template import THINK_OPEN as THINK
+from .reply import END_TOKENS, ENDOFTEXT, IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
 
-ENDOFTEXT = "<|endoftext|>"
 #: Added tokens marked `"special": false`, as Qwen3's and R-4B's tokenizers mark them (the other
 #: added tokens are special). Stock tools then keep them in a reply's text: llama.cpp renders them
 #: (GGUF type USER_DEFINED, not CONTROL), transformers' `decode(skip_special_tokens=True)` keeps
 #: them, so a client (or a reasoning parser) can split a reply's reasoning from its answer there.
 #: The flag changes no id and no encoding: added tokens are matched in text either way.
-TEXT_TOKENS = (THINK, END_THINK)
+TEXT_TOKENS = (THINK_OPEN, THINK_CLOSE)
 
 
 class Tokenizer:
@@ -35,11 +31,11 @@ class Tokenizer:
         self.source = source
         self.im_start = self._required(IM_START)
         self.im_end = self._required(IM_END)
-        self.think = self._required(THINK)
-        self.end_think = self._required(END_THINK)
-        self.image = self._required(IMAGE)
+        self.think = self._required(THINK_OPEN)
+        self.end_think = self._required(THINK_CLOSE)
+        self.image = self._required(IMAGE_PLACEHOLDER)
         eos = {self.im_end}
-        for t in (ENDOFTEXT, eos_token):
+        for t in (*END_TOKENS, eos_token):
             if t and tok.token_to_id(t) is not None:
                 eos.add(tok.token_to_id(t))
         self.eos_ids: set[int] = eos

@@ -62,7 +62,8 @@ def test_token_count_is_the_engines(setup):
 
 
 def test_follow_ups_are_the_runtime_conversation(setup):
-    from r4b_edge.train.eval_chat import follow_up_items, has_think_tag, runtime_answer
+    from r4b_edge.model.reply import has_think_tag
+    from r4b_edge.train.eval_chat import follow_up_items, runtime_answer
     from r4b_edge.train.evaluate import raw_answers
 
     items, _, _, roller, rt, r = setup
