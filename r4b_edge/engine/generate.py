@@ -81,7 +81,7 @@ class _State:
 
 @dataclass(frozen=True)
 class _Start:
-    """Where a reply starts: the decision point (`mode` auto/long/short), or a
+    """Where a reply starts: the decision point (`mode` auto/think/no-think), or a
     prompt already past it (`mode` None, `phase` from the prompt's text).
     `chat`: the reply is an assistant turn, whose answer never holds a think
     tag; False for a raw completion (a prompt with no assistant header)."""
@@ -98,8 +98,8 @@ class Engine:
         self.backend = backend
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
-        # What each forced mode writes after the prompt's `<think>`.
-        self._opening = {m: self.tok.encode(forced_opening(m)) for m in ("long", "short")}
+        # What each forced mode writes after the prompt's `<think>` (`reply` keys it by template name).
+        self._opening = {m: self.tok.encode(forced_opening(template_mode(m))) for m in ("think", "no-think")}
         self._after_close = self.tok.encode(ANSWER_SEPARATOR)
         self._piece_len: dict[int, int] = {}  # the stream decoders' shared len(decode([id])) cache
         # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
@@ -161,7 +161,7 @@ class Engine:
             return Decision(False, p_think, False), sfx_logits[-1], list(sfx), False, None
 
         if mode != "auto":
-            think = mode == "long"
+            think = mode == "think"
         elif choose is not None:
             think = choose(p_think)
         else:
@@ -169,7 +169,7 @@ class Engine:
         if not think:
             return Decision(False, p_think, True), sfx_logits[-1], list(sfx), False, None
         be.truncate(n0)
-        opening = self._opening["long"]
+        opening = self._opening["think"]
         return Decision(True, p_think, True), be.forward_last(opening), list(opening), False, None
 
     # ---- step ------------------------------------------------------------
@@ -296,7 +296,7 @@ class Engine:
         if system is not None:
             check_text("system", system)
         prompt = render_prompt(messages, "auto", system=system)  # ends at the decision point
-        return self._stream(prompt, images, opts, _Start(template_mode(opts.mode)))
+        return self._stream(prompt, images, opts, _Start(opts.mode))
 
     def stream_prompt(self, prompt: str, images: Sequence[PreparedImage],
                       options: GenerationOptions | None = None) -> Iterator[Event]:
@@ -308,11 +308,11 @@ class Engine:
         `auto` or agree with it, or GenerationOptionError is raised."""
         opts = (options or GenerationOptions()).validate()
         check_text("prompt", prompt)
-        mode = template_mode(opts.mode)
+        mode = opts.mode
         if prompt.endswith(THINK_OPEN):
             return self._stream(prompt, images, opts, _Start(mode))
         phase = phase_after(prompt)
-        if mode != "auto" and mode != ("long" if phase == "reasoning" else "short"):
+        if mode != "auto" and mode != ("think" if phase == "reasoning" else "no-think"):
             where = "inside an open think block" if phase == "reasoning" else "outside a think block"
             raise GenerationOptionError(
                 f"mode {opts.mode!r} contradicts the prompt, which ends {where}: pass mode='auto', "
@@ -328,14 +328,14 @@ class Engine:
         segs = self._segments(prompt, images)
         # Forced modes prefill their opening with the prompt and skip the decision forward, unless
         # p_think is asked for or deadline mode plans with it (and times that forward).
-        preset = start.mode in ("long", "short") and not opts.measure_p_think and opts.deadline_ms is None
+        preset = start.mode in ("think", "no-think") and not opts.measure_p_think and opts.deadline_ms is None
         self._check_context(segs, 1 if start.mode is None else len(self._suffix_ids) + 1)
         c0 = self.clock()
         early = None  # deadline mode, auto: no-think decided before the prefill (see engine.deadline)
         if opts.deadline_ms is not None and start.mode == "auto" and not opts.measure_p_think:
             early = self.deadline.plan_before_prefill(opts.deadline_ms, opts.max_think_tokens)
             if early is not None:
-                start, preset = dataclasses.replace(start, mode="short"), True
+                start, preset = dataclasses.replace(start, mode="no-think"), True
         if preset:
             segs.append(self._opening[start.mode])
         return self._generate(segs, opts, start, preset, t0, c0, early)
@@ -364,7 +364,7 @@ class Engine:
             decision, drawn, phase = Decision(start.phase == "reasoning", None, True), [], start.phase
         elif preset:
             opening = self._opening[start.mode]
-            decision, drawn, phase = Decision(start.mode == "long", None, True), list(opening), "reasoning"
+            decision, drawn, phase = Decision(start.mode == "think", None, True), list(opening), "reasoning"
         else:
             decision, logits, drawn, pending, drawn_rows = self._decide(logits, start.mode, opts, sampler, chooser)
             phase = "reasoning"

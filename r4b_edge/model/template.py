@@ -51,7 +51,8 @@ def template_mode(mode: str) -> str:
 
 
 def api_mode(mode: str) -> str:
-    """Any accepted mode name -> the API's name (`auto`, `think`, `no-think`)."""
+    """Any accepted mode name -> the API's name (`auto`, `think`, `no-think`): the canonical
+    name, which `GenerationOptions.validate` sets, the engine speaks and `Result.mode` reports."""
     return API_MODE[template_mode(mode)]
 
 
