@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from r4b_edge.api import check_options
 from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
 from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageError, R4BError
 
@@ -37,7 +38,7 @@ from .server_request import (
     DEFAULT_MAX_QUEUE, APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request,
 )
 from .server_security import AccessGuard, AccessPolicy
-from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped, make_options
+from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped
 
 log = logging.getLogger("r4b_edge.serve")
 
@@ -195,7 +196,7 @@ class ChatServer:
     async def chat(self, request: Request):
         raw = await _read_body(request, self.limits.max_request_bytes, self.limits.request_timeout)
         req = parse_chat_request(_json(raw), self.limits)
-        options = make_options(req.options)
+        check_options(**req.options)  # a bad option is a 400 before the request takes a place
         self.worker.admit()  # a place first: nothing is decoded for a request that cannot wait
         gone = asyncio.ensure_future(_until_disconnect(request))
         job: Optional[Job] = None
@@ -203,7 +204,7 @@ class ChatServer:
             try:
                 loop = asyncio.get_running_loop()
                 images = await loop.run_in_executor(self.pool, self._prepare, req)
-                job = Job(req.messages, images, options, loop)
+                job = Job(req.messages, images, req.options, loop)
                 self.worker.submit(job)
             except BaseException:
                 self.worker.release()

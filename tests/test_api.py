@@ -223,3 +223,17 @@ def test_layering_core_imports_no_upper_floor():
                re.match(r"\s*from\s+\.+(train|export|apps|benchmarks)\b", line):
                 bad.append(f"{f.name}: {line.strip()}")
     assert not bad, bad
+
+
+def test_faces_enter_through_the_api():
+    """#25 item 2: apps/ never reaches past `Model` into its engine nor builds GenerationOptions itself
+    (`Model.stream_messages` and `check_options` are the entry; reading a default is fine)."""
+    import pathlib
+    import re
+
+    import r4b_edge.apps
+
+    root = pathlib.Path(r4b_edge.apps.__file__).parent
+    bad = [f"{f.name}: {line.strip()}" for f in root.rglob("*.py") for line in f.read_text().splitlines()
+           if re.search(r"(?<!r4b_edge)\.engine\b|\bEngine\(|GenerationOptions\([^)]|options_from", line)]
+    assert not bad, bad
