@@ -201,7 +201,7 @@ def test_readme_example_same_answer(stock, ours) -> None:
 
 @pytest.mark.slow
 def test_world_questions_same_answers(stock, ours) -> None:
-    from r4b_edge.benchmarks.parity_report import world_prompts
+    from r4b_edge.benchmarks.card.parity_report import world_prompts
 
     items = world_prompts(8)
     same = [(_stock_answer(stock, img, q, "auto"), ours.chat(img, q, max_tokens=256).answer.strip())

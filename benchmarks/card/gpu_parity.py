@@ -1,6 +1,6 @@
 """Greedy parity of accelerated backends against the torch CPU oracle on held-out world items.
 
-`python -m r4b_edge.benchmarks.gpu_parity --model DIR --targets torch:cuda,llama:cuda=PATH.gguf`
+`python -m r4b_edge.benchmarks.card.gpu_parity --model DIR --targets torch:cuda,llama:cuda=PATH.gguf`
 prints one JSON line per target: items, identical replies (reasoning + answer), accuracy of each
 side, median decode tok/s. Used by benchmarks/gpu_check.sh on a GPU machine; runs on any device.
 

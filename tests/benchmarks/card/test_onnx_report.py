@@ -5,7 +5,7 @@ import pytest
 
 from r4b_edge.backends.onnx_backend import OnnxBackend
 from r4b_edge.backends.torch_backend import TorchBackend
-from r4b_edge.benchmarks import onnx_report
+from r4b_edge.benchmarks.card import onnx_report
 from r4b_edge.export.onnx import export_onnx
 
 

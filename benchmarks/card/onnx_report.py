@@ -1,7 +1,7 @@
 """ONNX vs torch on a trained checkpoint: greedy parity, eval accuracy / think-rate per precision,
 CPU decode speed; writes the markdown table for the model card (QUANT_ONNX.md).
 
-    python -m r4b_edge.benchmarks.onnx_report --model r4b_edge/assets/model \
+    python -m r4b_edge.benchmarks.card.onnx_report --model r4b_edge/assets/model \
         --exports runs/onnx --md r4b_edge/assets/model/QUANT_ONNX.md
 
 Every backend runs the same engine (greedy, auto mode) on the same held-out world questions
@@ -155,7 +155,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.onnx_report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.card.onnx_report", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="R-4B checkpoint folder")
     ap.add_argument("--exports", required=True, help="folder for the onnx-fp32/int8/int4 exports (reused)")
     ap.add_argument("--md", default=None, help="write the markdown table here (e.g. the model's QUANT_ONNX.md)")

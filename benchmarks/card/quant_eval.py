@@ -1,7 +1,7 @@
 """Accuracy and think-rate of the GGUF quantizations vs torch on the held-out world
 (greedy, auto mode, the same engine for every backend); writes the model card's table.
 
-    python -m r4b_edge.benchmarks.quant_eval r4b_edge/assets/model --work /tmp/quant \
+    python -m r4b_edge.benchmarks.card.quant_eval r4b_edge/assets/model --work /tmp/quant \
         --per-family 25 --out r4b_edge/assets/model/QUANT_GGUF.md
 
 Items are `r4b_edge.world.eval_items` (the model card's held-out split, EVAL_SEED); answers are
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "## GGUF quantizations (llama.cpp) vs torch",
         "",
         f"Held-out world eval split, {len(items)} items ({a.per_family} per family), auto mode, greedy, "
-        f"max {a.max_tokens} new tokens, CPU. Measured with `python -m r4b_edge.benchmarks.quant_eval`.",
+        f"max {a.max_tokens} new tokens, CPU. Measured with `python -m r4b_edge.benchmarks.card.quant_eval`.",
         "",
         "| model | files (MiB) | accuracy | delta vs torch | think-rate | delta | perception acc | reasoning acc "
         "| graded acc | mean tokens | answers identical to torch |",

@@ -1,7 +1,7 @@
 """Pick the README's example pair: one question template, two held-out images, one answered
 directly and one thought through, both right, by a model in auto mode (greedy).
 
-    python -m r4b_edge.benchmarks.pick_examples --model r4b_edge/assets/model \
+    python -m r4b_edge.benchmarks.card.pick_examples --model r4b_edge/assets/model \
         --out-dir r4b_edge/assets/examples
 
 Scans the world's held-out `total` items ("Add up all the digits. What is the total?";
@@ -118,7 +118,7 @@ def describe(kind: str, row: dict, path: Path | str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.pick_examples", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.card.pick_examples", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder or file (default: the bundled model)")
     ap.add_argument("--backend", default="auto", help="auto (default), torch, llama, onnx")

@@ -1,7 +1,7 @@
 """Measure GGUF vs torch parity for a checkpoint (used to write docs/gguf.md and to pin
 the test bounds); not run in CI.
 
-    python -m r4b_edge.benchmarks.parity_report CHECKPOINT --work /tmp/parity [--prompts 20] [--out PARITY.md]
+    python -m r4b_edge.benchmarks.card.parity_report CHECKPOINT --work /tmp/parity [--prompts 20] [--out PARITY.md]
 
 Exports F32-mmproj/F16/Q8_0/Q4_K_M pairs into --work (no-op when up to date) and prints
 a markdown table: image-embedding and last-logit max |diff|, the part of the embedding
