@@ -1,7 +1,7 @@
 """The shipped model's card, generated from measurements only: every number in it comes from the
 run it describes (eval/results.json, timing.json, anneal/curation.json + curated.jsonl,
 recipe.json, the model's config and tokenizer), gathered into `CardInputs`. Also writes the
-README's example image. Called by `train ship` / `train reproduce` (recipe.py)."""
+README's example image. Called by `train ship` / `train reproduce` (pipeline.py)."""
 from __future__ import annotations
 
 import json

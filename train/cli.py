@@ -17,8 +17,8 @@ STAGES: dict[str, tuple[str, str]] = {  # name -> (module, function)
     "bpo": ("r4b_edge.train.bpo", "main"),
     "grpo": ("r4b_edge.train.bpo", "main_grpo"),
     "eval": ("r4b_edge.train.evaluate", "main"),
-    "ship": ("r4b_edge.train.recipe", "main_ship"),
-    "reproduce": ("r4b_edge.train.recipe", "main"),
+    "ship": ("r4b_edge.train.pipeline", "main_ship"),
+    "reproduce": ("r4b_edge.train.pipeline", "main"),
 }
 
 
