@@ -306,7 +306,7 @@ def check_answer(prediction: str, gold: str) -> bool:
 
 
 # ---- the held-out eval set every report, table and benchmark asks -----------------------------
-#: World seed of the held-out eval split: training's recipe seed (1234, `train.common.Recipe`) +
+#: World seed of the held-out eval split: training's recipe seed (1234, `train.recipe.Recipe`) +
 #: EVAL_SEED_OFFSET. `train/evaluate.py` (the model card's eval) scores exactly these items; the
 #: reports and benchmarks (benchmarks/: onnx_report, quant_eval, parity_report, gpu_parity, the
 #: bench's modes table) default to them, so every table describes the same questions.

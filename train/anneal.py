@@ -16,7 +16,9 @@ from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import ENDOFTEXT
 from r4b_edge.world import GRADED, PERCEPTION, REASONING
 
-from .common import Metrics, Recipe, barrier, is_main, rank, world_size
+from .dist import barrier, is_main, rank, world_size
+from .metrics import Metrics
+from .recipe import Recipe
 from .data import read_jsonl, write_jsonl
 from .stages import (begin_stage, chat_versions, encode_all, ensure_world, family_weights, grounded, load_stage_model,
                      load_tokenizer, pixel_cache, save_stage_model, stage_main)

@@ -12,7 +12,7 @@ import torch
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import EMPTY_THINK_CONTINUATION, ENDOFTEXT
 
-from .common import embed_inputs
+from .losses import embed_inputs
 from .rollout import encode_prompt
 
 #: Reliability table bins: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0].

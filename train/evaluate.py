@@ -22,7 +22,7 @@ from r4b_edge.model.reply import has_think_tag
 from r4b_edge.model.template import API_MODES
 from r4b_edge.world import EVAL_SEED_OFFSET, FAMILIES, TIERS
 
-from .common import Recipe, load_recipe, set_threads
+from .recipe import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl
 from .eval_calibration import calibration, p_think_batched, plot_calibration, sweep_check
 from .eval_chat import TURNS, follow_up_items, follow_up_summary

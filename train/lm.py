@@ -17,7 +17,7 @@ import torch
 from r4b_edge.model.reply import ENDOFTEXT, IMAGE_PLACEHOLDER
 from r4b_edge.world import GRADED, PERCEPTION, REASONING, make_example, scan_text
 
-from .common import Recipe, model_config
+from .recipe import Recipe, model_config
 from .data import PixelCache, make_record
 from .stages import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
 from .sft import run_sft

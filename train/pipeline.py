@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.fsutil import atomic_write
 
 from .card import card_inputs, model_card, write_example
-from .common import Recipe, atomic_write_text, barrier, is_main, load_recipe, set_threads, setup_dist
+from .dist import barrier, is_main, setup_dist
+from .recipe import Recipe, load_recipe, set_threads
 
 ASSETS = Path(__file__).resolve().parents[1] / "r4b_edge" / "assets"
 STAGE_ORDER = ("lm", "pretrain", "anneal", "bpo", "grpo")
@@ -65,8 +67,8 @@ def run_stage(run_dir: Path, r: Recipe, stage: str, nproc: int) -> float:
 
     def record(partial: bool) -> None:
         rec = {"seconds": prev + time.time() - t0, "run": str(run_dir.resolve())} | ({"partial": True} if partial else {})
-        w.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(w, json.dumps(rec))
+        with atomic_write(w) as tmp:
+            tmp.write_text(json.dumps(rec))
 
     stop = threading.Event()
 

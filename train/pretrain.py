@@ -13,7 +13,7 @@ from r4b_edge.world import GRADED, PERCEPTION
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import ENDOFTEXT, IMAGE_PLACEHOLDER
 
-from .common import Recipe, model_config
+from .recipe import Recipe, model_config
 from .data import read_jsonl
 from .sft import run_sft
 from .stages import (begin_stage, chat_versions, encode_all, ensure_tokenizer, ensure_world, family_weights, focus_weights,

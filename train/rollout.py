@@ -12,7 +12,7 @@ import torch
 from r4b_edge.model.reply import END_TOKENS, ENDOFTEXT, THINK_CLOSE, forced_opening, split_reply
 from r4b_edge.model.template import Message, render_prompt, template_mode
 
-from .common import embed_inputs
+from .losses import embed_inputs
 
 
 @dataclass

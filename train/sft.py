@@ -12,8 +12,11 @@ from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
 
-from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
-                     lr_at, save_state, sft_loss_sum, shard)
+from .dist import all_reduce_grads, all_sum, barrier, is_main, shard
+from .losses import sft_loss_sum
+from .metrics import Metrics
+from .recipe import Recipe, lr_at
+from .state import load_state, save_state
 from .data import Encoded, PixelCache, collate
 
 

@@ -16,7 +16,8 @@ from r4b_edge.model.reply import IM_START, IMAGE_PLACEHOLDER, THINK_OPEN
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
 from r4b_edge.world import FAMILIES, TEMPLATES, history_for, make_example, scan_text
 
-from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
+from .dist import barrier, is_main, setup_dist
+from .recipe import Recipe, load_recipe, set_threads
 from .data import Encoded, PixelCache, encode_record
 from .tokenizer import train_tokenizer, save_tokenizer
 from .world import write_world

@@ -103,7 +103,7 @@ def test_loss_masks(tok):
 
 def test_pixels_match_model_preprocessing(tmp_path):
     from r4b_edge.model.processing import prepare_image
-    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.recipe import Recipe, model_config
     from r4b_edge.world import make_example, render
 
     cfg = model_config(Recipe.preset("micro"), 400, 396)
@@ -128,7 +128,7 @@ def test_collate_right_pads(tok, tmp_path):
 
 
 def test_stage1_grounding_labels(tok):
-    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.recipe import Recipe, model_config
     from r4b_edge.train.stages import add_grounding_labels
     from r4b_edge.world import make_example
 
@@ -170,7 +170,8 @@ def test_sft_loss_uses_labels_not_inputs(tok):
     import torch
 
     from r4b_edge.model.modeling import RForConditionalGeneration
-    from r4b_edge.train.common import Recipe, model_config, sft_loss_sum, token_logprobs
+    from r4b_edge.train.losses import sft_loss_sum, token_logprobs
+    from r4b_edge.train.recipe import Recipe, model_config
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
     torch.manual_seed(0)
@@ -227,7 +228,7 @@ def test_stage0_text_records():
 
 def _world_record(tok, family: str = "colour-count", seed: int = 1, index: int = 0):
     """(micro config, scene, question, record) of one world example."""
-    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.recipe import Recipe, model_config
     from r4b_edge.world import make_example
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
@@ -276,7 +277,7 @@ def test_colour_count_weight_in_pretrain_and_annealing_mix():
 
     from r4b_edge.errors import TrainingError
     from r4b_edge.train.anneal import mix_weights
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.stages import family_weights
 
     def rec(fam: str, mode: str) -> dict:

@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
     import torch
 
     from r4b_edge import load
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.data import PixelCache
     from r4b_edge.train.evaluate import load_eval_model
     from r4b_edge.train.rollout import Roller

@@ -27,7 +27,7 @@ def level(scene: W.Scene) -> str | None:
 def measured(tmp_path_factory):
     import torch
 
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.evaluate import evaluate_model, load_eval_model
 
     torch.set_num_threads(2)

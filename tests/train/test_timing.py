@@ -66,7 +66,7 @@ def test_shipped_preset_is_the_bundled_models_recipe():
     from dataclasses import asdict
 
     from r4b_edge.api import BUNDLED_MODEL
-    from r4b_edge.train.common import Recipe, recipe_from_dict
+    from r4b_edge.train.recipe import Recipe, recipe_from_dict
 
     shipped = recipe_from_dict(json.loads((BUNDLED_MODEL / "recipe.json").read_text()))
     preset = Recipe.preset("shipped")
@@ -82,7 +82,7 @@ def test_interrupted_stage_keeps_its_time_for_the_resume(tmp_path, monkeypatch):
     import r4b_edge.train.lm as lm
     from r4b_edge.errors import TrainingError
     from r4b_edge.train import pipeline
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
 
     run = tmp_path / "run"
     monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.02)

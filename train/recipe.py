@@ -1,23 +1,23 @@
-"""Shared training machinery: recipe config, model build, torch.distributed, batched
-embedding/loss, atomic train-state checkpoints, JSONL metrics."""
+"""The recipe: every knob of the training stages and the eval (`Recipe`, presets `shipped` and
+`micro`, `key=value` overrides, a run's recipe.json), the small model it builds (`model_config`),
+the learning-rate schedule every stage follows (`lr_at`) and its per-process thread count."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.fsutil import atomic_write
 from r4b_edge.model.config import RConfig
 
+from .dist import barrier, is_main
 
-# ---- recipe ------------------------------------------------------------------------------------
+
 @dataclass
 class Recipe:
     """Every knob of the three stages + eval (presets: shipped, micro)."""
@@ -152,7 +152,8 @@ def load_recipe(run: Path, preset: str | None, overrides: Sequence[str] = ()) ->
         rec = Recipe.preset(preset or "shipped").with_overrides(overrides)
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(p, json.dumps(asdict(rec), indent=2))
+        with atomic_write(p) as tmp:
+            tmp.write_text(json.dumps(asdict(rec), indent=2))
     barrier()
     return rec
 
@@ -181,102 +182,6 @@ def model_config(r: Recipe, vocab_size: int, image_token_index: int) -> RConfig:
     })
 
 
-# ---- distributed -------------------------------------------------------------------------------
-def setup_dist() -> tuple[int, int, torch.device]:
-    """Init torch.distributed from torchrun's env (gloo on CPU, NCCL on GPU); (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = torch.device("cpu")
-    if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
-
-def world_size() -> int:
-    """1 without torch.distributed."""
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """0 without torch.distributed."""
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    """True on rank 0."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    """dist.barrier when distributed."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """In-place SUM all-reduce (no-op on one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def all_reduce_grads(model: torch.nn.Module) -> None:
-    """Sum gradients over ranks (losses are already divided by the global count)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        o = 0
-        for g in grads:
-            g.copy_(flat[o:o + g.numel()].view_as(g))
-            o += g.numel()
-
-
-def shard(items: Sequence[Any]) -> list[Any]:
-    """This rank's slice (strided) of a global batch."""
-    return list(items[rank()::world_size()])
-
-
-def embed_inputs(model: Any, ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """Token embeddings with every image token run of ids replaced by that image's base-view features."""
-    emb = model.embed_tokens(ids)
-    mask = ids == model.config.image_token_index
-    n = int(mask.sum())
-    if pixel_values is None or pixel_values.shape[0] == 0:
-        if n:
-            raise TrainingError(f"batch has {n} image tokens but no images")
-        return emb
-    feats = model.model.multi_modal_projector(model.vision_hidden_states(pixel_values.to(emb.device)))
-    if feats.shape[0] * feats.shape[1] != n:
-        raise TrainingError(f"batch has {n} image tokens but {feats.shape[0]} images x {feats.shape[1]} features")
-    return emb.masked_scatter(mask[..., None], feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
-
-
-def token_logprobs(model: Any, ids: torch.Tensor, att: torch.Tensor, pv: torch.Tensor | None,
-                   position_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(targets[:, t+1] | ids[:, :t+1]) for every position: [B, T-1]; targets default to ids.
-
-    Positions whose target is -100 get log-prob 0 (they are masked by the caller anyway)."""
-    emb = embed_inputs(model, ids, pv)
-    logits, _ = model.forward(emb, attention_mask=att, position_ids=position_ids, use_cache=False)
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    tgt = (ids if targets is None else targets)[:, 1:]
-    return lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1) * (tgt >= 0)
-
-
-def sft_loss_sum(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy of the labels (not the inputs) and the labelled count."""
-    lab = batch["labels"]
-    lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], targets=lab)
-    m = lab[:, 1:] != -100
-    return -(lp * m).sum(), int(m.sum())
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int | None = None) -> float:
     """Linear warm-up then cosine decay to 10% of peak."""
     w = warmup if warmup is not None else max(1, total // 20)
@@ -284,53 +189,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int | None = None) -> floa
         return peak * (step + 1) / w
     t = (step - w) / max(1, total - w)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-# ---- state / metrics ---------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text via temp file + rename."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
-    """Atomic train-state checkpoint (model, optimizer, step, RNG) on rank 0."""
-    if is_main():
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "rng": torch.get_rng_state(), "extra": extra or {}}, tmp)
-        os.replace(tmp, path)
-    barrier()
-
-
-def load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Restore a train state if present: (step, extra); (0, {}) when there is none."""
-    if not path.exists():
-        return 0, {}
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise TrainingError(f"train state {path} cannot be read ({e}); delete it to restart the stage") from None
-    model.load_state_dict(st["model"])
-    opt.load_state_dict(st["opt"])
-    torch.set_rng_state(st["rng"])
-    return int(st["step"]), st.get("extra", {})
-
-
-class Metrics:
-    """Append-only JSONL metrics log (rank 0) with wall-clock time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.t0 = time.time()
-
-    def log(self, **kv: Any) -> None:
-        """Write one line."""
-        if is_main():
-            kv["time"] = round(time.time() - self.t0, 3)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(kv) + "\n")
 
 
 def set_threads(r: Recipe) -> None:
