@@ -246,7 +246,7 @@ def run_bench(model: Path, s: dict, cache: Path, out: Path | None, make_plots: b
     t_start = time.perf_counter()
     machine = report.machine_info()
     specs, skipped = prepare_configs(model, s, cache, log)
-    from r4b_edge.world import EVAL_SEED
+    from r4b_edge.train.world import EVAL_SEED
 
     seed = s.get("eval_seed")
     if seed is None:
@@ -385,7 +385,7 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     threads = args.threads or 1
     spec = {"backend": "torch", "precision": "fp32", "path": str(model), "device": args.device, "threads": threads}
     set_threads(threads)
-    from r4b_edge.world import EVAL_SEED
+    from r4b_edge.train.world import EVAL_SEED
 
     seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ SIDE = ("think", "no-think")  # the fixed modes a deadline reply is compared wit
 
 def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
     from r4b_edge.engine.events import Decision, Done
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     t0 = time.perf_counter()
     plan, result = None, None
@@ -59,7 +59,7 @@ def sweep_worker(p: dict) -> dict:
     from .latency import open_backend
 
     seed, per_family, max_tokens = int(p["seed"]), int(p["per_family"]), int(p.get("max_tokens", 96))
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     items = eval_items(per_family=per_family, seed=seed, families=p.get("families"), interleaved=True)
     model = Model(open_backend(p["spec"]))

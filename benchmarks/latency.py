@@ -133,7 +133,7 @@ def filler_ids(tokenizer: Any, n: int) -> list[int]:
 def world_images(config: Any, n: int, seed: int = 7) -> list[Any]:
     """`n` distinct prepared world images (distinct, so the backend's image cache never hits)."""
     from r4b_edge.model.processing import prepare_image
-    from r4b_edge.world import make_example, render
+    from r4b_edge.train.world import make_example, render
 
     return [prepare_image(render(make_example(seed, i, "caption", "eval")[0]), config) for i in range(n)]
 

@@ -41,7 +41,7 @@ def world_tokenizer(tok_dir: Path) -> Path:
     true-shape checkpoints (their vocabulary is padded to 151,936); kept if already there."""
     from r4b_edge.model.template import CHAT_TEMPLATE
     from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     if not (tok_dir / "tokenizer.json").is_file():
         texts = [f"{it['question']} {it['answer']}" for it in eval_items(per_family=20, seed=1)]

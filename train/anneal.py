@@ -14,16 +14,16 @@ from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import ENDOFTEXT
-from r4b_edge.world import GRADED, PERCEPTION, REASONING
 
+from .data import read_jsonl, write_jsonl
 from .dist import barrier, is_main, rank, world_size
 from .metrics import Metrics
 from .recipe import Recipe
-from .data import read_jsonl, write_jsonl
-from .stages import (begin_stage, chat_versions, encode_all, ensure_world, family_weights, grounded, load_stage_model,
-                     load_tokenizer, pixel_cache, save_stage_model, stage_main)
 from .rollout import Roller, items_from_records
 from .sft import run_sft
+from .stages import (begin_stage, chat_versions, encode_all, ensure_world, family_weights, grounded, load_stage_model,
+                     load_tokenizer, pixel_cache, save_stage_model, stage_main)
+from .world import GRADED, PERCEPTION, REASONING
 
 
 def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Recipe) -> list[dict]:

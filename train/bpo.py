@@ -17,18 +17,18 @@ from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import ENDOFTEXT, THINK_OPEN
-from r4b_edge.world import GRADED, PERCEPTION, REASONING, TIERS
 
+from .data import read_jsonl
 from .dist import all_reduce_grads, all_sum, barrier, is_main, shard
 from .losses import token_logprobs
 from .metrics import Metrics
 from .recipe import Recipe, lr_at
-from .state import load_state, save_state
-from .data import read_jsonl
-from .stages import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
-                       stage_main)
 from .rollout import Roller, Rollout, items_from_records
 from .sft import make_optimizer
+from .stages import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
+                       stage_main)
+from .state import load_state, save_state
+from .world import GRADED, PERCEPTION, REASONING, TIERS
 
 
 def step_prompts(r: Recipe, step: int, pool: Sequence[dict]) -> list[int]:

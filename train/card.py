@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r4b_edge.world import GRADED
-
 from .eval_report import (calibration_tables, family_table, follow_up_table, graded_table, mode_table, pct,
                           sweep_check_table, target_table, targets)
+from .world import GRADED
 
 #: The README quick-start image and the question it is meant for.
 EXAMPLE = {"seed": 4242, "index": 7, "family": "sum"}
@@ -22,7 +21,7 @@ REPRODUCE_BAR_S = 2 * 3600
 
 def write_example(out: Path) -> dict:
     """Render the quick-start image; returns its question and answer."""
-    from r4b_edge.world import make_example, render
+    from .world import make_example, render
 
     scene, q = make_example(EXAMPLE["seed"], EXAMPLE["index"], EXAMPLE["family"], "eval")
     render(scene).save(out)

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from r4b_edge.model.reply import answer_text
-from r4b_edge.world import history_for
+from .world import history_for
 
 #: World seed salt of the eval chats' earlier questions (training's is train.stages.CHAT_SALT = 53).
 EVAL_CHAT_SALT = 59
@@ -35,7 +35,7 @@ def follow_up_items(items: Sequence[dict], seed: int, ask: AskFn) -> dict[int, l
     question's second answer is generated with the first in its history), all items batched per
     round. Each item also gets `history_gold` (the earlier questions' gold answers) and
     `history_correct` (how many of the model's earlier answers were right)."""
-    from r4b_edge.world import check_answer
+    from .world import check_answer
 
     hist = {t: [history_for(it["scene"], seed, EVAL_CHAT_SALT, it["id"], t - 1) for it in items] for t in TURNS}
     answers: dict[int, list[list[str]]] = {t: [[] for _ in items] for t in TURNS}

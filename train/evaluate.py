@@ -20,7 +20,7 @@ import torch
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import has_think_tag
 from r4b_edge.model.template import API_MODES
-from r4b_edge.world import EVAL_SEED_OFFSET, FAMILIES, TIERS
+from .world import EVAL_SEED_OFFSET, FAMILIES, TIERS
 
 from .recipe import Recipe, load_recipe, set_threads
 from .data import PixelCache, read_jsonl

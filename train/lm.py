@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from r4b_edge.model.reply import ENDOFTEXT, IMAGE_PLACEHOLDER
-from r4b_edge.world import GRADED, PERCEPTION, REASONING, make_example, scan_text
 
-from .recipe import Recipe, model_config
 from .data import PixelCache, make_record
-from .stages import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
+from .recipe import Recipe, model_config
 from .sft import run_sft
+from .stages import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
+from .world import GRADED, PERCEPTION, REASONING, make_example, scan_text
 
 #: Example indices for this stage start here, away from the other stages' pools.
 INDEX_BASE = 20_000_000

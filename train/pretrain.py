@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import numpy as np
-
-from r4b_edge.world import GRADED, PERCEPTION
+import torch
 
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import ENDOFTEXT, IMAGE_PLACEHOLDER
 
-from .recipe import Recipe, model_config
 from .data import read_jsonl
+from .recipe import Recipe, model_config
 from .sft import run_sft
 from .stages import (begin_stage, chat_versions, encode_all, ensure_tokenizer, ensure_world, family_weights, focus_weights,
                      grounded, load_stage_model, load_tokenizer, pixel_cache, save_stage_model, stage_main)
+from .world import GRADED, PERCEPTION
 
 
 def stage1_records(recs: list[dict], r: Recipe) -> tuple[list[dict], np.ndarray]:

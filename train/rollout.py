@@ -163,7 +163,7 @@ class Roller:
     def run(self, items: Sequence[dict], mode: str, *, repeats: int = 1, temperature: float = 0.0,
             seeds: Sequence[int] | None = None, max_new: int = 64, chunk: int = 256) -> list[Rollout]:
         """Rollouts for every item x repeats (row order: item-major). `seeds` per row when sampling."""
-        from r4b_edge.world import check_answer
+        from .world import check_answer
 
         out: list[Rollout] = []
         per = max(1, chunk // repeats)

@@ -14,13 +14,12 @@ import torch
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import IM_START, IMAGE_PLACEHOLDER, THINK_OPEN
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
-from r4b_edge.world import FAMILIES, TEMPLATES, history_for, make_example, scan_text
 
+from .data import Encoded, PixelCache, encode_record
 from .dist import barrier, is_main, setup_dist
 from .recipe import Recipe, load_recipe, set_threads
-from .data import Encoded, PixelCache, encode_record
 from .tokenizer import train_tokenizer, save_tokenizer
-from .world import write_world
+from .world import FAMILIES, TEMPLATES, history_for, make_example, scan_text, write_world
 
 
 def world_dir(run: Path, name: str) -> Path:

@@ -45,7 +45,7 @@ def oracle(model: str, items: list, reference: str | None, per_family: int) -> l
 
 def main(argv: list[str] | None = None) -> int:
     import r4b_edge
-    from r4b_edge.world import check_answer, eval_items
+    from r4b_edge.train.world import check_answer, eval_items
 
     ap = argparse.ArgumentParser(prog="gpu_parity", description=__doc__)
     ap.add_argument("--model", required=True, help="R-4B folder (the torch oracle runs it on the CPU)")

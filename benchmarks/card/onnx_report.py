@@ -5,7 +5,7 @@ CPU decode speed; writes the markdown table for the model card (QUANT_ONNX.md).
         --exports runs/onnx --md r4b_edge/assets/model/QUANT_ONNX.md
 
 Every backend runs the same engine (greedy, auto mode) on the same held-out world questions
-(`r4b_edge.world.eval_items`, the model card's eval split), so the deltas are the export's and nothing else's.
+(`r4b_edge.train.world.eval_items`, the model card's eval split), so the deltas are the export's and nothing else's.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from r4b_edge.export.onnx import export_onnx
-from r4b_edge.world import eval_items
+from r4b_edge.train.world import eval_items
 
 PRECISIONS = ("fp32", "int8", "int4")
 
@@ -57,7 +57,7 @@ def evaluate(backend: Any, items: Sequence[dict], max_tokens: int = 64) -> dict:
     from r4b_edge.engine.generate import Engine, GenerationOptions
     from r4b_edge.model.processing import prepare_image
     from r4b_edge.model.template import Message
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     eng = Engine(backend)
     rows = []

@@ -6,7 +6,7 @@ the test bounds); not run in CI.
 Exports F32-mmproj/F16/Q8_0/Q4_K_M pairs into --work (no-op when up to date) and prints
 a markdown table: image-embedding and last-logit max |diff|, the part of the embedding
 error due to llama.cpp's tanh-GELU in the projector (torch run with tanh vs erf), and
-greedy-token identity over the held-out eval items (`r4b_edge.world.eval_items`).
+greedy-token identity over the held-out eval items (`r4b_edge.train.world.eval_items`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 
 def world_prompts(n: int) -> list:
     """(PIL image, question) of the first `n` held-out eval items, interleaved over the families."""
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     return [(it["image"], it["question"]) for it in eval_items(per_family=-(-n // 8), interleaved=True)[:n]]
 

@@ -4,7 +4,7 @@
     python -m r4b_edge.benchmarks.card.quant_eval r4b_edge/assets/model --work /tmp/quant \
         --per-family 25 --out r4b_edge/assets/model/QUANT_GGUF.md
 
-Items are `r4b_edge.world.eval_items` (the model card's held-out split, EVAL_SEED); answers are
+Items are `r4b_edge.train.world.eval_items` (the model card's held-out split, EVAL_SEED); answers are
 scored with world.check_answer, as the training eval does.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 def run_items(model: Any, items: list[dict], max_tokens: int, mode: str = "auto") -> dict:
     """Accuracy / think-rate / mean tokens overall and per tier, plus the answers."""
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     rows = []
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import r4b_edge
     from r4b_edge.export.gguf import export_gguf
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     items = eval_items(per_family=a.per_family)
     res: dict[str, Any] = {}

@@ -125,7 +125,7 @@ def test_mark_tokenizer_files_changes_flags_only(old_folder: Path, tmp_path: Pat
 def _texts() -> list[str]:
     """Chat-template outputs: prompts in every mode and training examples in every target mode,
     with images, history, a system turn, and tags written inside the text."""
-    from r4b_edge.world import make_example
+    from r4b_edge.train.world import make_example
 
     out = []
     for i, family in enumerate(["digit", "count", "total", "colour-count"]):
@@ -155,7 +155,7 @@ def test_encodings_and_decoding_unchanged(old_folder: Path) -> None:
         ids = new.encode(text)
         assert ids == old.encode(text), text
         assert new.decode(ids) == old.decode(ids) == text
-    from r4b_edge.world import make_example
+    from r4b_edge.train.world import make_example
 
     for i, family in enumerate(["digit", "count", "total"]):
         _, q = make_example(3, i, family)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.api import BUNDLED_MODEL
+from r4b_edge.train import world as W
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").exists(), reason="no bundled model")
 FAMILIES = ["digit", "colour-count", "sum", "total"]

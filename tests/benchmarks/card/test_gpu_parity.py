@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from r4b_edge.world import FAMILIES
-
 from r4b_edge.benchmarks.card.gpu_parity import main
+from r4b_edge.train.world import FAMILIES
 
 SHIPPED = "r4b_edge/assets/model"
 

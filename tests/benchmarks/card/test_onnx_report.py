@@ -18,7 +18,7 @@ def backends(tmp_path_factory, tiny_ckpt):
 @pytest.mark.slow
 def test_parity_eval_speed_and_table(backends):
     tb, ob = backends
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     items = eval_items(per_family=1)
     assert len(items) == 9 and {it["tier"] for it in items} == {"perception", "reasoning", "graded"}

@@ -9,7 +9,7 @@ from PIL import Image
 from r4b_edge.benchmarks.card import pick_examples
 from r4b_edge.engine.events import Result, Stats
 from r4b_edge.errors import R4BError
-from r4b_edge.world import check_answer, eval_items
+from r4b_edge.train.world import check_answer, eval_items
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.errors import R4BError, TrainingError
+from r4b_edge.train import world as W
 
 
 def test_same_seed_same_world_different_seed_differs():
