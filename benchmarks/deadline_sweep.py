@@ -1,7 +1,7 @@
 """Deadline sweep: accuracy and the share of answers delivered within T, against T.
 
 `r4b-edge bench --deadline-sweep` asks the world's held-out eval items (every tier,
-`r4b_edge.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
+`r4b_edge.train.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
 no-think, and auto for reference), then with `deadline_ms=T` for a grid of T spanning from the
 no-think replies' 95th-percentile time (x 1.1) to past the think replies' (x 1.3). A reply is
 delivered within T if its wall time, from the `stream` call to its `Done`, is at most T.

@@ -1,5 +1,5 @@
 """Follow-up questions: every eval item asked again as the 2nd and as the 3rd question of a chat
-about its image, after earlier questions (`r4b_edge.world.history_for`, salt EVAL_CHAT_SALT) whose
+about its image, after earlier questions (`train.world.history_for`, salt EVAL_CHAT_SALT) whose
 answers in the history are the model's own (auto, greedy, answer text only: what the runtime's
 `Conversation` keeps)."""
 from __future__ import annotations

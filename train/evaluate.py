@@ -37,8 +37,8 @@ LEVELS = ("easy", "hard")
 
 def eval_items(run_dir: Path, r: Recipe) -> tuple[list[dict], Path]:
     """The held-out set: split 'eval' scenes (disjoint from training by scene hash), seed
-    `r.seed + EVAL_SEED_OFFSET` (r4b_edge.world.EVAL_SEED for the shipped recipe): the items of
-    `r4b_edge.world.eval_items("eval", r.ev_per_family, r.seed + EVAL_SEED_OFFSET)` (every family),
+    `r.seed + EVAL_SEED_OFFSET` (train.world.EVAL_SEED for the shipped recipe): the items of
+    `train.world.eval_items("eval", r.ev_per_family, r.seed + EVAL_SEED_OFFSET)` (every family),
     written as records for the roller; each item carries its graded `level` (None elsewhere).
     A split written earlier with other families or counts is written again."""
     from .world import write_world
