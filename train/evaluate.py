@@ -20,15 +20,16 @@ import torch
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import has_think_tag
 from r4b_edge.model.template import API_MODES
-from .world import EVAL_SEED_OFFSET, FAMILIES, TIERS
 
-from .recipe import Recipe, load_recipe, set_threads
+from .cli_eval import add_eval_flags
 from .data import PixelCache, read_jsonl
 from .eval_calibration import calibration, p_think_batched, plot_calibration, sweep_check
 from .eval_chat import TURNS, follow_up_items, follow_up_summary
 from .eval_report import markdown
+from .recipe import Recipe, load_recipe, set_threads
 from .rollout import Roller, forced_ids, items_from_records
 from .stages import ensure_world, stage_model_dir
+from .world import EVAL_SEED_OFFSET, FAMILIES, TIERS
 
 MODES = API_MODES
 GROUPS = TIERS + ("overall",)
@@ -316,11 +317,7 @@ def run(run_dir: Path, r: Recipe, out: Path, models: Sequence[str] = ("anneal", 
 def main(argv: list[str] | None = None) -> int:
     """`train eval --run DIR [--out DIR] [--models anneal,bpo,grpo]`."""
     ap = argparse.ArgumentParser(prog="r4b-edge train eval", description=main.__doc__)
-    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped")
-    ap.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", default=None, help="output folder (default RUN/eval)")
-    ap.add_argument("--models", default="anneal,bpo,grpo")
+    add_eval_flags(ap)
     a = ap.parse_args(argv)
     run_dir = Path(a.run)
     r = load_recipe(run_dir, a.preset, a.set)

@@ -19,6 +19,7 @@ from r4b_edge.errors import TrainingError
 from r4b_edge.fsutil import atomic_write
 
 from .card import card_inputs, model_card, write_example
+from .cli import add_run_flags
 from .dist import barrier, is_main, setup_dist
 from .recipe import Recipe, load_recipe, set_threads
 
@@ -128,9 +129,7 @@ def ship(run_dir: Path, r: Recipe, out: Path, results: dict, timing: dict) -> Pa
 def main(argv: list[str] | None = None) -> int:
     """`train reproduce [--run DIR] [--nproc N] [--out DIR]`: all stages (resumable), eval, ship."""
     ap = argparse.ArgumentParser(prog="r4b-edge train reproduce", description=main.__doc__)
-    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped")
-    ap.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_run_flags(ap)
     ap.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun when > 1)")
     ap.add_argument("--out", default=str(ASSETS / "model"), help="where the shipped folder goes")
     ap.add_argument("--skip-eval", action="store_true")
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 def main_ship(argv: list[str] | None = None) -> int:
     """`train ship [--run DIR] [--out DIR]`: fp16 folder + card from a run with eval/results.json."""
     ap = argparse.ArgumentParser(prog="r4b-edge train ship", description=main_ship.__doc__)
-    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped")
+    add_run_flags(ap, preset=False)
     ap.add_argument("--out", default=str(ASSETS / "model"))
     a = ap.parse_args(argv)
     run_dir = Path(a.run)

@@ -15,6 +15,7 @@ from r4b_edge.errors import TrainingError
 from r4b_edge.fsutil import atomic_write
 from r4b_edge.model.config import RConfig
 
+from .cli import PRESETS
 from .dist import barrier, is_main
 
 
@@ -110,7 +111,7 @@ class Recipe:
                        an_batch=8, an_lr=3e-3, an_chat_frac=0.25, an_pool_graded=8, lm_per_graded=8, pt_chat_frac=0.25, pt_replay_per_reasoning=10, rl_steps=4, rl_prompts=4, rl_group=2, rl_lr=1e-3,
                        rl_max_new=24, ev_per_family=4, ev_time_items=1, ev_batch=32, ev_max_new=24,
                        save_every=4, log_every=2, micro_batch=16)
-        raise TrainingError(f"unknown recipe preset {name!r}; use 'shipped' or 'micro'")
+        raise TrainingError(f"unknown recipe preset {name!r}; use one of {', '.join(PRESETS)}")
 
     def with_overrides(self, items: Sequence[str]) -> "Recipe":
         """Apply 'key=value' overrides (types follow the field)."""

@@ -15,6 +15,7 @@ from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import IM_START, IMAGE_PLACEHOLDER, THINK_OPEN
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
 
+from .cli import add_run_flags
 from .data import Encoded, PixelCache, encode_record
 from .dist import barrier, is_main, setup_dist
 from .recipe import Recipe, load_recipe, set_threads
@@ -266,9 +267,7 @@ def pixel_cache(cfg: Any) -> PixelCache:
 def stage_args(prog: str, doc: str) -> argparse.ArgumentParser:
     """Common stage flags: --run, --preset, --set key=value."""
     ap = argparse.ArgumentParser(prog=prog, description=doc)
-    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped", help="run folder (resumable; holds recipe.json)")
-    ap.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    add_run_flags(ap)
     return ap
 
 
