@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     res = report(Path(a.model), Path(a.exports), a.per_family, parity_prompts=a.parity_prompts, threads=a.threads)
     md = markdown(res)
     print(md)
-    from r4b_edge.export.manifest import atomic_write
+    from r4b_edge.fsutil import atomic_write
 
     if a.md:
         with atomic_write(a.md) as tmp:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        from r4b_edge.export.manifest import atomic_write
+        from r4b_edge.fsutil import atomic_write
 
         with atomic_write(a.out) as tmp:
             tmp.write_text(text, encoding="utf-8")
