@@ -35,10 +35,11 @@ import numpy as np
 from r4b_edge.errors import ExportError, R4BError
 from r4b_edge.formats import GGUF_HF_JSON_KEY, GGUF_IMAGE_NEWLINE
 from r4b_edge.formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
+from r4b_edge.fsutil import atomic_write
 from r4b_edge.model.reply import ENDOFTEXT
 from r4b_edge.model.template import CHAT_TEMPLATE
 
-from .manifest import atomic_write, is_up_to_date, write_manifest
+from .manifest import is_up_to_date, write_manifest
 from .quantize import QuantSpec, convert_chunk, fits, llama_quantize, quant_spec, tensor_nbytes
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at a time

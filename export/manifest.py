@@ -1,9 +1,10 @@
 """Export manifest (sha256 of every written file, source, format, quant, tool
-versions); `atomic_write` (owned by r4b_edge.fsutil) is re-exported for the exporters.
+versions). Files are written through `r4b_edge.fsutil.atomic_write`.
 
 Typical use in an exporter::
 
-    from r4b_edge.export.manifest import atomic_write, is_up_to_date, write_manifest
+    from r4b_edge.export.manifest import is_up_to_date, write_manifest
+    from r4b_edge.fsutil import atomic_write
 
     if is_up_to_date(out_dir, source, fmt="gguf", quant="Q4_K_M"):
         return  # same inputs, files intact: re-running is a no-op
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from r4b_edge.errors import ExportError
-from r4b_edge.fsutil import atomic_write  # noqa: F401  (the exporters' import path)
+from r4b_edge.fsutil import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
