@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
     p.add_argument("--eval-per-family", type=int, default=10, help="eval items per question family")
     p.add_argument("--eval-seed", type=int, default=None, help="world seed of the eval split")
-    p.add_argument("--max-tokens", type=int, default=64, help="reply bound in the modes table")
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="reply bound in the modes table (--quick too: replies cut there are not scored)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: physical cores not busy by the load average; 1 with --quick)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, metal")
@@ -121,7 +122,9 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         "repeats": min(a.repeats, 2) if q else a.repeats,
         "warmup": a.warmup,
         "eval_per_family": 1 if q and a.eval_per_family == 10 else a.eval_per_family,
-        "max_tokens": 16 if q and a.max_tokens == 64 else a.max_tokens,
+        # --quick keeps the full bound: the bundled model's thinking replies take ~45 tokens, and a
+        # reply cut short has no answer to score (the table leaves cut replies out of the accuracy)
+        "max_tokens": a.max_tokens,
         "eval_seed": a.eval_seed,
         # under --quick one thread: on a shared 2-core runner, 2 spinning threads per op stall
         "threads": a.threads or (1 if q else auto_threads()),
@@ -391,7 +394,8 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     (out / "deadline_sweep.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
     md = deadline_sweep.markdown(s, s["command"])
     (out / "deadline_sweep.md").write_text(
-        f"# Deadline sweep\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, {threads} thread(s); "
+        f"# Deadline sweep\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, "
+        f"{report.count(threads, 'thread')}; "
         f"load average at start {s['machine'].get('load_avg')}.\n\n{md}\n![deadline sweep](deadline_sweep.png)\n")
     if not args.no_plots:
         deadline_sweep.plot(s, out / "deadline_sweep.png")
@@ -436,6 +440,8 @@ def main(args: argparse.Namespace) -> int:
     from r4b_edge.api import default_model_path
     from r4b_edge.errors import ModelNotFoundError, R4BError
 
+    from . import report
+
     if args.host_overhead:
         return _host_overhead_main(args)
     if args.deadline_sweep:
@@ -457,6 +463,10 @@ def main(args: argparse.Namespace) -> int:
         met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         val = "-" if t["value"] is None else f"{t['value']:.3f}"
         print(f"  {t['name']}: {val} (goal {t['goal']}) {met}" + (f"; {t['note']}" if t["note"] else ""))
+    cut = report.cut_replies(doc)
+    if cut:
+        print(f"  {cut} modes-table replies hit --max-tokens {s['max_tokens']} before their answer ended: "
+              "left out of the accuracy (raise --max-tokens to score them)")
     if doc["skipped"]:
         print(f"  skipped: {len(doc['skipped'])} (see results.md)")
     return 0
