@@ -29,6 +29,7 @@ import numpy as np
 from ..backends.base import Backend
 from ..errors import ContextLengthError, GenerationOptionError
 from ..model.processing import PreparedImage
+from ..model.reply_lengths import ReplyLengths
 from ..model.template import (
     EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, MODE_SUFFIX, THINK_OPEN, Message, phase_after,
     render_prompt, template_mode,
@@ -94,7 +95,9 @@ class _Start:
 class Engine:
     """Runs R-4B's think-or-not decision and generation on any backend."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, reply_lengths: ReplyLengths | None = None):
+        """`reply_lengths`: the model's own mean reply lengths (`model.reply_lengths`), deadline
+        mode's priors before this engine has served a reply; None: the defaults."""
         self.backend = backend
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
@@ -105,7 +108,7 @@ class Engine:
         # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
         self._marked = frozenset(self.tok.eos_ids) | {self.tok.think, self.tok.end_think}
         self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
-        self.deadline = DeadlineTracker()
+        self.deadline = DeadlineTracker.from_lengths(reply_lengths)
 
     # ---- prompt ---------------------------------------------------------
     def _segments(self, prompt: str, images: Sequence[PreparedImage]) -> list:

@@ -499,6 +499,7 @@ def test_max_completion_time_ms_plans_the_reply(client):
                                        extra_body={"max_completion_time_ms": 60000})
     d = r.model_extra["deadline"]
     assert d["max_completion_time_ms"] == 60000 and d["tok_s"] > 0 and d["reason"]
+    assert "no eval results" in d["lengths_source"]  # the tiny test model has none: the defaults
     assert d["step_ms_conservative"] >= 0.999 * 1000.0 / d["tok_s"] - 0.01  # the p90 step: no faster than the median
     assert (d["max_thinking_tokens"] is not None) == (r.model_extra["decision"] == "thinking")
     with pytest.raises(openai.BadRequestError, match="max_completion_time_ms"):

@@ -10,6 +10,7 @@ from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, EXPLORE_MIN_TOKENS, MIN
 from r4b_edge.engine.events import Decision
 from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
+from r4b_edge.model.reply_lengths import ReplyLengths
 from r4b_edge.model.template import Message
 
 from .scripted import ANSWER, REASONING, ScriptedBackend, VirtualClock
@@ -119,6 +120,27 @@ def test_a_fresh_engine_thinks_under_a_deadline(tiny_tokenizer):
     assert eng.deadline.usual() == n_reason - 1  # the reasoning's tokens (n_reason counts `</think>` too)
     d, _, _ = ask(eng, clock, 2000)
     assert d.think and f"expected reasoning {n_reason - 1}" in d.deadline.reason
+
+
+def _fresh(tok, decision_s: float, step_s: float = 0.005):
+    """A fresh engine with the model's lengths (as `Model` makes it from eval results) on a backend that
+    reports its prefill (20 ms) and whose first forward, the decision's batch, costs `decision_s`."""
+    clock = VirtualClock()
+    be = ScriptedBackend(tok, 0.9, clock=clock, prefill_s=0.02, report_prefill=True,
+                         step_time=lambda call, n: decision_s if call == 1 else step_s)
+    n_reason = len(tok.encode(REASONING))
+    eng = Engine(be, ReplyLengths(n_reason, 4.0, 4.0, "eval results"))
+    eng.clock = clock
+    return eng, clock, n_reason
+
+
+def test_a_fresh_engine_plans_from_the_models_lengths(tiny_tokenizer):
+    eng, _, n_reason = _fresh(tiny_tokenizer, 0.005)
+    t = eng.deadline
+    assert (t.usual(), t.answer_tokens[True], t.answer_tokens[False]) == (n_reason, 4.0, 4.0)
+    assert "the model's eval results" in t.lengths_source
+    assert "no eval results" in Engine(eng.backend).deadline.lengths_source  # a model without them: defaults
+    assert Engine(eng.backend).deadline.usual() is None
 
 
 def test_plan_respects_a_user_budget():
