@@ -6,10 +6,18 @@ closing line and the answer still arrive before T. The plan uses
 
 - the time already spent (prefill + decision), measured,
 - the decode speed: the median time of the engine's recent decode steps (one sampled token
-  and its forward; the tracker keeps the last `WINDOW`), or, before any, the decision
-  forward's time taken as the cost of one decode step. Steps are timed one by one: a batch
+  and its forward; the tracker keeps the last `WINDOW`). Steps are timed one by one: a batch
   (the budget's closing line, fed at once) is timed as its own cost, never divided among
-  its tokens, which would make decoding look faster than it is,
+  its tokens, which would make decoding look faster than it is. A fresh process has timed
+  none: its first plan knows only two bounds on a step, the prefill's time per position (a
+  batch never costs more per token) and the decision forward's time (a batch of three, the
+  first forward of its shape: 4-6 ms against 2-4 ms steps for the bundled model on torch on a
+  busy 2-core machine, 38 ms at a busier moment).
+  Where the choice is the same at both bounds it is made at once (at the decision forward's
+  pace); where it is not
+  (`pace_decides`) the engine first times `PROBE_STEPS` decode steps at the reply's own position
+  and rolls them back (the probe's ~5 steps count in the reply's time), so `--deadline` plans
+  with this device's measured pace on its first call,
 - expected token counts: reasoning length L of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages of the replies served).
   Before any, the model's own lengths (`r4b_edge.model.reply_lengths`: from its eval results,
@@ -66,6 +74,7 @@ EMA = 0.3  # weight of the newest reply (or step, live) in the moving averages
 QUANTILE = 90.0  # percentile of recent step times and answer lengths the live check assumes
 WINDOW = 512  # recent decode steps kept
 MIN_STEPS = 4  # steps measured before they replace the decision forward's time
+PROBE_STEPS = 5  # a fresh engine's pace probe: decode steps timed, then rolled back (see `pace_decides`)
 EXPLORE_MIN_TOKENS = 16  # while L is unknown: the least reasoning budget worth thinking for
 DEFAULT_ANSWER_TOKENS = 64.0  # answer length prior of a model without eval results (model.reply_lengths)
 
@@ -161,6 +170,21 @@ class DeadlineTracker:
         if fallback_s is not None and fallback_s > 0:
             return fallback_s, "decision forward (no decode measured yet)"
         return 0.05, "default 20 tok/s (nothing measured yet)"
+
+    def pace_decides(self, deadline_ms: float, elapsed_ms: float, p_think: float, slow_s: float, fast_s: float,
+                     user_budget: int | None = None) -> bool:
+        """Before `MIN_STEPS` decode steps are measured (a fresh process): would the plan think at
+        the fast bound of a step's time (`fast_s`, the prefill's time per position: a batch never
+        costs more per token than one step) but not at the slow one (`slow_s`, the decision
+        forward's time: a batch of several tokens, often the first forward of its shape, so
+        slower than a warm step)? Then the pace decides, and the engine measures it first
+        (`PROBE_STEPS` steps at the reply's own position, rolled back, their time counted in the
+        reply's). Otherwise the choice is the same at any pace between the bounds: no probe."""
+        if len(self.steps) >= MIN_STEPS or not 0 < fast_s < slow_s:
+            return False
+        fast = self.plan(deadline_ms, elapsed_ms, p_think, fast_s, user_budget=user_budget)
+        slow = self.plan(deadline_ms, elapsed_ms, p_think, slow_s, user_budget=user_budget)
+        return fast.think != slow.think
 
     def conservative_step_s(self, spt: float) -> float:
         """The live check's pace: the QUANTILE of recent step times, at least `spt`."""

@@ -36,7 +36,7 @@ from ..model.template import (
 )
 from ..model.tokenizer import StreamDecoder
 from .deadline import EMA as DEADLINE_EMA
-from .deadline import DeadlinePlan, DeadlineTracker
+from .deadline import PROBE_STEPS, DeadlinePlan, DeadlineTracker
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
 from .logprobs import LogprobRecorder
 from .memory import peak_rss_mb
@@ -137,6 +137,20 @@ class Engine:
                 f"the reply to start, but the model's context is {n_ctx} tokens: shorten the conversation "
                 "or use a smaller image"
             )
+
+    def _probe_pace(self) -> None:
+        """Deadline mode in a fresh engine (`DeadlineTracker.pace_decides`): time `PROBE_STEPS`
+        single-token decode steps at the current position, then roll them back (their logits
+        are not used)."""
+        be = self.backend
+        n0 = be.n_past
+        if be.n_ctx - n0 < PROBE_STEPS:
+            return
+        for _ in range(PROBE_STEPS):
+            c = self.clock()
+            be.forward_last(self._suffix_ids[-1:])
+            self.deadline.observe_step(self.clock() - c)
+        be.truncate(n0)
 
     # ---- decision --------------------------------------------------------
     def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions, sampler: Sampler,
@@ -351,11 +365,17 @@ class Engine:
         tm = be.timings
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
         sampler = Sampler(opts.sampling)
+        n_prompt = be.n_past
         t_dec, c_dec = time.perf_counter(), self.clock()
         plan: list[DeadlinePlan] = [early] if early is not None else []
 
         def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
             now = self.clock()
+            fast = tm.prefill_ms / 1000.0 / max(1, n_prompt)  # a step's time is between these bounds
+            if self.deadline.pace_decides(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec, fast,
+                                          opts.max_think_tokens):
+                self._probe_pace()
+                now = self.clock()
             plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec,
                                            user_budget=opts.max_think_tokens))
             return plan[0].think

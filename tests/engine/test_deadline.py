@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, EXPLORE_MIN_TOKENS, MIN_STEPS, OPEN_COST_TOKENS,
-                                      QUANTILE, SAFETY, DeadlineTracker)
+                                      PROBE_STEPS, QUANTILE, SAFETY, DeadlineTracker)
 from r4b_edge.engine.events import Decision
 from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
@@ -141,6 +141,26 @@ def test_a_fresh_engine_plans_from_the_models_lengths(tiny_tokenizer):
     assert "the model's eval results" in t.lengths_source
     assert "no eval results" in Engine(eng.backend).deadline.lengths_source  # a model without them: defaults
     assert Engine(eng.backend).deadline.usual() is None
+
+
+def test_a_fresh_engine_measures_the_pace_where_it_decides(tiny_tokenizer):
+    """The decision forward of a fresh process is a cold batch (50 ms here against 5 ms steps): at its
+    pace thinking would not fit T, at the prefill's it would, so the engine times PROBE_STEPS steps
+    first, rolls them back, and thinks at the measured pace, in time."""
+    eng, clock, n_reason = _fresh(tiny_tokenizer, 0.05)
+    T = 300.0  # 20 prefill + 50 decision + 25 probe + (n_reason + 4 + 2 + 1) * 5 ms fits 90% of it
+    d, r, ms = ask(eng, clock, T)
+    assert d.think and d.deadline.tok_s == pytest.approx(200.0)
+    assert d.deadline.tok_s_source == f"measured decode (median of {PROBE_STEPS} steps)"
+    assert "the model's eval results" in d.deadline.lengths_source
+    assert r.reasoning == REASONING.strip() and r.answer == ANSWER and not r.stats.budget_hit and ms <= T
+    assert eng.backend.forwarded[1:1 + PROBE_STEPS] == [1] * PROBE_STEPS  # the probe's steps, rolled back
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 50 + PROBE_STEPS * 5)  # the probe counts in the reply
+    # where the pace does not decide (even the prefill's pace leaves no room to think), no probe
+    eng, clock, _ = _fresh(tiny_tokenizer, 0.05)
+    d, r, ms = ask(eng, clock, 100.0)
+    assert not d.think and d.deadline.tok_s_source.startswith("decision forward") and r.answer == ANSWER
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 50) and len(eng.deadline.steps) < PROBE_STEPS
 
 
 def test_plan_respects_a_user_budget():
