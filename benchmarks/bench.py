@@ -66,6 +66,9 @@ def register(subparsers: Any) -> None:
                    help="only run the deadline sweep (torch fp32 on --model): accuracy and share of answers "
                         "within T against T, on --eval-per-family items per family; writes deadline_sweep.* "
                         "into --out")
+    p.add_argument("--deadline-fresh", action="store_true",
+                   help="with --deadline-sweep: every T in a fresh process (as a one-shot `chat --deadline`: "
+                        "nothing served before it); writes deadline_sweep_fresh.*")
     p.add_argument("--true-shape", action="store_true",
                    help="only compare r4b-edge decode with raw llama-cpp-python (llama.cpp's sampler chain) on a "
                         "random R-4B at the true width and vocabulary, greedy and sampled: writes true_shape.* "
@@ -385,22 +388,23 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED
     t0 = time.perf_counter()
     s = deadline_sweep.run_sweep(spec, 1 if args.quick else args.eval_per_family, seed,
-                                 n_deadlines=3 if args.quick else 8)
+                                 n_deadlines=3 if args.quick else 8, fresh=args.deadline_fresh)
+    name = "deadline_sweep_fresh" if args.deadline_fresh else "deadline_sweep"
     s |= {"command": _command(args), "machine": report.machine_info(), "seed": seed, "threads": threads,
           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
           "duration_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "deadline_sweep.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
     md = deadline_sweep.markdown(s, s["command"])
-    (out / "deadline_sweep.md").write_text(
-        f"# Deadline sweep\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, "
+    (out / f"{name}.md").write_text(
+        f"# Deadline sweep{', a fresh process per T' if args.deadline_fresh else ''}\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, "
         f"{report.count(threads, 'thread')}; "
-        f"load average at start {s['machine'].get('load_avg')}.\n\n{md}\n![deadline sweep](deadline_sweep.png)\n")
+        f"load average at start {s['machine'].get('load_avg')}.\n\n{md}\n![deadline sweep]({name}.png)\n")
     if not args.no_plots:
-        deadline_sweep.plot(s, out / "deadline_sweep.png")
+        deadline_sweep.plot(s, out / f"{name}.png")
     print(md)
-    print(f"results: {out / 'deadline_sweep.json'}")
+    print(f"results: {out / f'{name}.json'}")
     return 0
 
 

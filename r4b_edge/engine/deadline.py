@@ -12,12 +12,11 @@ closing line and the answer still arrive before T. The plan uses
   none: its first plan knows only two bounds on a step, the prefill's time per position (a
   batch never costs more per token) and the decision forward's time (a batch of three, the
   first forward of its shape: 4-6 ms against 2-4 ms steps for the bundled model on torch on a
-  busy 2-core machine, 38 ms at a busier moment).
-  Where the choice is the same at both bounds it is made at once (at the decision forward's
-  pace); where it is not
-  (`pace_decides`) the engine first times `PROBE_STEPS` decode steps at the reply's own position
-  and rolls them back (the probe's ~5 steps count in the reply's time), so `--deadline` plans
-  with this device's measured pace on its first call,
+  busy 2-core machine, 38 ms at a busier moment). Where the choice is the same at both bounds
+  it is made at once (at the decision forward's pace); where it is not (`pace_decides`) the
+  engine first times `PROBE_STEPS` decode steps at the reply's own position and rolls them back
+  (the probe's ~5 steps count in the reply's time), so `--deadline` plans with this device's
+  measured pace on its first call,
 - expected token counts: reasoning length L of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages of the replies served).
   Before any, the model's own lengths (`r4b_edge.model.reply_lengths`: from its eval results,
