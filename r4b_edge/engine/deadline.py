@@ -9,14 +9,15 @@ closing line and the answer still arrive before T. The plan uses
   and its forward; the tracker keeps the last `WINDOW`). Steps are timed one by one: a batch
   (the budget's closing line, fed at once) is timed as its own cost, never divided among
   its tokens, which would make decoding look faster than it is. A fresh process has timed
-  none: its first plan knows only two bounds on a step, the prefill's time per position (a
-  batch never costs more per token) and the decision forward's time (a batch of three, the
-  first forward of its shape: 4-6 ms against 2-4 ms steps for the bundled model on torch on a
-  busy 2-core machine, 38 ms at a busier moment). Where the choice is the same at both bounds
-  it is made at once (at the decision forward's pace); where it is not (`pace_decides`) the
-  engine first times `PROBE_STEPS` decode steps at the reply's own position and rolls them back
-  (the probe's ~5 steps count in the reply's time), so `--deadline` plans with this device's
-  measured pace on its first call,
+  none: its first plan knows only bounds on a step from the decision forward, a batch of
+  n tokens (three: `\n\n</think>\n\n`) that costs at least one step and at most n (the
+  bundled model on torch, on a busy 2-core machine: 4-6 ms against 2-4 ms steps, 38 ms
+  against ~17 at a busier moment), so a step takes between its time / n (or the prefill's time
+  per position, if larger) and its time. Where the choice is the same at both bounds it is made
+  at once (at the decision forward's pace); where it is not (`pace_decides`) the engine first
+  times `PROBE_STEPS` decode steps at the reply's own position and rolls them back (their time
+  counts in the reply's), so `--deadline` plans with this device's measured pace on its first
+  call,
 - expected token counts: reasoning length L of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages of the replies served).
   Before any, the model's own lengths (`r4b_edge.model.reply_lengths`: from its eval results,
@@ -173,15 +174,16 @@ class DeadlineTracker:
     def pace_decides(self, deadline_ms: float, elapsed_ms: float, p_think: float, slow_s: float, fast_s: float,
                      user_budget: int | None = None) -> bool:
         """Before `MIN_STEPS` decode steps are measured (a fresh process): would the plan think at
-        the fast bound of a step's time (`fast_s`, the prefill's time per position: a batch never
-        costs more per token than one step) but not at the slow one (`slow_s`, the decision
-        forward's time: a batch of several tokens, often the first forward of its shape, so
-        slower than a warm step)? Then the pace decides, and the engine measures it first
+        the fast bound of a step's time (`fast_s`, after paying for the probe at that pace) but not
+        at the slow one (`slow_s`)? Then the pace decides, and the engine measures it first
         (`PROBE_STEPS` steps at the reply's own position, rolled back, their time counted in the
-        reply's). Otherwise the choice is the same at any pace between the bounds: no probe."""
+        reply's). Otherwise the choice is the same at any pace between the bounds: no probe (at a
+        tight deadline, where no reasoning fits even at the fast bound, a probe would only make
+        the direct answer late)."""
         if len(self.steps) >= MIN_STEPS or not 0 < fast_s < slow_s:
             return False
-        fast = self.plan(deadline_ms, elapsed_ms, p_think, fast_s, user_budget=user_budget)
+        fast = self.plan(deadline_ms, elapsed_ms + PROBE_STEPS * fast_s * 1000.0, p_think, fast_s,
+                         user_budget=user_budget)
         slow = self.plan(deadline_ms, elapsed_ms, p_think, slow_s, user_budget=user_budget)
         return fast.think != slow.think
 

@@ -371,7 +371,8 @@ class Engine:
 
         def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
             now = self.clock()
-            fast = tm.prefill_ms / 1000.0 / max(1, n_prompt)  # a step's time is between these bounds
+            # a step takes between the decision batch's time / its tokens (or the prefill's per position) and its time
+            fast = max(tm.prefill_ms / 1000.0 / max(1, n_prompt), (now - c_dec) / len(self._suffix_ids))
             if self.deadline.pace_decides(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec, fast,
                                           opts.max_think_tokens):
                 self._probe_pace()

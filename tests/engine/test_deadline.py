@@ -144,23 +144,28 @@ def test_a_fresh_engine_plans_from_the_models_lengths(tiny_tokenizer):
 
 
 def test_a_fresh_engine_measures_the_pace_where_it_decides(tiny_tokenizer):
-    """The decision forward of a fresh process is a cold batch (50 ms here against 5 ms steps): at its
-    pace thinking would not fit T, at the prefill's it would, so the engine times PROBE_STEPS steps
-    first, rolls them back, and thinks at the measured pace, in time."""
-    eng, clock, n_reason = _fresh(tiny_tokenizer, 0.05)
-    T = 300.0  # 20 prefill + 50 decision + 25 probe + (n_reason + 4 + 2 + 1) * 5 ms fits 90% of it
+    """The decision forward of a fresh process (a batch of three here costing 15 ms, against 5 ms
+    steps) bounds a step between 5 and 15 ms: thinking fits T at the fast bound, probe included,
+    but not at the slow one, so the engine times PROBE_STEPS steps first, rolls them back, and
+    thinks at the measured pace, in time."""
+    eng, clock, n_reason = _fresh(tiny_tokenizer, 0.015)
+    steps = n_reason + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS  # the reasoning, answer, close, opening
+    T = (20 + 15 + PROBE_STEPS * 5 + steps * 5) / SAFETY + 1  # fits at 5 ms a step, not at 15
+    assert 20 + 15 + steps * 15 > SAFETY * T
     d, r, ms = ask(eng, clock, T)
     assert d.think and d.deadline.tok_s == pytest.approx(200.0)
     assert d.deadline.tok_s_source == f"measured decode (median of {PROBE_STEPS} steps)"
     assert "the model's eval results" in d.deadline.lengths_source
     assert r.reasoning == REASONING.strip() and r.answer == ANSWER and not r.stats.budget_hit and ms <= T
     assert eng.backend.forwarded[1:1 + PROBE_STEPS] == [1] * PROBE_STEPS  # the probe's steps, rolled back
-    assert d.deadline.elapsed_ms == pytest.approx(20 + 50 + PROBE_STEPS * 5)  # the probe counts in the reply
-    # where the pace does not decide (even the prefill's pace leaves no room to think), no probe
-    eng, clock, _ = _fresh(tiny_tokenizer, 0.05)
-    d, r, ms = ask(eng, clock, 100.0)
-    assert not d.think and d.deadline.tok_s_source.startswith("decision forward") and r.answer == ANSWER
-    assert d.deadline.elapsed_ms == pytest.approx(20 + 50) and len(eng.deadline.steps) < PROBE_STEPS
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + PROBE_STEPS * 5)  # the probe counts in the reply
+    # where the pace does not decide, no probe: a tight T (no reasoning fits even at the fast
+    # bound: a probe would only make the direct answer late), or a generous one (it fits at the slow)
+    for T, think in ((100.0, False), ((20 + 15 + steps * 15) / SAFETY + 1, True)):
+        eng, clock, _ = _fresh(tiny_tokenizer, 0.015)
+        d, r, ms = ask(eng, clock, T)
+        assert d.think == think and d.deadline.tok_s_source.startswith("decision forward")
+        assert r.answer == ANSWER and ms <= T and d.deadline.elapsed_ms == pytest.approx(20 + 15)
 
 
 def test_plan_respects_a_user_budget():
