@@ -9,15 +9,16 @@ closing line and the answer still arrive before T. The plan uses
   and its forward; the tracker keeps the last `WINDOW`). Steps are timed one by one: a batch
   (the budget's closing line, fed at once) is timed as its own cost, never divided among
   its tokens, which would make decoding look faster than it is. A fresh process has timed
-  none: its first plan knows only bounds on a step from the decision forward, a batch of
-  n tokens (three: `\n\n</think>\n\n`) that costs at least one step and at most n (the
-  bundled model on torch, on a busy 2-core machine: 4-6 ms against 2-4 ms steps, 38 ms
-  against ~17 at a busier moment), so a step takes between its time / n (or the prefill's time
-  per position, if larger) and its time. Where the choice is the same at both bounds it is made
+  none: its first plan knows only that a step costs at least the prefill's time per position
+  (a batch never costs more per token) and at most about the decision forward's, a batch of
+  three that is also the first forward of its shape (the bundled model on a busy 2-core
+  machine: torch 4-6 ms against 2-4 ms steps, 38 ms against ~17 at a busier moment; llama.cpp
+  1.3-1.6 ms against 0.2-0.8 ms). Where the choice is the same at both bounds it is made
   at once (at the decision forward's pace); where it is not (`pace_decides`) the engine first
-  times `PROBE_STEPS` decode steps at the reply's own position and rolls them back (their time
-  counts in the reply's), so `--deadline` plans with this device's measured pace on its first
-  call,
+  times up to `PROBE_STEPS` decode steps at the reply's own position and rolls them back
+  (their time counts in the reply's), stopping as soon as its slowest step says thinking
+  cannot fit (so at a tight deadline it costs one step), so `--deadline` plans with this
+  device's measured pace on its first call,
 - expected token counts: reasoning length L of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages of the replies served).
   Before any, the model's own lengths (`r4b_edge.model.reply_lengths`: from its eval results,
@@ -56,11 +57,10 @@ reasoning instead of delivering late; the plan's median pace only sizes the budg
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 if TYPE_CHECKING:
     from ..model.reply_lengths import ReplyLengths
@@ -77,6 +77,16 @@ MIN_STEPS = 4  # steps measured before they replace the decision forward's time
 PROBE_STEPS = 5  # a fresh engine's pace probe: decode steps timed, then rolled back (see `pace_decides`)
 EXPLORE_MIN_TOKENS = 16  # while L is unknown: the least reasoning budget worth thinking for
 DEFAULT_ANSWER_TOKENS = 64.0  # answer length prior of a model without eval results (model.reply_lengths)
+
+
+def percentile(values, q: float) -> float:
+    """numpy's default (linear) percentile in plain Python: numpy's first median or percentile
+    call in a process costs ~10 ms, which a fresh process's first plan would pay."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,7 @@ class DeadlineTracker:
     def speed(self, fallback_s: float | None) -> tuple[float, str]:
         """Seconds per decode step to plan with (the median of recent steps), and its source."""
         if len(self.steps) >= MIN_STEPS:
-            return float(np.median(self.steps)), f"measured decode (median of {len(self.steps)} steps)"
+            return float(statistics.median(self.steps)), f"measured decode (median of {len(self.steps)} steps)"
         if fallback_s is not None and fallback_s > 0:
             return fallback_s, "decision forward (no decode measured yet)"
         return 0.05, "default 20 tok/s (nothing measured yet)"
@@ -174,12 +184,9 @@ class DeadlineTracker:
     def pace_decides(self, deadline_ms: float, elapsed_ms: float, p_think: float, slow_s: float, fast_s: float,
                      user_budget: int | None = None) -> bool:
         """Before `MIN_STEPS` decode steps are measured (a fresh process): would the plan think at
-        the fast bound of a step's time (`fast_s`, after paying for the probe at that pace) but not
-        at the slow one (`slow_s`)? Then the pace decides, and the engine measures it first
-        (`PROBE_STEPS` steps at the reply's own position, rolled back, their time counted in the
-        reply's). Otherwise the choice is the same at any pace between the bounds: no probe (at a
-        tight deadline, where no reasoning fits even at the fast bound, a probe would only make
-        the direct answer late)."""
+        the fast bound of a step's time (`fast_s`, after a probe at that pace) but not at the slow
+        one (`slow_s`)? Then the pace decides, and the engine measures it first (the probe: see
+        `Engine._probe_pace`). Otherwise the choice is the same at any pace between the bounds."""
         if len(self.steps) >= MIN_STEPS or not 0 < fast_s < slow_s:
             return False
         fast = self.plan(deadline_ms, elapsed_ms + PROBE_STEPS * fast_s * 1000.0, p_think, fast_s,
@@ -190,7 +197,7 @@ class DeadlineTracker:
     def conservative_step_s(self, spt: float) -> float:
         """The live check's pace: the QUANTILE of recent step times, at least `spt`."""
         if len(self.steps) >= MIN_STEPS:
-            return max(spt, float(np.percentile(self.steps, QUANTILE)))
+            return max(spt, percentile(self.steps, QUANTILE))
         return spt
 
     def usual(self, user_budget: int | None = None) -> float | None:
@@ -299,7 +306,7 @@ class DeadlineTracker:
         before any)."""
         if self._live is None:  # called every reasoning step: recomputed only when a reply is filed
             self._live = (max(self.closes) if self.closes else None,
-                          float(np.percentile(self.answers, QUANTILE)) if self.answers else self.answer_tokens[True])
+                          percentile(self.answers, QUANTILE) if self.answers else self.answer_tokens[True])
         close_s, answer = self._live
         if close_s is None:
             close_s = CLOSE_COST_TOKENS * s_per_step

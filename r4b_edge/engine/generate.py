@@ -138,18 +138,24 @@ class Engine:
                 "or use a smaller image"
             )
 
-    def _probe_pace(self) -> None:
-        """Deadline mode in a fresh engine (`DeadlineTracker.pace_decides`): time `PROBE_STEPS`
-        single-token decode steps at the current position, then roll them back (their logits
-        are not used)."""
+    def _probe_pace(self, worth: Callable[[float], bool]) -> None:
+        """Deadline mode in a fresh engine (`DeadlineTracker.pace_decides`): time up to
+        `PROBE_STEPS` single-token decode steps at the current position, then roll them back
+        (their logits are not used). `worth(s)`: would thinking still fit at `s` seconds a step?
+        The probe stops at the first step after which it would not at the slowest step seen."""
         be = self.backend
         n0 = be.n_past
         if be.n_ctx - n0 < PROBE_STEPS:
             return
+        slowest = 0.0
         for _ in range(PROBE_STEPS):
             c = self.clock()
             be.forward_last(self._suffix_ids[-1:])
-            self.deadline.observe_step(self.clock() - c)
+            dt = self.clock() - c
+            self.deadline.observe_step(dt)
+            slowest = max(slowest, dt)
+            if not worth(slowest):
+                break
         be.truncate(n0)
 
     # ---- decision --------------------------------------------------------
@@ -371,11 +377,11 @@ class Engine:
 
         def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
             now = self.clock()
-            # a step takes between the decision batch's time / its tokens (or the prefill's per position) and its time
-            fast = max(tm.prefill_ms / 1000.0 / max(1, n_prompt), (now - c_dec) / len(self._suffix_ids))
+            fast = tm.prefill_ms / 1000.0 / max(1, n_prompt)  # a step takes between this and the decision's time
             if self.deadline.pace_decides(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec, fast,
                                           opts.max_think_tokens):
-                self._probe_pace()
+                self._probe_pace(lambda s: self.deadline.plan(opts.deadline_ms, (self.clock() - c0) * 1000.0, p_think,
+                                                              s, user_budget=opts.max_think_tokens).think)
                 now = self.clock()
             plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec,
                                            user_budget=opts.max_think_tokens))

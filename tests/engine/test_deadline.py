@@ -144,10 +144,10 @@ def test_a_fresh_engine_plans_from_the_models_lengths(tiny_tokenizer):
 
 
 def test_a_fresh_engine_measures_the_pace_where_it_decides(tiny_tokenizer):
-    """The decision forward of a fresh process (a batch of three here costing 15 ms, against 5 ms
-    steps) bounds a step between 5 and 15 ms: thinking fits T at the fast bound, probe included,
-    but not at the slow one, so the engine times PROBE_STEPS steps first, rolls them back, and
-    thinks at the measured pace, in time."""
+    """A fresh process knows a step costs between the prefill's time per position (20 ms / the prompt
+    here) and the decision forward's (15 ms here, against 5 ms steps): thinking fits T at the fast
+    bound, probe included, but not at the slow one, so the engine times PROBE_STEPS steps first,
+    rolls them back, and thinks at the measured pace, in time."""
     eng, clock, n_reason = _fresh(tiny_tokenizer, 0.015)
     steps = n_reason + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS  # the reasoning, answer, close, opening
     T = (20 + 15 + PROBE_STEPS * 5 + steps * 5) / SAFETY + 1  # fits at 5 ms a step, not at 15
@@ -159,13 +159,34 @@ def test_a_fresh_engine_measures_the_pace_where_it_decides(tiny_tokenizer):
     assert r.reasoning == REASONING.strip() and r.answer == ANSWER and not r.stats.budget_hit and ms <= T
     assert eng.backend.forwarded[1:1 + PROBE_STEPS] == [1] * PROBE_STEPS  # the probe's steps, rolled back
     assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + PROBE_STEPS * 5)  # the probe counts in the reply
-    # where the pace does not decide, no probe: a tight T (no reasoning fits even at the fast
-    # bound: a probe would only make the direct answer late), or a generous one (it fits at the slow)
-    for T, think in ((100.0, False), ((20 + 15 + steps * 15) / SAFETY + 1, True)):
-        eng, clock, _ = _fresh(tiny_tokenizer, 0.015)
-        d, r, ms = ask(eng, clock, T)
-        assert d.think == think and d.deadline.tok_s_source.startswith("decision forward")
-        assert r.answer == ANSWER and ms <= T and d.deadline.elapsed_ms == pytest.approx(20 + 15)
+
+
+def test_the_probe_stops_once_thinking_cannot_fit(tiny_tokenizer):
+    """At a tight T thinking fits only at the prefill's pace: the probe's first step (5 ms) says it
+    does not, so the probe stops there and the direct answer pays one step, not PROBE_STEPS."""
+    eng, clock, _ = _fresh(tiny_tokenizer, 0.015)
+    d, r, ms = ask(eng, clock, 100.0)
+    assert not d.think and r.answer == ANSWER and ms <= 100.0
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + 5) and len(eng.deadline.steps) >= 1
+    assert d.deadline.tok_s_source.startswith("decision forward")  # one step is not a measured pace
+
+
+def test_no_probe_where_the_slow_bound_already_fits(tiny_tokenizer):
+    eng, clock, n_reason = _fresh(tiny_tokenizer, 0.015)
+    T = (20 + 15 + (n_reason + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 15) / SAFETY + 1
+    d, r, ms = ask(eng, clock, T)
+    assert d.think and d.deadline.tok_s_source.startswith("decision forward") and r.answer == ANSWER
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15) and ms <= T
+
+
+def test_percentile_is_numpys_linear_one():
+    from r4b_edge.engine.deadline import percentile
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 4, 5, 37, 512):
+        xs = list(rng.random(n))
+        for q in (0.0, 50.0, QUANTILE, 100.0):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
 
 
 def test_plan_respects_a_user_budget():
