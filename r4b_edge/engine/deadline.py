@@ -16,9 +16,9 @@ closing line and the answer still arrive before T. The plan uses
   1.3-1.6 ms against 0.2-0.8 ms). Where the choice is the same at both bounds it is made
   at once (at the decision forward's pace); where it is not (`pace_decides`) the engine first
   times up to `PROBE_STEPS` decode steps at the reply's own position and rolls them back
-  (their time counts in the reply's), stopping as soon as its slowest step says thinking
-  cannot fit (so at a tight deadline it costs one step), so `--deadline` plans with this
-  device's measured pace on its first call,
+  (their time counts in the reply's), stopping as soon as the median of two or more of its
+  steps says thinking cannot fit (so at a tight deadline it costs two steps), so `--deadline`
+  plans with this device's measured pace on its first call,
 - expected token counts: reasoning length L of replies that closed their reasoning
   themselves, answer length after thinking and without (moving averages of the replies served).
   Before any, the model's own lengths (`r4b_edge.model.reply_lengths`: from its eval results,

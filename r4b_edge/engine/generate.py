@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -142,19 +143,19 @@ class Engine:
         """Deadline mode in a fresh engine (`DeadlineTracker.pace_decides`): time up to
         `PROBE_STEPS` single-token decode steps at the current position, then roll them back
         (their logits are not used). `worth(s)`: would thinking still fit at `s` seconds a step?
-        The probe stops at the first step after which it would not at the slowest step seen."""
+        From the second step on, the probe stops as soon as it would not at the median of the
+        probe's steps (one slow step alone does not stop it)."""
         be = self.backend
         n0 = be.n_past
         if be.n_ctx - n0 < PROBE_STEPS:
             return
-        slowest = 0.0
+        probe: list[float] = []
         for _ in range(PROBE_STEPS):
             c = self.clock()
             be.forward_last(self._suffix_ids[-1:])
-            dt = self.clock() - c
-            self.deadline.observe_step(dt)
-            slowest = max(slowest, dt)
-            if not worth(slowest):
+            probe.append(self.clock() - c)
+            self.deadline.observe_step(probe[-1])
+            if len(probe) >= 2 and not worth(statistics.median(probe)):
                 break
         be.truncate(n0)
 

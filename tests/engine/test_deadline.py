@@ -162,12 +162,12 @@ def test_a_fresh_engine_measures_the_pace_where_it_decides(tiny_tokenizer):
 
 
 def test_the_probe_stops_once_thinking_cannot_fit(tiny_tokenizer):
-    """At a tight T thinking fits only at the prefill's pace: the probe's first step (5 ms) says it
-    does not, so the probe stops there and the direct answer pays one step, not PROBE_STEPS."""
+    """At a tight T thinking fits only at the prefill's pace: the probe's first two steps (5 ms) say
+    it does not, so the probe stops there and the direct answer pays two steps, not PROBE_STEPS."""
     eng, clock, _ = _fresh(tiny_tokenizer, 0.015)
     d, r, ms = ask(eng, clock, 100.0)
     assert not d.think and r.answer == ANSWER and ms <= 100.0
-    assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + 5) and len(eng.deadline.steps) >= 1
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + 2 * 5) and len(eng.deadline.steps) >= 2
     assert d.deadline.tok_s_source.startswith("decision forward")  # one step is not a measured pace
 
 
