@@ -11,9 +11,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from r4b_edge.backends import BACKENDS
+from r4b_edge.backends.runtime import DEVICE_ALIASES
+from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.template import API_MODES
 
 MODES = API_MODES
+#: The reply bound the window starts with: the engine's default, as `chat` and the API use.
+DEFAULT_MAX_TOKENS = GenerationOptions.max_tokens
+#: The system libraries PySide6's X11 (xcb) plugin loads, as Debian/Ubuntu packages (docs/app.md
+#: lists them). Missing one, Qt aborts the process with a message that may name another library.
+X11_PACKAGES = (
+    "libx11-xcb1", "libxcb1", "libxcb-cursor0", "libxcb-icccm4", "libxcb-image0", "libxcb-keysyms1",
+    "libxcb-randr0", "libxcb-render0", "libxcb-render-util0", "libxcb-shape0", "libxcb-shm0", "libxcb-sync1",
+    "libxcb-util1", "libxcb-xfixes0", "libxcb-xkb1", "libxkbcommon0", "libxkbcommon-x11-0",
+    "libegl1", "libgl1", "libfontconfig1", "libdbus-1-3", "libglib2.0-0",
+)
 
 
 def register(sub) -> None:
@@ -27,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--mode", default="auto", choices=list(MODES), help="initial mode")
     p.add_argument("--think-threshold", type=float, default=None, metavar="P", help="initial fixed threshold (auto mode)")
     p.add_argument("--max-think-tokens", type=int, default=None, metavar="N", help="initial thinking budget")
-    p.add_argument("--max-tokens", type=int, default=512, metavar="N", help="initial reply bound (default 512)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help=f"initial reply bound (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--screenshot", default=None, metavar="PNG",
                    help="no window: load, ask --prompt about --image offscreen, save a screenshot, exit")
     p.set_defaults(func=run)
@@ -40,6 +54,15 @@ def _need_qt() -> None:
         from r4b_edge.errors import BackendUnavailableError
 
         raise BackendUnavailableError("`r4b-edge app` needs PySide6: pip install 'r4b-edge[app]'") from None
+
+
+def image_filter() -> str:
+    """The Open image dialog's filter: the suffixes of the formats `load_image` decodes
+    (`r4b_edge.model.processing` owns them), then all files."""
+    from r4b_edge.model.processing import IMAGE_FORMATS_TEXT, image_suffixes
+
+    patterns = " ".join(f"*{s}" for s in image_suffixes())
+    return f"Images: {IMAGE_FORMATS_TEXT} ({patterns});;All files (*)"
 
 
 def _window_class():
@@ -102,10 +125,10 @@ def _window_class():
             for w in (self.model_edit, self.folder_button, self.file_button):
                 mrow.addWidget(w)
             self.backend_box = QComboBox()
-            self.backend_box.addItems(["auto", "torch", "llama", "onnx"])
+            self.backend_box.addItems(["auto", *BACKENDS])
             self.backend_box.setCurrentText(backend)
             self.device_box = QComboBox(editable=True)
-            self.device_box.addItems(["auto", "cpu", "cuda", "mps", "metal"])
+            self.device_box.addItems(list(DEVICE_ALIASES))
             self.device_box.setCurrentText(device)
             self.load_button = QPushButton("Load", clicked=self.load_model)
             brow = QHBoxLayout()
@@ -122,7 +145,7 @@ def _window_class():
             self.budget_spin = QSpinBox(minimum=-1, maximum=65536, value=-1, singleStep=64)
             self.budget_spin.setSpecialValueText("unlimited")
             self.budget_spin.setSuffix(" tokens")
-            self.max_tokens_spin = QSpinBox(minimum=1, maximum=65536, value=512, singleStep=64)
+            self.max_tokens_spin = QSpinBox(minimum=1, maximum=65536, value=DEFAULT_MAX_TOKENS, singleStep=64)
             form = QFormLayout()
             form.addRow("Model", mrow)
             form.addRow("Backend", brow)
@@ -143,7 +166,6 @@ def _window_class():
             self.error_label.setStyleSheet("QLabel { color: #a00000; background: #fdecea; padding: 6px; }")
             self.error_label.setVisible(False)
             self.question = QLineEdit(returnPressed=self.ask)
-            self.question.setPlaceholderText("Ask about the image…")
             self.ask_button = QPushButton("Ask", clicked=self.ask)
             self.stop_button = QPushButton("Stop", clicked=self.stop)
             qrow = QHBoxLayout()
@@ -191,6 +213,8 @@ def _window_class():
             auto = self.mode_box.currentText() == "auto"
             self.threshold_check.setEnabled(auto)
             self.threshold_spin.setEnabled(auto and self.threshold_check.isChecked())
+            self.question.setPlaceholderText("Ask about the image…" if self.image_path
+                                             else "Open an image first, then ask about it…")
 
         def show_error(self, message: str) -> None:
             self.error_label.setText(message)
@@ -255,8 +279,7 @@ def _window_class():
 
         # ---- image ----------------------------------------------------------------------------
         def choose_image(self) -> None:
-            f, _ = QFileDialog.getOpenFileName(self, "Open image", "",
-                                               "Images (*.png *.jpg *.jpeg *.webp *.bmp *.gif *.tif *.tiff);;All files (*)")
+            f, _ = QFileDialog.getOpenFileName(self, "Open image", "", image_filter())
             if f:
                 self.set_image(f)
 
@@ -275,6 +298,7 @@ def _window_class():
             self.preview.set_image(pil_to_qimage(img))
             self.image_info.setText(f"{Path(path).name} — {img.width}×{img.height}")
             self.new_chat()
+            self._sync()
             return True
 
         def new_chat(self) -> None:
@@ -307,6 +331,10 @@ def _window_class():
                 return
             if self.model is None:
                 self.show_error("load a model first (choose a model folder or .gguf file and press Load)")
+                return
+            if self.image_path is None:
+                self.show_error("open an image first: Open image… or drop an image file on the window "
+                                "(the app asks about an image; for a chat without one: r4b-edge chat none)")
                 return
             if not q:
                 self.show_error("type a question first")
@@ -468,9 +496,44 @@ def screenshot(args: argparse.Namespace) -> int:
         win.close()
 
 
+def _repack_env(args: argparse.Namespace) -> None:
+    """--llama-repack reaches the llama backend of every model the window loads through its
+    environment variable (the window may load several models, of any backend)."""
+    if getattr(args, "llama_repack", None):
+        from r4b_edge.backends.llama_repack import ENV
+
+        os.environ[ENV] = args.llama_repack
+
+
+def x11_problem() -> Optional[str]:
+    """Why Qt's X11 plugin cannot load here, or None. Where Qt would use X11 (Linux, $DISPLAY set, no
+    other platform chosen), the plugin is loaded first, so a missing system library becomes a message
+    naming it and the packages to install instead of Qt's abort."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if not sys.platform.startswith("linux") or not os.environ.get("DISPLAY"):
+        return None
+    if platform.split(":")[0] not in ("", "xcb") or (not platform and os.environ.get("WAYLAND_DISPLAY")):
+        return None  # another platform plugin (Wayland, offscreen, ...) is used
+    import ctypes
+
+    from PySide6.QtCore import QLibraryInfo
+
+    plugin = Path(QLibraryInfo.path(QLibraryInfo.LibraryPath.PluginsPath)) / "platforms" / "libqxcb.so"
+    if not plugin.exists():
+        return None
+    try:
+        ctypes.CDLL(str(plugin))
+    except OSError as e:
+        return (f"Qt cannot load its X11 plugin ({e}): install the X11 libraries docs/app.md lists "
+                f"(Debian/Ubuntu: sudo apt-get install {' '.join(X11_PACKAGES)}), "
+                "or render offscreen with --screenshot OUT.png")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _need_qt()
     _check_args(args)
+    _repack_env(args)
     if args.screenshot:
         return screenshot(args)
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
@@ -479,6 +542,11 @@ def run(args: argparse.Namespace) -> int:
 
         raise R4BError("no display found (DISPLAY/WAYLAND_DISPLAY unset): run it in a desktop session, "
                        "or render offscreen with --screenshot OUT.png")
+    problem = x11_problem()
+    if problem:
+        from r4b_edge.errors import R4BError
+
+        raise R4BError(problem)
     app = qt_app()
     win = main_window_class()(args.model, args.backend, args.device, threads=args.threads)
     _apply_args(win, args)

@@ -6,7 +6,6 @@ to the window through Qt signals (queued across threads), one per stream event.
 from __future__ import annotations
 
 import html
-import os
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -34,22 +33,21 @@ def html_text(text: str) -> str:
 
 def save_screenshot(widget: Any, path: str | Path) -> Path:
     """Grab `widget` and write it as PNG atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    if not widget.grab().save(str(tmp), "PNG"):
-        from r4b_edge.errors import R4BError
+    from r4b_edge.errors import R4BError
+    from r4b_edge.fsutil import atomic_write
 
-        raise R4BError(f"could not write the screenshot {tmp}")
-    os.replace(tmp, path)
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        if not widget.grab().save(str(tmp), "PNG"):
+            raise R4BError(f"could not write the screenshot {path}")
     return path
 
 
 def badge_text(d: Decision) -> str:
-    """`thinking, p=0.93` or `direct`."""
-    if not d.think:
-        return "direct"
-    return "thinking" if d.p_think is None else f"thinking, p={d.p_think:.2f}"
+    """`thinking, p_think=0.93` or `direct, p_think=0.04`, as `chat` prints them; `(forced)` when the
+    mode or a threshold decided; no p_think where it was not measured."""
+    word = ("thinking" if d.think else "direct") + (" (forced)" if d.forced else "")
+    return word if d.p_think is None else f"{word}, p_think={d.p_think:.2f}"
 
 
 def stats_text(result: Result) -> str:

@@ -5,11 +5,14 @@ import argparse
 import json
 from pathlib import Path
 
+from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show the model, its size, available backends and devices", description=__doc__)
     p.add_argument("--model", default=None, help="model path (default: the bundled model)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_repack_arg(p)
     p.set_defaults(func=run)
 
 
@@ -17,7 +20,29 @@ def _dir_size(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def collect(model: str | None) -> dict:
+def llama_cpu(path: Path | None, fmt: str | None, setting: str | None) -> dict:
+    """What llama.cpp sees of this CPU, and the repack choice for `path` when it is a GGUF model."""
+    from r4b_edge.backends import llama_repack
+    from r4b_edge.backends.gguf_pair import find_gguf_pair
+    from r4b_edge.errors import R4BError
+
+    out = llama_repack.cpu_report()
+    out["setting"] = llama_repack.repack_setting(setting)
+    if path is not None and fmt == "llama":
+        try:
+            text, _ = find_gguf_pair(path, None)
+            out["choice"] = llama_repack.choice_dict(llama_repack.choose(setting, text))
+        except R4BError as e:
+            out["choice"] = {"error": str(e)}
+    else:
+        out["policy"] = ("F16/F32 files: on (nothing to repack); quantized files: "
+                         + ("off (llama.cpp was built with AMX kernels, which crash)" if out["llama_amx"]
+                            else "a one-time probe per kind of file decides (cached)")
+                         if out["setting"] == "auto" else f"{out['setting']} for every file")
+    return out
+
+
+def collect(model: str | None, repack: str | None = None) -> dict:
     from r4b_edge import __version__
     from r4b_edge.api import default_model_path
     from r4b_edge.backends import BACKENDS, available_backends, backend_devices, detect_format
@@ -42,11 +67,14 @@ def collect(model: str | None) -> dict:
         info["model"] = m
     except R4BError as e:
         info["model"] = {"error": str(e)}
+        path = fmt = None
+    if info["backends"].get("llama", {}).get("installed"):
+        info["llama_cpu"] = llama_cpu(path, fmt, repack)
     return info
 
 
 def run(args: argparse.Namespace) -> int:
-    info = collect(args.model)
+    info = collect(args.model, args.llama_repack)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -63,4 +91,19 @@ def run(args: argparse.Namespace) -> int:
     for name, b in info["backends"].items():
         state = ", ".join(b["devices"]) if b["installed"] else f"not installed (pip install '{b['extra']}')"
         print(f"  {name}: {state}")
+    lc = info.get("llama_cpu")
+    if lc:
+        amx = ", ".join(lc["os_amx_flags"]) or "none"
+        print(f"llama.cpp on this CPU: {lc['cpu']} ({lc['machine']}); OS AMX flags: {amx}; "
+              f"llama.cpp AMX kernels: {'yes' if lc['llama_amx'] else 'no'}")
+        print(f"  features: {' '.join(lc['llama_features'])}")
+        c = lc.get("choice")
+        if c and "error" in c:
+            print(f"  repack: {c['error']}")
+        elif c:
+            state = "on" if c["use_extra_bufts"] else "off"
+            src = " (cached probe)" if c["cached"] else (" (probed now)" if c["probe"] else "")
+            print(f"  repack for this model: {state} ({c['setting']}: {c['reason']}){src}")
+        else:
+            print(f"  repack ({lc['setting']}): {lc['policy']}")
     return 0

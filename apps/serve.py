@@ -18,7 +18,7 @@ import sys
 from typing import Optional
 
 from .common import add_model_args
-from .server_request import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
+from .server_request import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, Limits
 
 #: Environment variable read for --api-key (keeps the key out of `ps`).
 API_KEY_ENV = "R4B_EDGE_API_KEY"
@@ -39,8 +39,8 @@ def register(sub) -> None:
     p.add_argument("--allowed-origins", default="", metavar="O1,O2",
                    help="browser Origins accepted besides http(s)://localhost|127.0.0.1|[::1] "
                         "(e.g. https://app.example.com; '*': any)")
-    p.add_argument("--max-queue", type=int, default=16, metavar="N",
-                   help="requests that may wait while one is answered; more get 503 (default 16)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"requests that may wait while one is answered; more get 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                    help="open connections; at the limit idle ones are closed first "
                         f"(default {DEFAULT_MAX_CONNECTIONS})")
@@ -53,8 +53,8 @@ def register(sub) -> None:
                    help="largest image, width x height (default: 4 x the model's largest tile grid, "
                         "at least 12.6 MP)")
     p.add_argument("--max-images", type=int, default=8, metavar="N", help="images per request (default 8)")
-    p.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
-                   help="reply bound when a request sends no max_tokens (default 1024)")
+    p.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens, metavar="N",
+                   help=f"reply bound when a request sends no max_tokens (default {Limits.default_max_tokens})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -109,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
         raise BackendUnavailableError("`r4b-edge serve` needs fastapi and uvicorn: pip install 'r4b-edge[serve]'") from None
     from .common import load_model
     from .server_app import ServerThread, bind_socket, create_app
-    from .server_request import Limits
     from .server_security import AccessPolicy
 
     sock = bind_socket(args.host, args.port)  # a busy port or a bad --host fails before the model loads

@@ -28,14 +28,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from r4b_edge.api import check_options
 from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
 from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageError, R4BError
 
 from .server_http import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, R4BServer, guarded_protocol
 from .server_logprobs import choice_logprobs
-from .server_request import APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request
+from .server_request import (
+    DEFAULT_MAX_QUEUE, APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request,
+)
 from .server_security import AccessGuard, AccessPolicy
-from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped, make_options
+from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped
 
 log = logging.getLogger("r4b_edge.serve")
 
@@ -158,7 +161,7 @@ def _decision(d: Decision) -> dict:
 class ChatServer:
     """State shared by the handlers: the model's worker, limits and names."""
 
-    def __init__(self, model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
+    def __init__(self, model: Any, model_name: str = "r4b-edge", max_queue: int = DEFAULT_MAX_QUEUE,
                  limits: Optional[Limits] = None, decode_workers: int = 1):
         self.model, self.model_name = model, model_name
         self.limits = limits or Limits()
@@ -194,7 +197,7 @@ class ChatServer:
     async def chat(self, request: Request):
         raw = await _read_body(request, self.limits.max_request_bytes, self.limits.request_timeout)
         req = parse_chat_request(_json(raw), self.limits)
-        options = make_options(req.options)
+        check_options(**req.options)  # a bad option is a 400 before the request takes a place
         self.worker.admit()  # a place first: nothing is decoded for a request that cannot wait
         gone = asyncio.ensure_future(_until_disconnect(request))
         job: Optional[Job] = None
@@ -202,7 +205,7 @@ class ChatServer:
             try:
                 loop = asyncio.get_running_loop()
                 images = await loop.run_in_executor(self.pool, self._prepare, req)
-                job = Job(req.messages, images, options, loop)
+                job = Job(req.messages, images, req.options, loop)
                 self.worker.submit(job)
             except BaseException:
                 self.worker.release()
@@ -292,7 +295,7 @@ class ChatServer:
             job.cancel()  # client gone or stream over: the worker stops at its next event
 
 
-def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = 16,
+def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = DEFAULT_MAX_QUEUE,
                limits: Optional[Limits] = None, policy: Optional[AccessPolicy] = None,
                decode_workers: int = 1) -> FastAPI:
     """The FastAPI app serving `model` (an `r4b_edge.Model`); starts its worker thread.

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from r4b_edge.engine.options import GenerationOptions
+from r4b_edge.model.reply import history_answer
 from r4b_edge.model.template import EFFORT_MODES, THINKING_MODES, Message
 
 from .server_logprobs import parse_stop_logprobs
@@ -40,6 +42,8 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = "invali
 
 #: Default number of open connections (at the limit idle ones are closed first).
 DEFAULT_MAX_CONNECTIONS = 256
+#: Default number of requests that may wait while one is answered (more get 503).
+DEFAULT_MAX_QUEUE = 16
 #: Default seconds a client has to send a whole request head, and again its body.
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
@@ -52,7 +56,7 @@ class Limits:
     max_image_pixels: int = 25_000_000
     max_images: int = 8
     max_messages: int = 256
-    default_max_tokens: int = 1024
+    default_max_tokens: int = GenerationOptions.max_tokens  # the engine's own default
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # seconds for the body to arrive
 
 
@@ -281,11 +285,6 @@ def _text_of(content: Any, param: str, role: str) -> tuple[str, list[tuple[Any, 
     return "".join(texts), images
 
 
-def _assistant_text(text: str) -> str:
-    """Earlier answers only: a reasoning block sent back by a client is dropped (as the template does)."""
-    return text.split("</think>")[-1].lstrip() if "</think>" in text else text
-
-
 def _messages(body: dict, limits: Limits) -> tuple[list[Message], list[bytes], list[str]]:
     raw = body.get("messages")
     if raw is None:
@@ -322,7 +321,7 @@ def _messages(body: dict, limits: Limits) -> tuple[list[Message], list[bytes], l
                 images.append(decode_data_uri(url, pp))
                 params.append(pp)
         if role == "assistant":
-            out.append(Message("assistant", _assistant_text(text)))
+            out.append(Message("assistant", history_answer(text)))  # a client's reasoning block is dropped
         elif role == "user":
             out.append(Message("user", text, images=len(urls)))
         else:

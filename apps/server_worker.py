@@ -8,6 +8,7 @@ asyncio loop that waits for them; a cancelled job (client gone) is skipped, or
 stops at the next event and the engine's generator is closed, so the next
 prefill starts from a clean sequence. `begin_shutdown()` answers every waiting
 job with `ShuttingDown` and ends the running reply with a `Stopped` event.
+Replies come from `Model.stream_messages`, the API's entry that every face uses.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import queue
 import threading
 from typing import Any
 
-from r4b_edge.engine.generate import GenerationOptions
+from .server_request import DEFAULT_MAX_QUEUE
 
 log = logging.getLogger("r4b_edge.serve")
 
@@ -41,7 +42,7 @@ class Stopped:
 class Job:
     """One request: what to generate and where its events go."""
 
-    def __init__(self, messages: list, images: list, options: GenerationOptions,
+    def __init__(self, messages: list, images: list, options: dict[str, Any],
                  loop: asyncio.AbstractEventLoop):
         self.messages, self.images, self.options = messages, images, options
         self.loop = loop
@@ -66,7 +67,7 @@ class Job:
 class ModelWorker:
     """A daemon thread serving `Job`s from a bounded queue, one at a time."""
 
-    def __init__(self, model: Any, max_queue: int = 16):
+    def __init__(self, model: Any, max_queue: int = DEFAULT_MAX_QUEUE):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.model = model
@@ -157,7 +158,7 @@ class ModelWorker:
     def _serve(self, job: Job) -> None:
         gen = None
         try:
-            gen = self.model.engine.stream(job.messages, job.images, job.options)
+            gen = self.model.stream_messages(job.messages, job.images, **job.options)
             for ev in gen:
                 if job.cancelled.is_set():
                     break
@@ -178,8 +179,3 @@ def _is_project_error(e: BaseException) -> bool:
     from r4b_edge.errors import R4BError
 
     return isinstance(e, R4BError)
-
-
-def make_options(opts: dict) -> GenerationOptions:
-    """GenerationOptions from checked request fields (raises GenerationOptionError)."""
-    return GenerationOptions(**opts).validate()

@@ -96,13 +96,16 @@ def overhead_worker(p: dict) -> dict:
     attention on, which llama.cpp's AUTO default, used by our backend, picks on CPU)."""
     import llama_cpp
 
+    from r4b_edge.backends.llama_repack import stock_llama_params
+
     spec, n_prompt, n_gen = p["spec"], int(p["n_prompt"]), int(p["n_gen"])
     warmup, repeats, threads = int(p.get("warmup", 1)), int(p.get("repeats", 5)), spec.get("threads")
     ours = open_backend(spec)
     text_gguf = str(ours.model_path)
-    raws = {name: llama_cpp.Llama(model_path=text_gguf, n_ctx=ours.n_ctx, n_batch=512, n_ubatch=512,
-                                  n_threads=threads, n_threads_batch=threads, flash_attn=fa, verbose=False)
-            for name, fa in (("raw", False), ("raw_fa", True))}
+    with stock_llama_params(ours.repack.use_extra_bufts):  # the same weight layout as ours
+        raws = {name: llama_cpp.Llama(model_path=text_gguf, n_ctx=ours.n_ctx, n_batch=512, n_ubatch=512,
+                                      n_threads=threads, n_threads_batch=threads, flash_attn=fa, verbose=False)
+                for name, fa in (("raw", False), ("raw_fa", True))}
     ids = filler_ids(ours.tokenizer, n_prompt)
     res: dict[str, list] = {f"{k}_{m}": [] for k in ("ours", *raws) for m in ("ttft", "tps")}
     same = True

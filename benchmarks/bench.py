@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from r4b_edge.backends.llama_repack import ENV as REPACK_ENV
+from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.model.template import API_MODES
 
 DEFAULT_PRECISIONS = {"torch": "fp32", "llama": "F16,Q8_0,Q4_K_M", "onnx": "fp32,int8,int4"}
@@ -52,6 +54,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: physical cores not busy by the load average; 1 with --quick)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, metal")
+    add_repack_arg(p)
     p.add_argument("--quick", action="store_true", help="one precision per backend, small grid (< 2 min)")
     p.add_argument("--roofline", action="store_true",
                    help="also build a random 4B-shape model (F16 + Q4_K_M GGUF, ~20 GB disk) and compare "
@@ -73,6 +76,10 @@ def register(subparsers: Any) -> None:
                    help="only compare r4b-edge decode with raw llama-cpp-python (llama.cpp's sampler chain) on a "
                         "random R-4B at the true width and vocabulary, greedy and sampled: writes true_shape.* "
                         "into --out (model cached in --roofline-dir, default <cache>/true-shape)")
+    p.add_argument("--repack", action="store_true",
+                   help="only measure llama.cpp's weight repacking on this CPU: prefill/decode with it on and off "
+                        "side by side (bundled and true-shape models, Q4_K_M and Q8_0) and the auto probe's cost: "
+                        "writes repack.json/.md into --out (models cached in --cache)")
     p.add_argument("--true-shape-layers", type=int, default=2,
                    help="decoder layers of the --true-shape model (default 2; R-4B has 36)")
     p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
@@ -135,6 +142,7 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         "roofline_dir": a.roofline_dir,
         "device": a.device,
         "quick": q, "roofline": a.roofline, "baselines": not a.no_baselines, "modes_table": not a.no_modes,
+        "llama_repack": a.llama_repack or os.environ.get(REPACK_ENV) or "auto",
     }
     if s["repeats"] < 1 or s["warmup"] < 0 or s["eval_per_family"] < 1 or s["max_tokens"] < 1:
         raise R4BError("--repeats, --eval-per-family and --max-tokens must be >= 1, --warmup >= 0")
@@ -244,7 +252,7 @@ def run_bench(model: Path, s: dict, cache: Path, out: Path | None, make_plots: b
     t_start = time.perf_counter()
     machine = report.machine_info()
     specs, skipped = prepare_configs(model, s, cache, log)
-    from r4b_edge.world import EVAL_SEED
+    from r4b_edge.train.world import EVAL_SEED
 
     seed = s.get("eval_seed")
     if seed is None:
@@ -383,7 +391,7 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     threads = args.threads or 1
     spec = {"backend": "torch", "precision": "fp32", "path": str(model), "device": args.device, "threads": threads}
     set_threads(threads)
-    from r4b_edge.world import EVAL_SEED
+    from r4b_edge.train.world import EVAL_SEED
 
     seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED
     t0 = time.perf_counter()
@@ -408,35 +416,56 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _true_shape_main(args: argparse.Namespace) -> int:
-    """`r4b-edge bench --true-shape`: ours vs raw llama-cpp-python at R-4B's true width/vocab."""
+def _timed_report(args: argparse.Namespace, stem: str, title: str, run: Callable[[], dict],
+                  markdown: Callable[[dict], str]) -> dict:
+    """Run one stand-alone measurement; write `--out`/STEM.json and STEM.md (title, when, how long,
+    the load average at the start, then `markdown(d)`); print the table."""
     import json
 
-    from r4b_edge.errors import R4BError
+    from . import report
 
-    from . import report, true_shape
-
-    if args.true_shape_layers < 1:
-        raise R4BError(f"--true-shape-layers must be >= 1, got {args.true_shape_layers}")
-    threads = args.threads or 2
-    work = Path(args.roofline_dir or Path(args.cache) / "true-shape").expanduser().resolve()
     machine = report.machine_info()  # before the run: its load average is the one at the start
     t0 = time.perf_counter()
-    d = true_shape.run_true_shape(work, args.true_shape_layers, threads, device=args.device,
-                                  repeats=max(3, min(args.repeats, 2) if args.quick else args.repeats),
-                                  n_gen=16 if args.quick else 32, log=lambda m: print(m, file=sys.stderr))
+    d = run()
     d |= {"command": _command(args), "machine": machine,
           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
           "duration_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "true_shape.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
-    md = true_shape.markdown(d)
-    (out / "true_shape.md").write_text(f"# True-shape decode: r4b-edge vs raw llama-cpp-python\n\nMeasured "
-                                       f"{d['created']} ({d['duration_s']:.0f} s); load average at start "
-                                       f"{d['machine'].get('load_avg')}.\n\n{md}")
+    (out / f"{stem}.json").write_text(json.dumps(d, indent=1, default=str) + "\n")
+    md = markdown(d)
+    (out / f"{stem}.md").write_text(f"# {title}\n\nMeasured {d['created']} ({d['duration_s']:.0f} s); load average "
+                                   f"at start {machine.get('load_avg')}.\n\n{md}")
     print(md)
+    return d
+
+
+def _true_shape_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --true-shape`: ours vs raw llama-cpp-python at R-4B's true width/vocab."""
+    from r4b_edge.errors import R4BError
+
+    from . import true_shape
+
+    if args.true_shape_layers < 1:
+        raise R4BError(f"--true-shape-layers must be >= 1, got {args.true_shape_layers}")
+    threads = args.threads or 2
+    work = Path(args.roofline_dir or Path(args.cache) / "true-shape").expanduser().resolve()
+    title = "True-shape decode: r4b-edge vs raw llama-cpp-python"
+    d = _timed_report(args, "true_shape", title, lambda: true_shape.run_true_shape(
+        work, args.true_shape_layers, threads, device=args.device,
+        repeats=max(3, min(args.repeats, 2) if args.quick else args.repeats),
+        n_gen=16 if args.quick else 32, log=lambda m: print(m, file=sys.stderr)), true_shape.markdown)
     return 0 if "rows" in d else 1
+
+
+def _repack_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --repack`: llama.cpp's extra buffer types on vs off, and the probe's cost."""
+    from . import repack
+
+    d = _timed_report(args, "repack", "llama.cpp weight repacking on vs off", lambda: repack.run_repack(
+        Path(args.cache).expanduser().resolve() / "repack", args.threads or 1, repeats=max(3, args.repeats),
+        layers=args.true_shape_layers, log=lambda m: print(m, file=sys.stderr)), repack.markdown)
+    return 0 if d["rows"] else 1
 
 
 def main(args: argparse.Namespace) -> int:
@@ -446,12 +475,16 @@ def main(args: argparse.Namespace) -> int:
 
     from . import report
 
+    if args.llama_repack:  # every worker (a child process) and the stock-Llama baselines follow it
+        os.environ[REPACK_ENV] = args.llama_repack
     if args.host_overhead:
         return _host_overhead_main(args)
     if args.deadline_sweep:
         return _deadline_sweep_main(args)
     if args.true_shape:
         return _true_shape_main(args)
+    if args.repack:
+        return _repack_main(args)
     s = _settings(args)
     model = Path(args.model).expanduser() if args.model else default_model_path()
     if not (model / "config.json").is_file():

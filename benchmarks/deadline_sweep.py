@@ -1,7 +1,7 @@
 """Deadline sweep: accuracy and the share of answers delivered within T, against T.
 
 `r4b-edge bench --deadline-sweep` asks the world's held-out eval items (every tier,
-`r4b_edge.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
+`r4b_edge.train.world.eval_items`) through the public API, greedy: first in the fixed modes (think,
 no-think, and auto for reference), then with `deadline_ms=T` for a grid of T spanning from the
 no-think replies' 95th-percentile time (x 1.1) to past the think replies' (x 1.3). A reply is
 delivered within T if its wall time, from the `stream` call to its `Done`, is at most T.
@@ -41,7 +41,7 @@ SIDE = ("think", "no-think")  # the fixed modes a deadline reply is compared wit
 
 def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
     from r4b_edge.engine.events import Decision, Done
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     t0 = time.perf_counter()
     plan, result = None, None
@@ -64,7 +64,7 @@ def _ask(model: Any, img: Any, item: dict, max_tokens: int, **kw: Any) -> dict:
 def _open(p: dict) -> tuple[Any, list, list]:
     """The model of `p["spec"]`, the eval items and their prepared images."""
     from r4b_edge.api import Model
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     from .latency import open_backend
 

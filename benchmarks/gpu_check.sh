@@ -31,7 +31,7 @@ stamp host overhead per token at vocab 151936
 python3 -m r4b_edge.apps.cli bench --host-overhead --out "$OUT/bench/host"
 echo "host overhead exit status $?"
 stamp parity torch cuda, onnx cuda
-python3 -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "torch:cuda,onnx:cuda=$REPO/runs/post/onnx/onnx-int8" --per-family 5 \
+python3 -m r4b_edge.benchmarks.card.gpu_parity --model "$M" --targets "torch:cuda,onnx:cuda=$REPO/runs/post/onnx/onnx-int8" --per-family 5 \
   --save-reference "$OUT/torch_cpu_replies.json"
 stamp build llama-cpp-python with CUDA
 t0=$(date +%s)
@@ -42,7 +42,7 @@ CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_L
 echo "llama-cpp-python CUDA build: rc $? in $(( $(date +%s) - t0 )) s"
 tail -3 "$OUT/llama_build.log"
 stamp parity llama cuda, in a process without torch
-python3 -X faulthandler -m r4b_edge.benchmarks.gpu_parity --model "$M" --targets "llama:cuda=$G/F16,llama:cuda=$G/Q4_K_M+mmproj-F16" \
+python3 -X faulthandler -m r4b_edge.benchmarks.card.gpu_parity --model "$M" --targets "llama:cuda=$G/F16,llama:cuda=$G/Q4_K_M+mmproj-F16" \
   --per-family 5 --reference "$OUT/torch_cpu_replies.json"
 echo "llama parity exit status $?"
 stamp true-shape decode on cuda: ours vs raw llama-cpp-python with the llama.cpp sampler chain

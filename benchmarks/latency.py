@@ -15,6 +15,7 @@ JSON on stdin and reads one tagged JSON line back from stdout.
 from __future__ import annotations
 
 from r4b_edge.engine.memory import peak_rss_mb  # VmHWM on Linux
+from r4b_edge.errors import describe_exit
 
 import importlib
 import json
@@ -73,8 +74,13 @@ def run_isolated(target: str, payload: dict, timeout: float = 900.0, threads: in
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"worker exited with code {proc.returncode}: {' | '.join(tail)}"}
+    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-3:]
+    why = f"worker {describe_exit(proc.returncode)}" + (f": {' | '.join(tail)}" if tail else "")
+    if proc.returncode < 0 and "llama" in json.dumps(payload):  # a native crash in llama.cpp
+        from r4b_edge.backends.llama_repack import crash_hint
+
+        why += f"; {crash_hint(proc.returncode)}"
+    return {"error": why}
 
 
 def _worker_main(argv: Sequence[str]) -> int:
@@ -127,7 +133,7 @@ def filler_ids(tokenizer: Any, n: int) -> list[int]:
 def world_images(config: Any, n: int, seed: int = 7) -> list[Any]:
     """`n` distinct prepared world images (distinct, so the backend's image cache never hits)."""
     from r4b_edge.model.processing import prepare_image
-    from r4b_edge.world import make_example, render
+    from r4b_edge.train.world import make_example, render
 
     return [prepare_image(render(make_example(seed, i, "caption", "eval")[0]), config) for i in range(n)]
 

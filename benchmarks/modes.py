@@ -3,7 +3,7 @@
 For one configuration (backend x precision, in its own process) every eval item is asked in
 every mode (auto | think | no-think) with `Model.stream` (greedy); the `Stats` of the `Done`
 result give time to first token, time to first answer token and the token counts, and the
-world's rule checker (`r4b_edge.world.check_answer`) scores the answer. The parent turns
+world's rule checker (`r4b_edge.train.world.check_answer`) scores the answer. The parent turns
 the per-item rows into the table a user reads to pick a mode: accuracy, think-rate, mean tokens
 and mean time-to-answer, with medians and quartiles of the latencies.
 
@@ -27,7 +27,7 @@ def modes_worker(p: dict) -> dict:
     """Worker: load one configuration and answer every eval item in every mode."""
     from r4b_edge.api import Model
     from r4b_edge.engine.events import Done
-    from r4b_edge.world import EVAL_SEED, check_answer, eval_items
+    from r4b_edge.train.world import EVAL_SEED, check_answer, eval_items
 
     seed, max_tokens = int(p.get("seed", EVAL_SEED)), int(p.get("max_tokens", 64))
     try:

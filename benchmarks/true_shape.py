@@ -41,7 +41,7 @@ def world_tokenizer(tok_dir: Path) -> Path:
     true-shape checkpoints (their vocabulary is padded to 151,936); kept if already there."""
     from r4b_edge.model.template import CHAT_TEMPLATE
     from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     if not (tok_dir / "tokenizer.json").is_file():
         texts = [f"{it['question']} {it['answer']}" for it in eval_items(per_family=20, seed=1)]
@@ -138,15 +138,17 @@ def compare_worker(p: dict) -> dict:
     """Worker: ours vs raw per setting, runs interleaved (order rotated)."""
     import llama_cpp
 
+    from r4b_edge.backends.llama_repack import stock_llama_params
     from r4b_edge.engine.generate import Engine
 
     spec, n_prompt, n_gen, repeats = p["spec"], int(p["n_prompt"]), int(p["n_gen"]), int(p["repeats"])
     threads = spec.get("threads")
     ours = open_backend(spec)
     eng = Engine(ours)
-    raw = llama_cpp.Llama(model_path=str(ours.model_path), n_ctx=ours.n_ctx, n_batch=512, n_ubatch=512,
-                          n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False,
-                          n_gpu_layers=0 if ours.device == "cpu" else -1)
+    with stock_llama_params(ours.repack.use_extra_bufts):  # the same weight layout as ours
+        raw = llama_cpp.Llama(model_path=str(ours.model_path), n_ctx=ours.n_ctx, n_batch=512, n_ubatch=512,
+                              n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False,
+                              n_gpu_layers=0 if ours.device == "cpu" else -1)
     ids = filler_ids(ours.tokenizer, n_prompt)
     prompt = ours.tokenizer.decode(ids)
     ids = ours.tokenizer.encode(prompt)  # the exact ids our engine will prefill

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.formats import GGUF_MMPROJ_QUANTS, GGUF_QUANTS, ONNX_PRECISIONS
 
 
@@ -28,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--stock-pinpoints", action="store_true",
                    help="gguf: also write AnyRes pinpoints for stock llama.cpp tools (see docs/gguf.md)")
     p.add_argument("--force", action="store_true", help="re-export even when the manifest says it is up to date")
-    p.add_argument("--no-verify", action="store_true", help="gguf: skip the read-back and llama.cpp load check")
+    p.add_argument("--no-verify", action="store_true", help="gguf: skip the read-back and llama.cpp test decode")
+    add_repack_arg(p)
     p.set_defaults(func=run)
 
 
@@ -49,12 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
         quant = args.quant or "Q4_K_M"
         r = export_gguf(src, args.out, quant=quant, mmproj_quant=args.mmproj_quant, name=args.name,
-                        verify=not args.no_verify, stock_pinpoints=args.stock_pinpoints, force=args.force)
+                        verify=not args.no_verify, stock_pinpoints=args.stock_pinpoints, force=args.force,
+                        repack=args.llama_repack)
         state = "up to date, nothing written" if r.skipped else "written"
         print(f"gguf {r.quant} (mmproj {r.mmproj_quant}) {state}:")
         for f in (r.text, r.mmproj, r.manifest):
             size = f"{f.stat().st_size / 2**20:.1f} MiB" if f.exists() else ""
             print(f"  {f}  {size}")
+        if r.verified:
+            print(f"verified: decodes in llama.cpp here, {r.verified}")
         print(f"run it: r4b-edge chat IMAGE \"question\" --backend llama --model {r.text}")
         return 0
     if args.mmproj_quant or args.stock_pinpoints or args.name != "model":

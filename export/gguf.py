@@ -36,10 +36,12 @@ from r4b_edge.errors import ExportError, R4BError
 from r4b_edge.formats import GGUF_HF_JSON_KEY, GGUF_IMAGE_NEWLINE
 from r4b_edge.formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from r4b_edge.formats import GGUF_REPLY_LENGTHS_KEY as REPLY_LENGTHS_KEY
+from r4b_edge.fsutil import atomic_write
+from r4b_edge.model.reply import ENDOFTEXT
 from r4b_edge.model.reply_lengths import eval_reply_lengths
 from r4b_edge.model.template import CHAT_TEMPLATE
 
-from .manifest import atomic_write, is_up_to_date, write_manifest
+from .manifest import is_up_to_date, write_manifest
 from .quantize import QuantSpec, convert_chunk, fits, llama_quantize, quant_spec, tensor_nbytes
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at a time
@@ -98,6 +100,7 @@ class ExportResult:
     mmproj_quant: str
     skipped: bool = False
     sizes: dict[str, int] = field(default_factory=dict)
+    verified: str = ""  # the llama.cpp test decode's repack choice ("" when not verified)
 
 
 def gguf_name(hf: str) -> str | None:
@@ -200,12 +203,17 @@ def _config_json(src: _Source) -> str:
 
 
 def tokenizer_data(src: _Source) -> dict:
-    """Token list, types and merges for the GGUF vocabulary; ExportError when the tokenizer
-    cannot be written (checked before any file is opened)."""
+    """Token list, types, merges and tokenizer.json for the GGUF vocabulary; ExportError when
+    the tokenizer cannot be written (checked before any file is opened). Special added tokens
+    are CONTROL, the others USER_DEFINED (as llama.cpp's convert_hf_to_gguf types them); the
+    think tags are plain added tokens whatever the source folder says (`mark_text_tokens`), so
+    llama.cpp renders them in a reply's text as it does for Qwen3."""
     import gguf
 
-    tok, n_vocab = src.tokenizer, src.config.vocab_size
-    hf = tok.backend
+    from r4b_edge.model.tokenizer import mark_text_tokens
+
+    n_vocab = src.config.vocab_size
+    hf = mark_text_tokens(src.tokenizer.backend)
     vocab = hf.get_vocab(with_added_tokens=True)
     if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
         raise ExportError(f"tokenizer has ids up to {max(vocab.values())} but text_config.vocab_size is {n_vocab}")
@@ -217,17 +225,18 @@ def tokenizer_data(src: _Source) -> dict:
         at = added.get(i)
         types[i] = (gguf.TokenType.NORMAL if at is None else
                     gguf.TokenType.CONTROL if at.special else gguf.TokenType.USER_DEFINED)
-    model = json.loads(hf.to_str())["model"]
+    doc = hf.to_str()
+    model = json.loads(doc)["model"]
     if model.get("type") != "BPE":
         raise ExportError(f"tokenizer model is {model.get('type')!r}; the GGUF export needs a byte-level BPE")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges}
+    return {"tokens": tokens, "types": types, "merges": merges, "json": doc}
 
 
 def _tokenizer_kv(w: Any, src: _Source, data: dict) -> None:
     import gguf
 
-    tok, hf = src.tokenizer, src.tokenizer.backend
+    tok = src.tokenizer
     tokens, types, merges = data["tokens"], data["types"], data["merges"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -235,13 +244,13 @@ def _tokenizer_kv(w: Any, src: _Source, data: dict) -> None:
     w.add_token_types(types)
     w.add_token_merges(merges)
     w.add_eos_token_id(tok.im_end)
-    pad = tok.token_to_id("<|endoftext|>")
+    pad = tok.token_to_id(ENDOFTEXT)
     if pad is not None:
         w.add_pad_token_id(pad)
         w.add_bos_token_id(pad)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    w.add_string(GGUF_HF_JSON_KEY, hf.to_str())
+    w.add_string(GGUF_HF_JSON_KEY, data["json"])
 
 
 def _text_plan(src: _Source, spec: QuantSpec) -> list[_Tensor]:
@@ -399,42 +408,36 @@ def read_back(path: Path, plan: list[_Tensor]) -> None:
         raise ExportError(f"{path}: key {R4B_CONFIG_KEY} missing on read-back")
 
 
-def load_check(text: Path, mmproj: Path) -> None:
-    """Load the pair in llama.cpp (text model on CPU, mmproj through mtmd)."""
+def load_check(text: Path, mmproj: Path, repack: str | None = None, threads: int = 1):
+    """Decode a few tokens of the pair in llama.cpp, in a child process, with the repack choice the
+    llama backend would make here (`llama_repack.choose`), and encode one view through the mmproj:
+    a file that would crash the runtime fails the export with one line naming the cause and the
+    override. Returns the RepackChoice."""
     try:
-        import llama_cpp
-        from llama_cpp import mtmd_cpp
+        import llama_cpp  # noqa: F401
     except ImportError as e:
         raise ExportError(f"verification needs llama-cpp-python (pip install 'r4b-edge[export]'): {e}") from None
-    from r4b_edge.backends.llama_backend import quiet_llama
+    from r4b_edge.backends.llama_repack import FIX, choose, crash_hint, probe
 
-    quiet_llama()
-    llama_cpp.llama_backend_init()
-    mp = llama_cpp.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
-    if not model:
-        raise ExportError(f"llama.cpp cannot load the text GGUF {text}")
-    try:
-        cp = mtmd_cpp.mtmd_context_params_default()
-        cp.use_gpu = False
-        cp.warmup = False
-        cp.print_timings = False
-        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, cp)
-        if not ctx:
-            raise ExportError(f"llama.cpp (mtmd) cannot load the mmproj GGUF {mmproj}")
-        mtmd_cpp.mtmd_free(ctx)
-    finally:
-        llama_cpp.llama_model_free(model)
+    choice = choose(repack, text, threads=threads)
+    res = probe(text, choice.use_extra_bufts, mmproj=mmproj, threads=threads)
+    if not res.ok:
+        state = "on" if choice.use_extra_bufts else "off"
+        hint = crash_hint(res.returncode) if choice.use_extra_bufts else ""
+        raise ExportError(f"{text.name} does not run in llama.cpp here: a test decode with repacking {state} "
+                          f"({choice.reason}) was {res.describe()}"
+                          + (f"; {hint}" if hint else f" (not a repacking fault: {FIX} does not apply)"))
+    return choice
 
 
 # ---- entry point ----------------------------------------------------------------------------
 def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4_K_M",
                 mmproj_quant: str | None = None, name: str = "model", verify: bool = True,
-                stock_pinpoints: bool = False, force: bool = False) -> ExportResult:
+                stock_pinpoints: bool = False, force: bool = False, repack: str | None = None) -> ExportResult:
     """Export the R-4B checkpoint `src` to `out/{name}-{quant}.gguf` + `out/mmproj-{name}-{mq}.gguf`
     + `out/manifest.json`. `mmproj_quant` defaults to Q8_0 for Q8_0 and F16 otherwise. Bad inputs
-    fail before anything is written; an up-to-date output is left alone (unless `force`)."""
+    fail before anything is written; an up-to-date output is left alone (unless `force`). `verify`
+    decodes the files in a llama.cpp child process with the `repack` choice (auto | on | off)."""
     spec = quant_spec(quant)
     mspec = quant_spec(mmproj_quant or ("Q8_0" if spec.name == "Q8_0" else "F16"), mmproj=True)
     src_p, out_p = Path(src).expanduser(), Path(out).expanduser()
@@ -454,6 +457,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4
     text_plan, vis_plan = _text_plan(source, spec), _vision_plan(source, mspec.python_type)
     tok_data = tokenizer_data(source)
     out_p.mkdir(parents=True, exist_ok=True)
+    checked = None
     try:
         with atomic_write(text_p) as t_tmp, atomic_write(mm_p) as m_tmp:
             if spec.python_type:
@@ -469,9 +473,10 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4
             if verify:
                 read_back(m_tmp, vis_plan)
                 read_back(t_tmp, text_plan)
-                load_check(t_tmp, m_tmp)
+                checked = load_check(t_tmp, m_tmp, repack)
     finally:
         source.close()
     man = write_manifest(out_p, [text_p, mm_p], src_p, "gguf", spec.name, extra)
     return ExportResult(out_p, text_p, mm_p, man, spec.name, mspec.name,
-                        sizes={p.name: p.stat().st_size for p in (text_p, mm_p)})
+                        sizes={p.name: p.stat().st_size for p in (text_p, mm_p)},
+                        verified=checked.line() if checked else "")

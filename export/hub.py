@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 from r4b_edge.errors import DownloadError, ModelFormatError
+from r4b_edge.fsutil import atomic_write
 
 SMALL_FILES = ("config.json", "preprocessor_config.json", "generation_config.json", "tokenizer_config.json",
                "model.safetensors.index.json", "chat_template.jinja", "chat_template.json",
@@ -242,9 +243,8 @@ class Downloader:
                 f"({size} bytes received); the file was deleted, run the pull again")
         os.replace(part, final)
         self.verified[rf.name] = want
-        tmp = self._verified_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.verified, indent=1))
-        os.replace(tmp, self._verified_path)
+        with atomic_write(self._verified_path) as tmp:
+            tmp.write_text(json.dumps(self.verified, indent=1))
         return final
 
 

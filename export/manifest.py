@@ -1,9 +1,10 @@
 """Export manifest (sha256 of every written file, source, format, quant, tool
-versions) and the atomic-write helper shared by the GGUF and ONNX exporters.
+versions). Files are written through `r4b_edge.fsutil.atomic_write`.
 
 Typical use in an exporter::
 
-    from r4b_edge.export.manifest import atomic_write, is_up_to_date, write_manifest
+    from r4b_edge.export.manifest import is_up_to_date, write_manifest
+    from r4b_edge.fsutil import atomic_write
 
     if is_up_to_date(out_dir, source, fmt="gguf", quant="Q4_K_M"):
         return  # same inputs, files intact: re-running is a no-op
@@ -23,54 +24,19 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from r4b_edge.errors import ExportError
+from r4b_edge.fsutil import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _SMALL_FILE = 8 << 20  # files below 8 MiB are hashed in full in the fingerprint
 _TOOLS = ("r4b-edge", "gguf", "llama-cpp-python", "torch", "transformers", "onnx",
           "onnxruntime", "onnxscript", "safetensors", "tokenizers", "numpy")
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync and rename it
-    over ``path``; on any exception delete it and leave ``path`` untouched."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise ExportError(f"atomic_write: nothing was written to the temporary file for {final}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, final)
-        with contextlib.suppress(OSError):  # directory fsync is best effort (not on Windows)
-            dfd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

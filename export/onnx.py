@@ -41,10 +41,11 @@ from r4b_edge.errors import ExportError, ModelFormatError
 from r4b_edge.formats import ONNX_DECODER_FILE as DECODER_FILE, ONNX_EMBED_FILE as EMBED_FILE
 from r4b_edge.formats import ONNX_FORMAT_NAME as FORMAT_NAME, ONNX_FORMAT_VERSION as FORMAT_VERSION
 from r4b_edge.formats import ONNX_GENAI_CONFIG as GENAI_CONFIG, ONNX_NEWLINE_FILE as NEWLINE_FILE
-from r4b_edge.formats import ONNX_REPLY_LENGTHS_FILE as REPLY_LENGTHS_FILE
-from r4b_edge.model.reply_lengths import eval_reply_lengths
 from r4b_edge.formats import ONNX_PRECISIONS as PRECISIONS, ONNX_VISION_FILE as VISION_FILE
+from r4b_edge.formats import ONNX_REPLY_LENGTHS_FILE as REPLY_LENGTHS_FILE
 from r4b_edge.fsutil import replace_dir
+from r4b_edge.model.reply import ENDOFTEXT
+from r4b_edge.model.reply_lengths import eval_reply_lengths
 
 OPSET = 18
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -215,7 +216,7 @@ def genai_config(config: Any, tokenizer: Any, precision: str, graph_precision: d
         "model": {
             "type": "r4b", "context_length": config.max_position_embeddings, "vocab_size": config.vocab_size,
             "eos_token_id": sorted(tokenizer.eos_ids), "bos_token_id": None,
-            "pad_token_id": tokenizer.token_to_id("<|endoftext|>"),
+            "pad_token_id": tokenizer.token_to_id(ENDOFTEXT),
             "image_token_id": config.image_token_index, "special_tokens": specials,
             "chat_template": tokenizer.chat_template,
             "embedding": {"filename": EMBED_FILE, "inputs": _io({"input_ids": ["batch", "seq"]}),
@@ -270,6 +271,7 @@ def export_onnx(src: str | Path, out: str | Path, precision: str = "fp32", force
     import torch
 
     from r4b_edge.model.checkpoint import load_checkpoint
+    from r4b_edge.model.tokenizer import mark_tokenizer_files
 
     from . import onnx_quant
 
@@ -296,6 +298,7 @@ def export_onnx(src: str | Path, out: str | Path, precision: str = "fp32", force
         for name in _TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+        mark_tokenizer_files(tmp)  # think tags non-special, as in Qwen3, whatever the source says
         if lengths is not None:  # the eval folder does not travel with the export: its length summary does
             (tmp / REPLY_LENGTHS_FILE).write_text(json.dumps(lengths.to_dict(), indent=1) + "\n", encoding="utf-8")
         doc = genai_config(config, tokenizer, precision, graph_precision)

@@ -28,6 +28,8 @@ from typing import Callable, Optional
 from filelock import FileLock, Timeout
 
 from r4b_edge import store
+from r4b_edge.backends.llama_repack import ENV as REPACK_ENV
+from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.errors import DownloadError, ExportError
 
 from . import hub
@@ -60,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("--keep-source", action="store_true",
                    help="keep the downloaded repository in the store's downloads/ folder after converting")
     p.add_argument("--force", action="store_true", help="convert again even if this commit is already stored")
+    add_repack_arg(p)
     p.set_defaults(func=run)
 
 
@@ -115,7 +118,7 @@ def _convert(fmt: str, quant: str, src: Path, out: Path, log: Log) -> None:
         from .gguf import export_gguf
 
         r = export_gguf(src, out, quant=quant, force=True)
-        log(f"  wrote {r.text.name} and {r.mmproj.name}")
+        log(f"  wrote {r.text.name} and {r.mmproj.name}; verified: decodes in llama.cpp here, {r.verified}")
     else:
         from .onnx import export_onnx
 
@@ -218,6 +221,8 @@ def _fetch_and_store(listing: hub.Listing, src: Path, name: str, fmt: str, quant
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.llama_repack:  # the conversion's llama.cpp test decode follows it
+        os.environ[REPACK_ENV] = args.llama_repack
     e = pull(args.repo, fmt=args.format, quant=args.quant, keep_source=args.keep_source, force=args.force)
     print(f"stored {e.name}  ({e.size / 2**20:.1f} MiB, {e.format} {e.quant or ''}, commit {e.commit[:12]})")
     print(f"  {e.path}")

@@ -51,6 +51,7 @@ def write_random_bf16(out: Path, config, tokenizer_dir: Path, seed: int = 0) -> 
     import shutil
 
     from r4b_edge.model.checkpoint import INDEX_NAME, expected_shapes
+    from r4b_edge.model.tokenizer import mark_tokenizer_files
 
     out.mkdir(parents=True, exist_ok=True)
     shapes = expected_shapes(config)
@@ -94,6 +95,7 @@ def write_random_bf16(out: Path, config, tokenizer_dir: Path, seed: int = 0) -> 
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / f, out / f)
+    mark_tokenizer_files(out)  # think tags non-special, as in Qwen3 (a --tokenizer folder may predate that)
 
 
 def _anon_mib() -> float:
@@ -150,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (src / "config.json").exists():
         tok_dir = a.tokenizer
         if tok_dir is None:
+            from r4b_edge.model.reply import IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
             from r4b_edge.train.tokenizer import save_tokenizer, train_tokenizer
 
             tok_dir = a.work / "tokenizer"
-            texts = [f"<|im_start|>user\n<image>\nquestion {i}<|im_end|>\n<think>\n</think>\n\n" for i in range(200)]
+            texts = [f"{IM_START}user\n{IMAGE_PLACEHOLDER}\nquestion {i}{IM_END}\n{THINK_OPEN}\n{THINK_CLOSE}\n\n"
+                     for i in range(200)]
             save_tokenizer(train_tokenizer(texts, vocab_size=512), tok_dir, "")
         tok = Tokenizer.from_dir(tok_dir)
         t0 = time.perf_counter()

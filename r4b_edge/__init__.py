@@ -11,9 +11,10 @@ from .errors import (
     BackendOptionError, BackendUnavailableError, ContextLengthError, DownloadError, ExportError,
     GenerationOptionError, ImageError, ModelFormatError, ModelNotFoundError, R4BError, StoreError, TrainingError,
 )
+from .model.template import Message
 
 __all__ = [
-    "load", "Model", "Conversation", "GenerationOptions",
+    "load", "Model", "Conversation", "Message", "GenerationOptions", "check_options",
     "Score", "TokenLogprob", "TopLogprob",
     "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
     "R4BError", "ImageError", "ModelFormatError", "ModelNotFoundError", "BackendUnavailableError",
@@ -23,7 +24,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("load", "Model", "Conversation"):
+    if name in ("load", "Model", "Conversation", "check_options"):
         from . import api
 
         return getattr(api, name)

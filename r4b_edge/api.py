@@ -1,4 +1,5 @@
-"""The public Python API: `load()`, `Model.chat/stream/conversation`.
+"""The public Python API: `load()`, `Model.chat/stream/conversation`, and
+`Model.stream_messages/chat_messages` for a whole conversation (the one way into the engine).
 
     import r4b_edge
     model = r4b_edge.load()                      # the bundled model, best backend
@@ -6,12 +7,14 @@
     print(r.thought, r.p_think, r.answer)
     for ev in model.stream("photo.png", "Which colour?", mode="no-think"):
         ...
+    msgs = [r4b_edge.Message("user", "Which colour?", images=1)]
+    r = model.chat_messages(msgs, ["photo.png"], mode="think")
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, overload
+from typing import Any, Iterable, Iterator, Optional, Sequence, overload
 
 from .backends import create_backend
 from .backends.base import Backend
@@ -64,7 +67,7 @@ class Conversation:
         turn = Message("user", prompt, images=1 if (first and self.image is not None) else 0)
         msgs = self.messages + [turn]
         images = [self.image] if self.image is not None else []
-        return self._record(self.model.engine.stream(msgs, images, opts, system=self.system), msgs)
+        return self._record(self.model._stream_messages(msgs, images, opts, self.system), msgs)
 
     def _record(self, events: Iterator[Event], msgs: list[Message]) -> Iterator[Event]:
         for ev in events:
@@ -75,10 +78,7 @@ class Conversation:
 
     def ask(self, prompt: str, **options: Any) -> Result:
         """Blocking version of `stream`."""
-        for ev in self.stream(prompt, **options):
-            if isinstance(ev, Done):
-                return ev.result
-        raise RuntimeError("generation ended without a result")  # pragma: no cover
+        return _result(self.stream(prompt, **options))
 
     def reset(self) -> None:
         self.messages.clear()
@@ -126,6 +126,28 @@ class Model:
         """Blocking one-shot reply; see `stream` for the options."""
         return self.conversation(image).ask(prompt, **options)
 
+    def stream_messages(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
+                        system: str | None = None, **options: Any) -> Iterator[Event]:
+        """The next assistant reply to a whole conversation (ending with a user turn); yields
+        events as `stream` does and takes the same options. Earlier assistant turns are
+        answers (their reasoning is not rendered). `images`: one per `<image>` the user
+        turns' `Message.images` count, in order: anything `prepare` takes (a `PreparedImage`
+        is used as it is). `system`: a system prompt before the turns. Unknown option names
+        raise GenerationOptionError before an image is read; values, texts and the image
+        count raise at the call, never at the first event."""
+        opts = options_from(options)
+        return self._stream_messages(messages, [self.prepare(im) for im in images], opts, system)
+
+    def chat_messages(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
+                      system: str | None = None, **options: Any) -> Result:
+        """Blocking version of `stream_messages`."""
+        return _result(self.stream_messages(messages, images, system=system, **options))
+
+    def _stream_messages(self, messages: Sequence[Message], images: Sequence[PreparedImage],
+                         opts: GenerationOptions, system: str | None) -> Iterator[Event]:
+        """Where every reply of the API enters the engine (`stream`, `Conversation`, `stream_messages`)."""
+        return self.engine.stream(messages, images, opts, system=system)
+
     @overload
     def score(self, image: ImageInput | None, prompt: str, continuation: str, mode: str = ...,
               system: str | None = ..., top_logprobs: int = ...) -> Score: ...
@@ -164,6 +186,19 @@ class Model:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_options(**options: Any) -> GenerationOptions:
+    """The options `Model.stream` and the others take, checked now (names, types, ranges;
+    GenerationOptionError names the bad one), e.g. to refuse a request before queueing it."""
+    return options_from(options).validate()
+
+
+def _result(events: Iterable[Event]) -> Result:
+    for ev in events:
+        if isinstance(ev, Done):
+            return ev.result
+    raise RuntimeError("generation ended without a result")  # pragma: no cover
 
 
 def load(path: str | Path | None = None, backend: str = "auto", device: str = "auto", **kwargs: Any) -> Model:

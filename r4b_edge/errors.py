@@ -63,3 +63,17 @@ class StoreError(R4BError):
 
 class DownloadError(R4BError):
     """A model could not be downloaded from the hub, or what arrived is wrong."""
+
+
+def describe_exit(returncode: int) -> str:
+    """A child process's exit status in words: "killed by SIGSEGV (segmentation fault)", "exit code 3"."""
+    import signal
+
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode)
+        except ValueError:
+            return f"killed by signal {-returncode}"
+        desc = signal.strsignal(sig) or ""
+        return f"killed by {sig.name}" + (f" ({desc.lower()})" if desc else "")
+    return f"exit code {returncode}"

@@ -1,7 +1,11 @@
 """Shared fixtures: a tiny trained tokenizer and tiny random R-4B checkpoints (exact layout)."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,13 @@ import pytest
 # so installing Python's own handler here gives every child the terminal's Ctrl-C.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The suite writes nothing to the user's store folder (~/.cache/r4b-edge): the llama backend's
+# repack probe verdicts and anything else stored go to one folder per run, shared by the tests
+# (so each kind of GGUF is probed once per run). Tests of the store set their own.
+if "R4B_EDGE_HOME" not in os.environ:
+    os.environ["R4B_EDGE_HOME"] = tempfile.mkdtemp(prefix="r4b-edge-tests-home-")
+    atexit.register(shutil.rmtree, os.environ["R4B_EDGE_HOME"], True)
 
 
 def tiny_corpus() -> list[str]:

@@ -64,6 +64,53 @@ def test_conversation_multi_turn_drops_reasoning(model, png):
     assert conv.messages == []
 
 
+# ---- the messages-level entry (#25 item 2): one way into the engine ---------------------------
+def test_chat_messages_is_the_path_of_chat_and_conversation(model, png):
+    q = [r4b_edge.Message("user", "what colour?", images=1)]
+    assert model.chat_messages(q, [png], max_tokens=10).token_ids == model.chat(png, "what colour?", max_tokens=10).token_ids
+    conv = model.conversation(png, system="be brief")
+    conv.ask("first?", max_tokens=6)
+    r2 = conv.ask("second?", max_tokens=6)
+    again = model.chat_messages(conv.messages[:3], [png], system="be brief", max_tokens=6)
+    assert (again.token_ids, again.stats.prompt_tokens) == (r2.token_ids, r2.stats.prompt_tokens)
+    events = list(model.stream_messages(q, [png], max_tokens=10))
+    assert isinstance(events[0], Decision) and isinstance(events[-1], Done)
+
+
+def test_stream_messages_takes_prepared_images_as_they_are(model, png, monkeypatch):
+    prepared = model.prepare(png)
+    want = model.chat(png, "q", max_tokens=5).token_ids
+    monkeypatch.setattr(r4b_edge.api, "prepare_image", lambda *a: pytest.fail("prepared twice"))
+    monkeypatch.setattr(r4b_edge.api, "load_image", lambda *a, **k: pytest.fail("read twice"))
+    assert model.chat_messages([r4b_edge.Message("user", "q", images=1)], [prepared], max_tokens=5).token_ids == want
+
+
+def test_stream_messages_errors_at_the_call(model, png, tmp_path):
+    q = [r4b_edge.Message("user", "q", images=1)]
+    with pytest.raises(GenerationOptionError, match="unknown generation option"):  # before the image is read
+        model.stream_messages(q, [tmp_path / "missing.png"], max_tokenz=5)
+    with pytest.raises(GenerationOptionError, match="max_tokens must be an integer"):
+        model.stream_messages(q, [png], max_tokens="5")
+    with pytest.raises(GenerationOptionError, match="1 image placeholders but 0 images"):
+        model.stream_messages(q, [])
+    with pytest.raises(GenerationOptionError, match="must end with a user turn"):
+        model.stream_messages([r4b_edge.Message("assistant", "a")])
+
+
+@pytest.mark.parametrize("alias,name", [("long", "think"), ("short", "no-think"), ("nothink", "no-think"),
+                                        ("auto", "auto")])
+def test_result_mode_is_the_canonical_name(model, png, alias, name):
+    assert model.chat(png, "q", mode=alias, max_tokens=3).mode == name
+    assert r4b_edge.check_options(mode=alias).mode == name
+
+
+def test_check_options_raises_what_the_api_raises():
+    with pytest.raises(GenerationOptionError, match="unknown generation option"):
+        r4b_edge.check_options(max_tokenz=5)
+    with pytest.raises(GenerationOptionError, match="within \\[0, 1\\], got 2.0"):
+        r4b_edge.check_options(think_threshold=2.0)
+
+
 @pytest.mark.parametrize("kw,err,msg", [
     (dict(mode="maybe"), GenerationOptionError, "unknown mode 'maybe'"),
     (dict(think_threshold=2.0), GenerationOptionError, "within [0, 1], got 2.0"),
@@ -175,4 +222,18 @@ def test_layering_core_imports_no_upper_floor():
             if re.match(r"\s*(from|import)\s+(r4b_edge\.)?(train|export|apps|benchmarks)\b", line) or \
                re.match(r"\s*from\s+\.+(train|export|apps|benchmarks)\b", line):
                 bad.append(f"{f.name}: {line.strip()}")
+    assert not bad, bad
+
+
+def test_faces_enter_through_the_api():
+    """#25 item 2: apps/ never reaches past `Model` into its engine nor builds GenerationOptions itself
+    (`Model.stream_messages` and `check_options` are the entry; reading a default is fine)."""
+    import pathlib
+    import re
+
+    import r4b_edge.apps
+
+    root = pathlib.Path(r4b_edge.apps.__file__).parent
+    bad = [f"{f.name}: {line.strip()}" for f in root.rglob("*.py") for line in f.read_text().splitlines()
+           if re.search(r"(?<!r4b_edge)\.engine\b|\bEngine\(|GenerationOptions\([^)]|options_from", line)]
     assert not bad, bad

@@ -13,14 +13,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.world import GRADED, PERCEPTION, REASONING
+from r4b_edge.model.reply import ENDOFTEXT
 
-from .common import Metrics, Recipe, barrier, is_main, rank, world_size
 from .data import read_jsonl, write_jsonl
-from .stages import (begin_stage, chat_versions, encode_all, ensure_world, family_weights, grounded, load_stage_model,
-                     load_tokenizer, pixel_cache, save_stage_model, stage_main)
+from .dist import barrier, is_main, rank, world_size
+from .metrics import Metrics
+from .recipe import Recipe
 from .rollout import Roller, items_from_records
 from .sft import run_sft
+from .stages import (begin_stage, chat_versions, encode_all, ensure_world, family_weights, grounded, load_stage_model,
+                     load_tokenizer, pixel_cache, save_stage_model, stage_main)
+from .world import GRADED, PERCEPTION, REASONING
 
 
 def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Recipe) -> list[dict]:
@@ -127,7 +130,7 @@ def run(run_dir: Path, r: Recipe) -> Path:
     if r.an_ground:
         data = grounded(tok, data, recs, cfg, r, response_slots=False)
     torch.manual_seed(r.seed + 2)
-    run_sft(stage, model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id("<|endoftext|>"), r,
+    run_sft(stage, model, data, recs_path.parent, pixel_cache(cfg), tok.token_to_id(ENDOFTEXT), r,
             steps=r.an_steps, batch=r.an_batch, lr=r.an_lr, salt=2, desc="anneal", weights=w)
     return save_stage_model(run_dir, "anneal", model, cfg)
 

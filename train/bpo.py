@@ -16,15 +16,19 @@ import torch
 from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.world import GRADED, PERCEPTION, REASONING, TIERS
+from r4b_edge.model.reply import ENDOFTEXT, THINK_OPEN
 
-from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
-                     lr_at, save_state, shard, token_logprobs)
 from .data import read_jsonl
-from .stages import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
-                       stage_main)
+from .dist import all_reduce_grads, all_sum, barrier, is_main, shard
+from .losses import token_logprobs
+from .metrics import Metrics
+from .recipe import Recipe, lr_at
 from .rollout import Roller, Rollout, items_from_records
 from .sft import make_optimizer
+from .stages import (begin_stage, ensure_world, load_stage_model, load_tokenizer, pixel_cache, save_stage_model,
+                       stage_main)
+from .state import load_state, save_state
+from .world import GRADED, PERCEPTION, REASONING, TIERS
 
 
 def step_prompts(r: Recipe, step: int, pool: Sequence[dict]) -> list[int]:
@@ -102,7 +106,7 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
         p.requires_grad_(False)
     pixels = pixel_cache(cfg)
     roller = Roller(model, tok, cfg, recs_path.parent, pixels)
-    pad_id, think_id = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<think>")
+    pad_id, think_id = tok.token_to_id(ENDOFTEXT), tok.token_to_id(THINK_OPEN)
     # eps 1e-6: many RL gradients are ~0 (all-equal groups); a tiny eps would turn float noise
     # into full-size Adam steps (and break N-process == 1-process agreement)
     opt = make_optimizer(model, r.rl_lr, eps=1e-6)

@@ -1,7 +1,7 @@
 """The shipped model's card, generated from measurements only: every number in it comes from the
 run it describes (eval/results.json, timing.json, anneal/curation.json + curated.jsonl,
 recipe.json, the model's config and tokenizer), gathered into `CardInputs`. Also writes the
-README's example image. Called by `train ship` / `train reproduce` (recipe.py)."""
+README's example image. Called by `train ship` / `train reproduce` (pipeline.py)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r4b_edge.world import GRADED
-
 from .eval_report import (calibration_tables, family_table, follow_up_table, graded_table, mode_table, pct,
                           sweep_check_table, target_table, targets)
+from .world import GRADED
 
 #: The README quick-start image and the question it is meant for.
 EXAMPLE = {"seed": 4242, "index": 7, "family": "sum"}
@@ -22,7 +21,7 @@ REPRODUCE_BAR_S = 2 * 3600
 
 def write_example(out: Path) -> dict:
     """Render the quick-start image; returns its question and answer."""
-    from r4b_edge.world import make_example, render
+    from .world import make_example, render
 
     scene, q = make_example(EXAMPLE["seed"], EXAMPLE["index"], EXAMPLE["family"], "eval")
     render(scene).save(out)
@@ -62,13 +61,11 @@ def curation_levels(curated: Path) -> dict | None:
 
 def card_inputs(run_dir: Path, cfg: Any, results: dict, timing: dict, example: dict, n_params: int) -> CardInputs:
     """Gather the card's inputs from a finished run."""
-    from r4b_edge.model.template import MODE_SUFFIX, THINK_OPEN
-
+    from .rollout import forced_ids
     from .stages import load_tokenizer
 
     tok = load_tokenizer(run_dir)
-    forced = {k: len(tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):], add_special_tokens=False).ids)
-              for k, m in (("think_opening", "long"), ("no_think_opening", "short"))}
+    forced = {k: len(forced_ids(tok, m)) for k, m in (("think_opening", "long"), ("no_think_opening", "short"))}
     cur = run_dir / "anneal" / "curation.json"
     return CardInputs(results=results, timing=timing, recipe=json.loads((run_dir / "recipe.json").read_text()),
                       config={"text": dict(cfg.text_config), "vision": dict(cfg.vision_config),

@@ -17,9 +17,23 @@ STAGES: dict[str, tuple[str, str]] = {  # name -> (module, function)
     "bpo": ("r4b_edge.train.bpo", "main"),
     "grpo": ("r4b_edge.train.bpo", "main_grpo"),
     "eval": ("r4b_edge.train.evaluate", "main"),
-    "ship": ("r4b_edge.train.recipe", "main_ship"),
-    "reproduce": ("r4b_edge.train.recipe", "main"),
+    "ship": ("r4b_edge.train.pipeline", "main_ship"),
+    "reproduce": ("r4b_edge.train.pipeline", "main"),
 }
+
+
+#: the recipe presets (`Recipe.preset`): the default checkpoint's, and CI's seconds-per-stage one
+PRESETS = ("shipped", "micro")
+
+
+def add_run_flags(p: argparse.ArgumentParser, preset: bool = True) -> None:
+    """The flags every stage, `eval`, `reproduce` and `ship` take: the run folder, and (`preset`)
+    the recipe preset and `key=value` overrides."""
+    p.add_argument("--run-dir", "--run", dest="run", default="runs/shipped",
+                   help="training run folder (resumable; holds recipe.json)")
+    if preset:
+        p.add_argument("--preset", default=PRESETS[0], choices=list(PRESETS))
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
 
 
 def stage_main(name: str) -> Callable[[list[str] | None], int]:

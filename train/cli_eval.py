@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import add_run_flags
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """`eval`'s flags (`r4b-edge eval` and `r4b-edge train eval`): the run flags, --out, --models."""
+    add_run_flags(p)
+    p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.add_argument("--models", default="anneal,bpo,grpo", help="stage models to evaluate")
+
 
 def register(sub: "argparse._SubParsersAction") -> None:
     """Add the `eval` verb to the r4b-edge CLI (same flags as `train eval`)."""
     p = sub.add_parser("eval", help="evaluate trained stage models on the held-out world split",
                        description="Accuracy, think-rate, mean output tokens and time-to-answer per "
                                    "model x mode x tier; writes results.json/.md and PNG plots.")
-    p.add_argument("--run-dir", "--run", dest="run", default="runs/shipped", help="training run folder")
-    p.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
-    p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
-    p.add_argument("--models", default="anneal,bpo,grpo", help="stage models to evaluate")
+    add_eval_flags(p)
 
     def run(a: argparse.Namespace) -> int:
         from .evaluate import main

@@ -3,7 +3,6 @@ chat/training rendering with loss masks (spec: docs/data-format.md)."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -11,7 +10,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.template import IMAGE_PLACEHOLDER, TARGET_MODES, Message, render_conversation
+from r4b_edge.fsutil import atomic_write
+from r4b_edge.model.reply import IM_START, IMAGE_PLACEHOLDER
+from r4b_edge.model.template import TARGET_MODES, Message, render_conversation
 
 IGNORE = -100
 MODES = ("think", "direct")
@@ -56,12 +57,9 @@ def validate_record(rec: dict, where: str = "") -> dict:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """Write records atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -133,7 +131,7 @@ def record_pieces(rec: dict, mode: str | None = None, mask_empty_think: bool = F
         raise TrainingError("a think-mode response needs a trace")
     pieces = render_conversation(record_messages(rec), final_mode, mask_empty_think=mask_empty_think)
     if rec.get("meta", {}).get("turn", 1) > 1:  # a follow-up: the history is context, not a target
-        last_user = max(i for i, (t, _) in enumerate(pieces) if t.startswith("<|im_start|>user"))
+        last_user = max(i for i, (t, _) in enumerate(pieces) if t.startswith(f"{IM_START}user"))
         pieces = [(t, tr and i > last_user) for i, (t, tr) in enumerate(pieces)]
     return pieces
 

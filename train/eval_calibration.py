@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.template import EMPTY_THINK_CONTINUATION
+from r4b_edge.model.reply import EMPTY_THINK_CONTINUATION, ENDOFTEXT
 
-from .common import embed_inputs
+from .losses import embed_inputs
 from .rollout import encode_prompt
 
 #: Reliability table bins: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0].
@@ -31,7 +31,7 @@ def p_think_batched(model: Any, tok: Any, cfg: Any, items: Sequence[dict], root:
     sfx = tok.encode(EMPTY_THINK_CONTINUATION, add_special_tokens=False).ids
     k = len(sfx)
     target = torch.tensor(sfx, dtype=torch.long)
-    pad = tok.token_to_id("<|endoftext|>")
+    pad = tok.token_to_id(ENDOFTEXT)
     p_out, g_out = [], []
     for c in range(0, len(items), chunk):
         its = items[c:c + chunk]

@@ -1,5 +1,5 @@
 """Follow-up questions: every eval item asked again as the 2nd and as the 3rd question of a chat
-about its image, after earlier questions (`r4b_edge.world.history_for`, salt EVAL_CHAT_SALT) whose
+about its image, after earlier questions (`train.world.history_for`, salt EVAL_CHAT_SALT) whose
 answers in the history are the model's own (auto, greedy, answer text only: what the runtime's
 `Conversation` keeps)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from r4b_edge.model.template import THINK_CLOSE, THINK_OPEN
-from r4b_edge.world import history_for
+from r4b_edge.model.reply import answer_text
+from .world import history_for
 
 #: World seed salt of the eval chats' earlier questions (training's is train.stages.CHAT_SALT = 53).
 EVAL_CHAT_SALT = 59
@@ -23,17 +23,9 @@ AskFn = Callable[[Sequence[dict]], Sequence["str | None"]]
 
 def runtime_answer(raw: str | None) -> str:
     """The answer the runtime returns and keeps in a chat's history: the text after `</think>` up
-    to any think tag (the engine stops the answer there), stripped; "" when the think block never
-    closed (the reply was all reasoning)."""
-    if raw is None:
-        return ""
-    cut = min((raw.find(t) for t in (THINK_OPEN, THINK_CLOSE) if t in raw), default=len(raw))
-    return raw[:cut].strip()
-
-
-def has_think_tag(raw: str | None) -> bool:
-    """Whether an answer's text holds `<think>` or `</think>`."""
-    return raw is not None and (THINK_OPEN in raw or THINK_CLOSE in raw)
+    to any think tag (the engine stops the answer there), stripped (`r4b_edge.model.reply.answer_text`);
+    "" when the think block never closed (the reply was all reasoning)."""
+    return "" if raw is None else answer_text(raw)
 
 
 def follow_up_items(items: Sequence[dict], seed: int, ask: AskFn) -> dict[int, list[dict]]:
@@ -43,7 +35,7 @@ def follow_up_items(items: Sequence[dict], seed: int, ask: AskFn) -> dict[int, l
     question's second answer is generated with the first in its history), all items batched per
     round. Each item also gets `history_gold` (the earlier questions' gold answers) and
     `history_correct` (how many of the model's earlier answers were right)."""
-    from r4b_edge.world import check_answer
+    from .world import check_answer
 
     hist = {t: [history_for(it["scene"], seed, EVAL_CHAT_SALT, it["id"], t - 1) for it in items] for t in TURNS}
     answers: dict[int, list[list[str]]] = {t: [[] for _ in items] for t in TURNS}

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from r4b_edge.model.template import API_MODES
-from r4b_edge.world import TIERS
+
+from .world import TIERS
 
 MODES = API_MODES
 GROUPS = TIERS + ("overall",)

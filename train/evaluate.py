@@ -18,16 +18,18 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.template import API_MODES, MODE_SUFFIX, THINK_OPEN, template_mode
-from r4b_edge.world import EVAL_SEED_OFFSET, FAMILIES, TIERS
+from r4b_edge.model.reply import has_think_tag
+from r4b_edge.model.template import API_MODES
 
-from .common import Recipe, load_recipe, set_threads
+from .cli_eval import add_eval_flags
 from .data import PixelCache, read_jsonl
 from .eval_calibration import calibration, p_think_batched, plot_calibration, sweep_check
-from .eval_chat import TURNS, follow_up_items, follow_up_summary, has_think_tag
+from .eval_chat import TURNS, follow_up_items, follow_up_summary
 from .eval_report import markdown
-from .rollout import Roller, items_from_records
+from .recipe import Recipe, load_recipe, set_threads
+from .rollout import Roller, forced_ids, items_from_records
 from .stages import ensure_world, stage_model_dir
+from .world import EVAL_SEED_OFFSET, FAMILIES, TIERS
 
 MODES = API_MODES
 GROUPS = TIERS + ("overall",)
@@ -36,8 +38,8 @@ LEVELS = ("easy", "hard")
 
 def eval_items(run_dir: Path, r: Recipe) -> tuple[list[dict], Path]:
     """The held-out set: split 'eval' scenes (disjoint from training by scene hash), seed
-    `r.seed + EVAL_SEED_OFFSET` (r4b_edge.world.EVAL_SEED for the shipped recipe): the items of
-    `r4b_edge.world.eval_items("eval", r.ev_per_family, r.seed + EVAL_SEED_OFFSET)` (every family),
+    `r.seed + EVAL_SEED_OFFSET` (train.world.EVAL_SEED for the shipped recipe): the items of
+    `train.world.eval_items("eval", r.ev_per_family, r.seed + EVAL_SEED_OFFSET)` (every family),
     written as records for the roller; each item carries its graded `level` (None elsewhere).
     A split written earlier with other families or counts is written again."""
     from .world import write_world
@@ -131,9 +133,7 @@ def graded_report(items: Sequence[dict], rows: dict[str, dict[str, np.ndarray]])
 def reply_budget(tok: Any, mode: str, max_tokens: int) -> int:
     """Tokens to generate so the whole reply (forced opening included) is at most `max_tokens`,
     as the engine's `max_tokens` bounds `Result.token_ids`."""
-    forced = MODE_SUFFIX[template_mode(mode)][len(THINK_OPEN):]
-    n_forced = len(tok.encode(forced, add_special_tokens=False).ids) if forced else 0
-    return max(1, max_tokens - n_forced)
+    return max(1, max_tokens - len(forced_ids(tok, mode)))
 
 
 def raw_answers(ro: Sequence[Any]) -> list[str | None]:
@@ -317,11 +317,7 @@ def run(run_dir: Path, r: Recipe, out: Path, models: Sequence[str] = ("anneal", 
 def main(argv: list[str] | None = None) -> int:
     """`train eval --run DIR [--out DIR] [--models anneal,bpo,grpo]`."""
     ap = argparse.ArgumentParser(prog="r4b-edge train eval", description=main.__doc__)
-    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped")
-    ap.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--out", default=None, help="output folder (default RUN/eval)")
-    ap.add_argument("--models", default="anneal,bpo,grpo")
+    add_eval_flags(ap)
     a = ap.parse_args(argv)
     run_dir = Path(a.run)
     r = load_recipe(run_dir, a.preset, a.set)

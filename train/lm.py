@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from r4b_edge.world import GRADED, PERCEPTION, REASONING, make_example, scan_text
+from r4b_edge.model.reply import ENDOFTEXT, IMAGE_PLACEHOLDER
 
-from .common import Recipe, model_config
 from .data import PixelCache, make_record
-from .stages import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
+from .recipe import Recipe, model_config
 from .sft import run_sft
+from .stages import begin_stage, encode_all, ensure_tokenizer, load_tokenizer, save_stage_model, stage_main
+from .world import GRADED, PERCEPTION, REASONING, make_example, scan_text
 
 #: Example indices for this stage start here, away from the other stages' pools.
 INDEX_BASE = 20_000_000
@@ -51,14 +52,14 @@ def run(run_dir: Path, r: Recipe) -> Path:
     tok = load_tokenizer(run_dir)
     from r4b_edge.model.modeling import RForConditionalGeneration
 
-    cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
+    cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id(IMAGE_PLACEHOLDER))
     torch.manual_seed(r.seed)
     model: Any = RForConditionalGeneration(cfg).to(dev)
     recs, modes = text_records(r.seed, r.lm_per_reasoning, r.lm_per_perception, r.lm_perception_think_frac,
                                r.lm_per_graded)
     data = encode_all(tok, recs, cfg, modes)
     run_sft(run_dir / "lm", model, data, run_dir, PixelCache(cfg.image_size, cfg.image_mean, cfg.image_std),
-            tok.token_to_id("<|endoftext|>"), r, steps=r.lm_steps, batch=r.lm_batch, lr=r.lm_lr, salt=0, desc="lm")
+            tok.token_to_id(ENDOFTEXT), r, steps=r.lm_steps, batch=r.lm_batch, lr=r.lm_lr, salt=0, desc="lm")
     return save_stage_model(run_dir, "lm", model, cfg)
 
 

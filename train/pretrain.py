@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import numpy as np
-
-from r4b_edge.world import GRADED, PERCEPTION
-
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.reply import ENDOFTEXT, IMAGE_PLACEHOLDER
 
-from .common import Recipe, model_config
 from .data import read_jsonl
+from .recipe import Recipe, model_config
 from .sft import run_sft
 from .stages import (begin_stage, chat_versions, encode_all, ensure_tokenizer, ensure_world, family_weights, focus_weights,
                      grounded, load_stage_model, load_tokenizer, pixel_cache, save_stage_model, stage_main)
+from .world import GRADED, PERCEPTION
 
 
 def stage1_records(recs: list[dict], r: Recipe) -> tuple[list[dict], np.ndarray]:
@@ -61,7 +60,7 @@ def run(run_dir: Path, r: Recipe) -> Path:
     if r.lm_steps > 0:  # start from the stage-0 decoder
         model, cfg = load_stage_model(run_dir, "lm", dev)
     else:
-        cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id("<image>"))
+        cfg = model_config(r, tok.get_vocab_size(), tok.token_to_id(IMAGE_PLACEHOLDER))
         torch.manual_seed(r.seed)
         model = RForConditionalGeneration(cfg).to(dev)
     recs, weights = stage1_records(read_jsonl(recs_path), r)
@@ -74,7 +73,7 @@ def run(run_dir: Path, r: Recipe) -> Path:
         weights = np.concatenate([(1 - r.pt_replay_frac) * weights,
                                   np.full(len(trecs), r.pt_replay_frac / len(trecs))])
         recs = recs + trecs
-    pad = tok.token_to_id("<|endoftext|>")
+    pad = tok.token_to_id(ENDOFTEXT)
     run_sft(run_dir / "pretrain", model, data, recs_path.parent, pixel_cache(cfg), pad,
             r, steps=r.pt_steps, batch=r.pt_batch, lr=r.pt_lr, salt=1, desc="pretrain", weights=weights)
     if r.pt_focus_steps > 0:  # second phase, resumable on its own (pretrain/focus/state.pt)

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from r4b_edge.model.template import MODE_SUFFIX, THINK_OPEN, Message, render_prompt, template_mode
+from r4b_edge.model.reply import END_TOKENS, ENDOFTEXT, THINK_CLOSE, forced_opening, split_reply
+from r4b_edge.model.template import Message, render_prompt, template_mode
 
-from .common import embed_inputs
+from .losses import embed_inputs
 
 
 @dataclass
@@ -121,20 +122,20 @@ class Parsed:
     n_tokens: int  # output tokens after the <think> tag (forced suffix + generated)
 
 
+def forced_ids(tok: Any, mode: str) -> list[int]:
+    """Ids of the opening `mode` (auto | think | no-think, any alias) forces after the prompt's
+    `<think>` (`r4b_edge.model.reply.forced_opening`): reply tokens the model did not generate."""
+    return tok.encode(forced_opening(template_mode(mode)), add_special_tokens=False).ids
+
+
 def parse_response(tok: Any, mode: str, gen: Sequence[int], eos_ids: set[int]) -> Parsed:
-    """Split (forced suffix + generated) text after `<think>` into reasoning / answer."""
-    forced = MODE_SUFFIX[template_mode(mode)][len(THINK_OPEN):]
-    n_forced = len(tok.encode(forced, add_special_tokens=False).ids) if forced else 0
+    """Split (forced suffix + generated) text after `<think>` into reasoning / answer
+    (`r4b_edge.model.reply.split_reply`)."""
     ids = list(gen)
-    if ids and ids[-1] in eos_ids:
-        body_ids = ids[:-1]
-    else:
-        body_ids = ids
-    text = forced + tok.decode(body_ids, skip_special_tokens=False)
-    if "</think>" not in text:
-        return Parsed(bool(text.strip()), None, n_forced + len(ids))
-    thought, ans = text.split("</think>", 1)
-    return Parsed(bool(thought.strip()), ans.strip(), n_forced + len(ids))
+    body_ids = ids[:-1] if ids and ids[-1] in eos_ids else ids
+    text = forced_opening(template_mode(mode)) + tok.decode(body_ids, skip_special_tokens=False)
+    reasoning, answer = split_reply(text)
+    return Parsed(bool(reasoning), answer, len(forced_ids(tok, mode)) + len(ids))
 
 
 @dataclass
@@ -155,14 +156,14 @@ class Roller:
 
     def __init__(self, model: Any, tok: Any, cfg: Any, root: Any, pixels: Any) -> None:
         self.model, self.tok, self.cfg, self.root, self.pixels = model, tok, cfg, root, pixels
-        self.eos = {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
-        self.pad = tok.token_to_id("<|endoftext|>")
-        self.end_think = tok.token_to_id("</think>")
+        self.eos = {tok.token_to_id(t) for t in END_TOKENS}
+        self.pad = tok.token_to_id(ENDOFTEXT)
+        self.end_think = tok.token_to_id(THINK_CLOSE)
 
     def run(self, items: Sequence[dict], mode: str, *, repeats: int = 1, temperature: float = 0.0,
             seeds: Sequence[int] | None = None, max_new: int = 64, chunk: int = 256) -> list[Rollout]:
         """Rollouts for every item x repeats (row order: item-major). `seeds` per row when sampling."""
-        from r4b_edge.world import check_answer
+        from .world import check_answer
 
         out: list[Rollout] = []
         per = max(1, chunk // repeats)

@@ -12,9 +12,12 @@ from tqdm import tqdm
 
 from r4b_edge.errors import TrainingError
 
-from .common import (Metrics, Recipe, all_reduce_grads, all_sum, barrier, is_main, load_state,
-                     lr_at, save_state, sft_loss_sum, shard)
 from .data import Encoded, PixelCache, collate
+from .dist import all_reduce_grads, all_sum, barrier, is_main, shard
+from .losses import sft_loss_sum
+from .metrics import Metrics
+from .recipe import Recipe, lr_at
+from .state import load_state, save_state
 
 
 def batch_indices(seed: int, salt: int, step: int, n: int, batch: int, weights: np.ndarray | None) -> list[int]:

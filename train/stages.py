@@ -12,13 +12,15 @@ import numpy as np
 import torch
 
 from r4b_edge.errors import TrainingError
+from r4b_edge.model.reply import IM_START, IMAGE_PLACEHOLDER, THINK_OPEN
 from r4b_edge.model.template import CHAT_TEMPLATE, Message, render_conversation
-from r4b_edge.world import FAMILIES, TEMPLATES, history_for, make_example, scan_text
 
-from .common import Recipe, barrier, is_main, load_recipe, set_threads, setup_dist
-from .data import IMAGE_PLACEHOLDER, Encoded, PixelCache, encode_record
+from .cli import add_run_flags
+from .data import Encoded, PixelCache, encode_record
+from .dist import barrier, is_main, setup_dist
+from .recipe import Recipe, load_recipe, set_threads
 from .tokenizer import train_tokenizer, save_tokenizer
-from .world import write_world
+from .world import FAMILIES, TEMPLATES, history_for, make_example, scan_text, write_world
 
 
 def world_dir(run: Path, name: str) -> Path:
@@ -155,11 +157,11 @@ def add_grounding_labels(tok: Any, e: Encoded, rec: dict, cfg: Any, response_slo
     if not carries_answer(rec):
         return e  # the answer carry is for questions read at a glance (perception, a graded easy item)
     a0 = tok.encode(ans, add_special_tokens=False).ids[0]
-    think = tok.token_to_id("<think>")
+    think = tok.token_to_id(THINK_OPEN)
     if think not in e.ids:
         return e
     t = len(e.ids) - 1 - e.ids[::-1].index(think)  # the last turn's <think>
-    heads = [i for i in range(t) if e.ids[i] == tok.token_to_id("<|im_start|>")]
+    heads = [i for i in range(t) if e.ids[i] == tok.token_to_id(IM_START)]
     lo = heads[-2] if len(heads) >= 2 else 0  # the last user turn (earlier turns are history)
     start = None
     pw = meta.get("pos") or (meta.get("colour") if colour_anchor else None)
@@ -265,9 +267,7 @@ def pixel_cache(cfg: Any) -> PixelCache:
 def stage_args(prog: str, doc: str) -> argparse.ArgumentParser:
     """Common stage flags: --run, --preset, --set key=value."""
     ap = argparse.ArgumentParser(prog=prog, description=doc)
-    ap.add_argument("--run-dir", "--run", dest="run", default="runs/shipped", help="run folder (resumable; holds recipe.json)")
-    ap.add_argument("--preset", default="shipped", choices=["shipped", "micro"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides")
+    add_run_flags(ap)
     return ap
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from r4b_edge.model.reply import ENDOFTEXT, IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
+from r4b_edge.model.tokenizer import TEXT_TOKENS, added_tokens_decoder, mark_text_tokens
 
 # Qwen2's pre-tokenizer split pattern (as in Qwen2/Qwen3 tokenizer.json).
 QWEN2_PATTERN = (
@@ -16,12 +19,14 @@ QWEN2_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Order fixes the ids: they follow the regular vocabulary.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<think>", "</think>"]
+# Order fixes the ids: they follow the regular vocabulary. All are special (skipped by
+# `decode(skip_special_tokens=True)`, CONTROL in a GGUF) but the think tags (`TEXT_TOKENS`),
+# which are plain added tokens as in Qwen3's tokenizer, so stock tools keep them in the text.
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMAGE_PLACEHOLDER, THINK_OPEN, THINK_CLOSE]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
-    """Train a byte-level BPE on `texts`; special tokens get the last ids."""
+    """Train a byte-level BPE on `texts`; the added tokens (`SPECIAL_TOKENS`) get the last ids."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -38,7 +43,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens([AddedToken(t, special=t not in TEXT_TOKENS, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
 
@@ -48,19 +53,13 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str) -> N
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tok = mark_text_tokens(tok)
     tok.save(str(out / "tokenizer.json"))
-    added = {
-        str(tok.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
-        }
-        for t in SPECIAL_TOKENS
-    }
     cfg = {
-        "added_tokens_decoder": added,
+        "added_tokens_decoder": added_tokens_decoder(tok),
         "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
         "unk_token": None,
         "model_max_length": 4096,
         "tokenizer_class": "Qwen2Tokenizer",

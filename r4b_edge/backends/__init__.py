@@ -58,7 +58,7 @@ def detect_format(path: str | Path) -> str:
 COMMON_LOAD_OPTIONS = ("device", "threads")
 LOAD_OPTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("dtype", "use_cache"),
-    "llama": ("n_ctx", "n_batch", "mmproj", "verbose"),
+    "llama": ("n_ctx", "n_batch", "mmproj", "verbose", "repack"),
     "onnx": (),
 }
 
@@ -79,6 +79,9 @@ def create_backend(path: str | Path, backend: str = "auto", device: str = "auto"
             f"(export it first with `r4b-edge export --format {'gguf' if name == 'llama' else 'onnx'}`)"
         )
     unknown = sorted(set(kwargs) - set(COMMON_LOAD_OPTIONS) - set(LOAD_OPTIONS[name]))
+    if unknown == ["repack"]:
+        raise BackendOptionError(f"repack (--llama-repack) is a llama backend option (GGUF models); {path} runs on "
+                                 f"the {name} backend: leave it out, or pass a GGUF model")
     if unknown:
         raise BackendOptionError(
             f"unknown argument(s) {', '.join(unknown)} for the {name} backend: it takes "

@@ -27,9 +27,12 @@ from ..formats import GGUF_IMAGE_NEWLINE
 from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from ..model.config import RConfig
 from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
-from ..model.tokenizer import IM_END, Tokenizer
+from ..model.reply import IM_END
+from ..model.tokenizer import Tokenizer
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
 from .gguf_pair import find_gguf_pair
+from .llama_repack import RepackChoice, repack_setting
+from .llama_repack import choose as choose_repack
 from .runtime import canonical_device, check_threads, resolve_device
 
 DEFAULT_N_CTX = 8192
@@ -67,10 +70,11 @@ def build_info() -> dict[str, Any]:
 
 
 # ---- files ------------------------------------------------------------------------------------
-def _read_meta(text: Path, mmproj: Path) -> tuple[dict, str, str | None, np.ndarray | None, str]:
+def _read_meta(text: Path, mmproj: Path) -> tuple[dict, str, str | None, np.ndarray | None, str, list[str]]:
     import gguf
 
     r = gguf.GGUFReader(str(text))
+    types = sorted({t.tensor_type.name for t in r.tensors})
     cfg_f, tok_f = r.get_field(R4B_CONFIG_KEY), r.get_field(HF_JSON_KEY)
     if cfg_f is None or tok_f is None:
         raise ModelFormatError(f"{text} has no {R4B_CONFIG_KEY!r}/{HF_JSON_KEY!r} metadata: it was not written by "
@@ -89,7 +93,8 @@ def _read_meta(text: Path, mmproj: Path) -> tuple[dict, str, str | None, np.ndar
     for t in m.tensors:
         if t.name == GGUF_IMAGE_NEWLINE:
             newline = np.array(t.data, dtype=np.float32).reshape(-1)
-    return cfg, str(tok_f.contents()), (str(tmpl_f.contents()) if tmpl_f is not None else None), newline, ftype
+    return (cfg, str(tok_f.contents()), (str(tmpl_f.contents()) if tmpl_f is not None else None), newline, ftype,
+            types)
 
 
 # ---- backend ----------------------------------------------------------------------------------
@@ -100,15 +105,17 @@ class LlamaBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None,
                  n_ctx: int | None = None, n_batch: int = 512, mmproj: str | Path | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, repack: str | None = None) -> None:
         """`threads`: llama.cpp's decode and batch threads (and mtmd's); None:
-        `runtime.default_threads()`."""
+        `runtime.default_threads()`. `repack`: auto | on | off, whether llama.cpp may repack the
+        weights into its CPU extra buffer types (None: `$R4B_LLAMA_REPACK`, else auto; see
+        `llama_repack`)."""
         self._ll, self._mt = _llama()
         llama_cpp, mtmd_cpp = self._ll, self._mt
         self._closed = True
         threads = check_threads(threads)
         text, mm = find_gguf_pair(model_path, mmproj)
-        cfg_d, tok_json, tmpl, self._newline, self.precision = _read_meta(text, mm)
+        cfg_d, tok_json, tmpl, self._newline, self.precision, types = _read_meta(text, mm)
         self.config = RConfig.from_dict(cfg_d, source=f"{text} ({R4B_CONFIG_KEY})")
         from tokenizers import Tokenizer as _HF
 
@@ -124,8 +131,12 @@ class LlamaBackend(Backend):
         self.device = {"cpu": "cpu", "cuda": "cuda", "mps": "metal"}[asked] if asked in ("cpu", "cuda", "mps") else \
             ("cpu" if n_gpu == 0 else "gpu")
         self.threads = threads
+        # weights offloaded to a GPU are not repacked: the choice (and its probe) is the CPU's
+        self.repack = choose_repack(repack, text, types, threads=threads) if n_gpu == 0 else \
+            RepackChoice(True, repack_setting(repack), "weights on the GPU")
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu
+        mp.use_extra_bufts = self.repack.use_extra_bufts
         self._model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
         if not self._model:
             raise ModelFormatError(f"llama.cpp could not load {text} (re-export it, or run with verbose=True)")
@@ -337,7 +348,7 @@ class LlamaBackend(Backend):
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=self.precision,
                            extra={"mmproj": str(self.mmproj_path), "n_ctx": self._n_ctx, "threads": self.threads,
-                                  "build": build_info()["build"]})
+                                  "build": build_info()["build"], "repack": self.repack.line()})
 
     def close(self) -> None:
         if getattr(self, "_closed", True):

@@ -88,8 +88,10 @@ class Stats:
 
 @dataclass
 class Result:
-    """The outcome of one reply. `token_ids`: every token after the prompt's
-    `<think>` (docs/design.md, "What the engine counts")."""
+    """The outcome of one reply. `mode`: the mode asked for by its API name (auto |
+    think | no-think) whichever alias was passed ("long" gives "think"); `thought`
+    says what the reply did. `token_ids`: every token after the prompt's `<think>`
+    (docs/design.md, "What the engine counts")."""
 
     answer: str
     reasoning: str

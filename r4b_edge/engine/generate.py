@@ -10,7 +10,7 @@ Three layers, each on top of the one below:
 The engine sees only numpy logits through the `Backend` contract, so every
 backend gets the same decision, budget and reasoning/answer split.
 
-What a reply is (docs/design.md, "What the engine counts"): every token after
+What a reply is (`model/reply.py`, docs/design.md "What the engine counts"): every token after
 the prompt's `<think>`, forced or sampled, is one entry of `Result.token_ids`:
 the think block (the mode's forced opening, the reasoning, the budget's
 closing line), `</think>`, the answer and the end token. `max_tokens` bounds
@@ -30,11 +30,11 @@ import numpy as np
 from ..backends.base import Backend
 from ..errors import ContextLengthError, GenerationOptionError
 from ..model.processing import PreparedImage
-from ..model.reply_lengths import ReplyLengths
-from ..model.template import (
-    EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, MODE_SUFFIX, THINK_OPEN, Message, phase_after,
-    render_prompt, template_mode,
+from ..model.reply import (
+    ANSWER_SEPARATOR, EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, THINK_OPEN, THINK_TAGS, forced_opening,
 )
+from ..model.reply_lengths import ReplyLengths
+from ..model.template import Message, phase_after, render_prompt, template_mode
 from ..model.tokenizer import StreamDecoder
 from .deadline import EMA as DEADLINE_EMA
 from .deadline import PROBE_STEPS, DeadlinePlan, DeadlineTracker
@@ -44,7 +44,7 @@ from .memory import peak_rss_mb
 from .options import DEFAULT_BUDGET_CLOSING, GenerationOptions, check_text
 from .sampling import Sampler, token_logprobs
 from .stop import StopFilter
-from .text import THINK_TAGS, TrimmedText
+from .text import TrimmedText
 
 __all__ = ["DEFAULT_BUDGET_CLOSING", "Engine", "GenerationOptions"]
 
@@ -83,7 +83,7 @@ class _State:
 
 @dataclass(frozen=True)
 class _Start:
-    """Where a reply starts: the decision point (`mode` auto/long/short), or a
+    """Where a reply starts: the decision point (`mode` auto/think/no-think), or a
     prompt already past it (`mode` None, `phase` from the prompt's text).
     `chat`: the reply is an assistant turn, whose answer never holds a think
     tag; False for a raw completion (a prompt with no assistant header)."""
@@ -102,9 +102,9 @@ class Engine:
         self.backend = backend
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
-        # What each forced mode writes after the prompt's `<think>`.
-        self._opening = {m: self.tok.encode(MODE_SUFFIX[m][len(THINK_OPEN):]) for m in ("long", "short")}
-        self._after_close = self.tok.encode("\n\n")
+        # What each forced mode writes after the prompt's `<think>` (`reply` keys it by template name).
+        self._opening = {m: self.tok.encode(forced_opening(template_mode(m))) for m in ("think", "no-think")}
+        self._after_close = self.tok.encode(ANSWER_SEPARATOR)
         self._piece_len: dict[int, int] = {}  # the stream decoders' shared len(decode([id])) cache
         # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
         self._marked = frozenset(self.tok.eos_ids) | {self.tok.think, self.tok.end_think}
@@ -185,7 +185,7 @@ class Engine:
             return Decision(False, p_think, False), sfx_logits[-1], list(sfx), False, None
 
         if mode != "auto":
-            think = mode == "long"
+            think = mode == "think"
         elif choose is not None:
             think = choose(p_think)
         else:
@@ -193,7 +193,7 @@ class Engine:
         if not think:
             return Decision(False, p_think, True), sfx_logits[-1], list(sfx), False, None
         be.truncate(n0)
-        opening = self._opening["long"]
+        opening = self._opening["think"]
         return Decision(True, p_think, True), be.forward_last(opening), list(opening), False, None
 
     # ---- step ------------------------------------------------------------
@@ -320,7 +320,7 @@ class Engine:
         if system is not None:
             check_text("system", system)
         prompt = render_prompt(messages, "auto", system=system)  # ends at the decision point
-        return self._stream(prompt, images, opts, _Start(template_mode(opts.mode)))
+        return self._stream(prompt, images, opts, _Start(opts.mode))
 
     def stream_prompt(self, prompt: str, images: Sequence[PreparedImage],
                       options: GenerationOptions | None = None) -> Iterator[Event]:
@@ -332,11 +332,11 @@ class Engine:
         `auto` or agree with it, or GenerationOptionError is raised."""
         opts = (options or GenerationOptions()).validate()
         check_text("prompt", prompt)
-        mode = template_mode(opts.mode)
+        mode = opts.mode
         if prompt.endswith(THINK_OPEN):
             return self._stream(prompt, images, opts, _Start(mode))
         phase = phase_after(prompt)
-        if mode != "auto" and mode != ("long" if phase == "reasoning" else "short"):
+        if mode != "auto" and mode != ("think" if phase == "reasoning" else "no-think"):
             where = "inside an open think block" if phase == "reasoning" else "outside a think block"
             raise GenerationOptionError(
                 f"mode {opts.mode!r} contradicts the prompt, which ends {where}: pass mode='auto', "
@@ -352,14 +352,14 @@ class Engine:
         segs = self._segments(prompt, images)
         # Forced modes prefill their opening with the prompt and skip the decision forward, unless
         # p_think is asked for or deadline mode plans with it (and times that forward).
-        preset = start.mode in ("long", "short") and not opts.measure_p_think and opts.deadline_ms is None
+        preset = start.mode in ("think", "no-think") and not opts.measure_p_think and opts.deadline_ms is None
         self._check_context(segs, 1 if start.mode is None else len(self._suffix_ids) + 1)
         c0 = self.clock()
         early = None  # deadline mode, auto: no-think decided before the prefill (see engine.deadline)
         if opts.deadline_ms is not None and start.mode == "auto" and not opts.measure_p_think:
             early = self.deadline.plan_before_prefill(opts.deadline_ms, opts.max_think_tokens)
             if early is not None:
-                start, preset = dataclasses.replace(start, mode="short"), True
+                start, preset = dataclasses.replace(start, mode="no-think"), True
         if preset:
             segs.append(self._opening[start.mode])
         return self._generate(segs, opts, start, preset, t0, c0, early)
@@ -395,7 +395,7 @@ class Engine:
             decision, drawn, phase = Decision(start.phase == "reasoning", None, True), [], start.phase
         elif preset:
             opening = self._opening[start.mode]
-            decision, drawn, phase = Decision(start.mode == "long", None, True), list(opening), "reasoning"
+            decision, drawn, phase = Decision(start.mode == "think", None, True), list(opening), "reasoning"
         else:
             decision, logits, drawn, pending, drawn_rows = self._decide(logits, start.mode, opts, sampler, chooser)
             phase = "reasoning"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from ..errors import GenerationOptionError
-from ..model.template import template_mode
+from ..model.template import api_mode
 from .logprobs import check_top_logprobs
 from .sampling import SamplingParams
 from .stop import normalize_stop
@@ -21,7 +21,8 @@ DEFAULT_BUDGET_CLOSING = "\n\nThe thinking budget is used up, so I answer now.\n
 class GenerationOptions:
     """How to reply.
 
-    `mode`: auto | think | no-think. `think_threshold`: think iff
+    `mode`: auto | think | no-think (any alias in `template.MODE_ALIASES` is accepted;
+    `validate()` sets the API name, the one the engine and `Result.mode` speak). `think_threshold`: think iff
     p_think >= threshold (auto mode only; ignored in think/no-think).
     `max_think_tokens`: close the reasoning at this many tokens.
     `max_tokens`: hard bound on the whole reply (`Result.token_ids`), forced
@@ -49,8 +50,8 @@ class GenerationOptions:
     measure_p_think: bool = False
 
     def validate(self) -> "GenerationOptions":
-        """Check every field's type and range; returns self."""
-        template_mode(self.mode)
+        """Check every field's type and range and spell `mode` by its API name; returns self."""
+        self.mode = api_mode(self.mode)
         t = self.think_threshold
         if t is not None and not (_is_real(t) and 0.0 <= float(t) <= 1.0):
             raise GenerationOptionError(f"think_threshold must be None or a number within [0, 1], got {t!r}")

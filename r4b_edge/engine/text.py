@@ -1,12 +1,8 @@
-"""Streamed text of one reply part (whitespace trimming) and the think tags an
-answer never contains: the engine adds `THINK_TAGS` to the answer's stop
-strings (`stop.StopFilter`), so the answer ends where a tag begins, whether the
-model wrote it as the special token or spelled it out."""
+"""Streamed text of one reply part: whitespace trimming. (The think tags an answer
+never contains are `model.reply.THINK_TAGS`: the engine adds them to the answer's
+stop strings, `stop.StopFilter`, so the answer ends where a tag begins, whether
+the model wrote it as the token or spelled it out.)"""
 from __future__ import annotations
-
-from ..model.template import THINK_CLOSE, THINK_OPEN
-
-THINK_TAGS = (THINK_OPEN, THINK_CLOSE)
 
 
 class TrimmedText:

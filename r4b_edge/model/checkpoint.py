@@ -29,6 +29,7 @@ from ..fsutil import replace_dir
 from .config import RConfig
 from .hf_folder import write_hf_files
 from .modeling import RForConditionalGeneration
+from .reply import ENDOFTEXT
 from .tokenizer import Tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -271,7 +272,7 @@ def save_checkpoint(model: RForConditionalGeneration, config: RConfig,
         tok = _write_tokenizer(tokenizer_dir_or_files, tmp)
         if tok.chat_template and not (tmp / "chat_template.jinja").exists():
             (tmp / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
-        gen = {"eos_token_id": sorted(tok.eos_ids), "pad_token_id": tok.token_to_id("<|endoftext|>"),
+        gen = {"eos_token_id": sorted(tok.eos_ids), "pad_token_id": tok.token_to_id(ENDOFTEXT),
                "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         write_hf_files(tmp, config)

@@ -4,7 +4,8 @@
 the remote-code files (copied from `r4b_edge/model/hf_remote/`, the one source), `auto_map` in
 config.json, preprocessor_config.json (the LLaVA-OneVision image processor's settings),
 processor_config.json (RProcessor) and the chat template (template.CHAT_TEMPLATE) in
-chat_template.jinja and tokenizer_config.json. Then, with transformers installed:
+chat_template.jinja and tokenizer_config.json; it marks the think tags non-special in the
+tokenizer files, as Qwen3's are (tokenizer.TEXT_TOKENS). Then, with transformers installed:
 
     AutoConfig / AutoModel / AutoModelForImageTextToText / AutoProcessor
         .from_pretrained(folder, trust_remote_code=True)
@@ -18,7 +19,9 @@ from pathlib import Path
 from ..errors import ModelFormatError
 from .config import PREPROCESSOR_CONFIG, RConfig, read_json
 from .hf_remote import AUTO_MAP, REMOTE_FILES, source_dir
-from .template import CHAT_TEMPLATE, IMAGE_PLACEHOLDER
+from .reply import IMAGE_PLACEHOLDER
+from .template import CHAT_TEMPLATE
+from .tokenizer import mark_tokenizer_files
 
 PROCESSOR_NAME = "processor_config.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
@@ -64,7 +67,8 @@ def copy_remote_code(folder: Path) -> list[Path]:
 
 def write_hf_files(folder: str | Path, config: RConfig) -> Path:
     """Add remote code, auto_map, processor configs and the chat template to an R-4B folder that
-    already holds config.json and the tokenizer files (tokenizer.json, tokenizer_config.json)."""
+    already holds config.json and the tokenizer files (tokenizer.json, tokenizer_config.json),
+    and mark its think tags non-special there as Qwen3 does (`mark_tokenizer_files`)."""
     folder = Path(folder)
     cfg_path, tc_path = folder / "config.json", folder / "tokenizer_config.json"
     for p in (cfg_path, tc_path):
@@ -77,6 +81,7 @@ def write_hf_files(folder: str | Path, config: RConfig) -> Path:
     _write_json(cfg_path, cfg)
     _write_json(folder / PREPROCESSOR_CONFIG, preprocessor_dict(config))
     _write_json(folder / PROCESSOR_NAME, processor_dict(config))
+    mark_tokenizer_files(folder)
     tc = read_json(tc_path)
     tc["chat_template"] = CHAT_TEMPLATE
     _write_json(tc_path, tc)

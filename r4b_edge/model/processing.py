@@ -34,6 +34,16 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 #: How the accepted formats are named in messages and docs.
 IMAGE_FORMATS_TEXT = "PNG, JPEG, WebP, GIF or BMP"
 
+
+def image_suffixes() -> tuple[str, ...]:
+    """The file name suffixes (`.png`, `.jpg`, ...) Pillow gives the formats in `IMAGE_FORMATS`,
+    in `IMAGE_FORMATS` order: what a file dialog offers, so that it never offers a file
+    `load_image` refuses."""
+    Image.init()  # registers every plugin's extensions (nothing is decoded)
+    found = [(IMAGE_FORMATS.index(fmt), ext) for ext, fmt in Image.registered_extensions().items()
+             if fmt in IMAGE_FORMATS]
+    return tuple(ext for _, ext in sorted(found))
+
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 
 

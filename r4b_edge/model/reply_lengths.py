@@ -44,12 +44,10 @@ from typing import Any, Optional
 
 from ..errors import ModelFormatError
 from ..formats import GGUF_REPLY_LENGTHS_KEY, ONNX_GENAI_CONFIG, ONNX_REPLY_LENGTHS_FILE
-from .template import EMPTY_THINK_CONTINUATION
+from .reply import ANSWER_SEPARATOR, EMPTY_THINK_CONTINUATION
 
 #: Where a model folder keeps its eval results (written by `r4b-edge train eval`, copied by `train ship`).
 EVAL_RESULTS = Path("eval") / "results.json"
-#: The separator the engine writes after `</think>`.
-SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ def from_eval_results(results: Any, tokenizer: Any, where: str = "eval results")
     except (KeyError, TypeError, ValueError):
         return None
     n_empty = len(tokenizer.encode(EMPTY_THINK_CONTINUATION))
-    answer_think = d - n_empty + len(tokenizer.encode(SEPARATOR))
+    answer_think = d - n_empty + len(tokenizer.encode(ANSWER_SEPARATOR))
     think = thinking - answer_think - 1.0
     if not all(_positive(v) for v in (think, answer_think, d)):
         return None

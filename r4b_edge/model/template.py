@@ -2,7 +2,8 @@
 
 The Python renderer is the source of truth (golden tests pin it); the Jinja
 template below renders the same strings and is shipped in tokenizer_config.json
-and the GGUF so other runtimes agree.
+and the GGUF so other runtimes agree. The token strings and what follows `<think>`
+in each mode come from `reply.py` (R-4B's reply rules).
 """
 from __future__ import annotations
 
@@ -11,23 +12,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import GenerationOptionError
+from .reply import (
+    ANSWER_SEPARATOR, EMPTY_THINK_CONTINUATION, FORCED_OPENING, IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE,
+    THINK_OPEN,
+)
 
-IMAGE_PLACEHOLDER = "<image>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-
-# What follows the assistant header in each thinking mode (R4B.md).
-MODE_SUFFIX = {
-    "auto": "<think>",
-    "long": "<think>\n",
-    "short": "<think>\n\n</think>\n\n",
-}
-# Earlier assistant turns: the answer only, behind an empty think block.
+# What follows the assistant header in each thinking mode (R4B.md): `<think>`, then the mode's
+# forced opening (`reply.FORCED_OPENING`).
+MODE_SUFFIX = {mode: THINK_OPEN + opening for mode, opening in FORCED_OPENING.items()}
+# Earlier assistant turns: the answer only (`reply.history_answer`), behind an empty think block.
 HISTORY_THINK = MODE_SUFFIX["short"]
-# The empty think block as the model writes it after an auto-mode `<think>`.
-EMPTY_THINK_CONTINUATION = "\n\n</think>\n\n"
 
 # ---- the one table of modes ------------------------------------------------------------------
 # Template names (vLLM's R-4B `thinking_mode`) are the keys of MODE_SUFFIX; the API's names:
@@ -57,7 +51,8 @@ def template_mode(mode: str) -> str:
 
 
 def api_mode(mode: str) -> str:
-    """Any accepted mode name -> the API's name (`auto`, `think`, `no-think`)."""
+    """Any accepted mode name -> the API's name (`auto`, `think`, `no-think`): the canonical
+    name, which `GenerationOptions.validate` sets, the engine speaks and `Result.mode` reports."""
     return API_MODE[template_mode(mode)]
 
 
@@ -91,9 +86,10 @@ def _target_pieces(m: Message, mode: str, mask_empty_think: bool) -> list[tuple[
                                     f"{', '.join(TARGET_MODES)}, got {mode!r}")
     if not m.reasoning:
         raise GenerationOptionError(f"mode {mode!r} needs the last assistant turn's reasoning (the trace)")
+    opening, trace = FORCED_OPENING["long"], f"{m.reasoning}\n{THINK_CLOSE}{ANSWER_SEPARATOR}{answer}"
     if mode == "forced-think":
-        return [(THINK_OPEN, False), ("\n", False), (f"{m.reasoning}\n{THINK_CLOSE}\n\n{answer}", True)]
-    return [(THINK_OPEN, False), (f"\n{m.reasoning}\n{THINK_CLOSE}\n\n{answer}", True)]
+        return [(THINK_OPEN, False), (opening, False), (trace, True)]
+    return [(THINK_OPEN, False), (opening + trace, True)]
 
 
 def render_conversation(messages: Sequence[Message], mode: str | None = "auto", system: str | None = None,
@@ -154,7 +150,7 @@ def phase_after(prompt: str) -> str:
 
     Decided from the text, so prompts that open or close `<think>` themselves
     are split correctly."""
-    tail = prompt.rsplit("<|im_start|>assistant", 1)[-1]
+    tail = prompt.rsplit(f"{IM_START}assistant", 1)[-1]
     opened, closed = tail.rfind(THINK_OPEN), tail.rfind(THINK_CLOSE)
     return "reasoning" if opened > closed else "answer"
 
@@ -181,7 +177,8 @@ def chat_template_jinja(default_mode: str = "auto") -> str:
     Renders what `render_prompt` renders for the message shapes callers send: string
     content; `text`, `image`, `image_url` and llama.cpp `media_marker` parts; text holding
     media markers; system/developer, user and assistant turns (an earlier assistant turn keeps
-    only the text after its last `</think>`, behind an empty think block). `thinking_mode`
+    only the text after its last `</think>`, behind an empty think block: the Jinja copy of
+    `reply.history_answer`). `thinking_mode`
     (auto | long | short, or the API names in MODE_ALIASES) picks the generation suffix; an
     unknown mode raises. `default_mode` applies when the caller passes no `thinking_mode`
     (for tools that cannot pass template kwargs, e.g. llama-mtmd-cli)."""

@@ -11,11 +11,14 @@ from typing import Iterable
 from tokenizers import Tokenizer as _HFTokenizer
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from .reply import END_TOKENS, ENDOFTEXT, IM_END, IM_START, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-THINK, END_THINK = "<think>", "</think>"
-IMAGE = "<image>"
-ENDOFTEXT = "<|endoftext|>"
+#: Added tokens marked `"special": false`, as Qwen3's and R-4B's tokenizers mark them (the other
+#: added tokens are special). Stock tools then keep them in a reply's text: llama.cpp renders them
+#: (GGUF type USER_DEFINED, not CONTROL), transformers' `decode(skip_special_tokens=True)` keeps
+#: them, so a client (or a reasoning parser) can split a reply's reasoning from its answer there.
+#: The flag changes no id and no encoding: added tokens are matched in text either way.
+TEXT_TOKENS = (THINK_OPEN, THINK_CLOSE)
 
 
 class Tokenizer:
@@ -28,11 +31,11 @@ class Tokenizer:
         self.source = source
         self.im_start = self._required(IM_START)
         self.im_end = self._required(IM_END)
-        self.think = self._required(THINK)
-        self.end_think = self._required(END_THINK)
-        self.image = self._required(IMAGE)
+        self.think = self._required(THINK_OPEN)
+        self.end_think = self._required(THINK_CLOSE)
+        self.image = self._required(IMAGE_PLACEHOLDER)
         eos = {self.im_end}
-        for t in (ENDOFTEXT, eos_token):
+        for t in (*END_TOKENS, eos_token):
             if t and tok.token_to_id(t) is not None:
                 eos.add(tok.token_to_id(t))
         self.eos_ids: set[int] = eos
@@ -131,19 +134,71 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (with chat_template) into out_dir."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(out / "tokenizer.json"))
-        added = {
-            str(tid): {"content": at.content, "lstrip": at.lstrip, "normalized": at.normalized,
-                       "rstrip": at.rstrip, "single_word": at.single_word, "special": at.special}
-            for tid, at in sorted(self._tok.get_added_tokens_decoder().items())
-        }
+        tok = mark_text_tokens(self._tok)
+        tok.save(str(out / "tokenizer.json"))
         cfg = {
-            "added_tokens_decoder": added, "bos_token": None, "eos_token": IM_END,
+            "added_tokens_decoder": added_tokens_decoder(tok), "bos_token": None, "eos_token": IM_END,
             "pad_token": ENDOFTEXT if self._tok.token_to_id(ENDOFTEXT) is not None else None,
             "unk_token": None, "tokenizer_class": "Qwen2Tokenizer", "chat_template": self.chat_template,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False),
                                                    encoding="utf-8")
+
+
+def mark_text_tokens(tok: _HFTokenizer) -> _HFTokenizer:
+    """`tok` with the `TEXT_TOKENS` it holds marked non-special, as Qwen3 marks them (`tok`
+    itself when none is special). Ids, merges and encodings stay the same."""
+    d = json.loads(tok.to_str())
+    hits = [at for at in d.get("added_tokens") or () if at.get("content") in TEXT_TOKENS and at.get("special")]
+    if not hits:
+        return tok
+    for at in hits:
+        at["special"] = False
+    return _HFTokenizer.from_str(json.dumps(d, ensure_ascii=False))
+
+
+def added_tokens_decoder(tok: _HFTokenizer) -> dict[str, dict]:
+    """tokenizer_config.json's `added_tokens_decoder` for `tok`: id -> the added token's flags."""
+    return {
+        str(tid): {"content": at.content, "lstrip": at.lstrip, "normalized": at.normalized,
+                   "rstrip": at.rstrip, "single_word": at.single_word, "special": at.special}
+        for tid, at in sorted(tok.get_added_tokens_decoder().items())
+    }
+
+
+def mark_tokenizer_files(folder: str | Path) -> bool:
+    """Mark the `TEXT_TOKENS` non-special in `folder`'s tokenizer.json and tokenizer_config.json
+    (files written before r4b-edge marked them as Qwen3 does); a file already marked is left
+    untouched. Returns whether a file was rewritten."""
+    d = Path(folder)
+    changed = False
+    tj = d / "tokenizer.json"
+    if tj.is_file():
+        try:
+            tok = _HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises plain Exception on bad files
+            raise ModelFormatError(f"{tj}: cannot be parsed as a tokenizer ({e})") from None
+        marked = mark_text_tokens(tok)
+        if marked is not tok:
+            marked.save(str(tj))
+            changed = True
+    tc = d / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            text = tc.read_text(encoding="utf-8")
+            cfg = json.loads(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{tc}: cannot be read as JSON ({e})") from None
+        dec = cfg.get("added_tokens_decoder") if isinstance(cfg, dict) else None
+        hits = [at for at in (dec.values() if isinstance(dec, dict) else ())
+                if isinstance(at, dict) and at.get("content") in TEXT_TOKENS and at.get("special")]
+        for at in hits:
+            at["special"] = False
+        if hits:
+            end = "\n" if text.endswith("\n") else ""
+            tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + end, encoding="utf-8")
+            changed = True
+    return changed
 
 
 _U2B: dict[str, int] = {}

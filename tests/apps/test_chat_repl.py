@@ -89,3 +89,44 @@ def test_ctrl_c_stops_the_answer_keeps_the_conversation_then_quits(tiny_ckpt, tm
     err = p.stderr.read()
     assert rc == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def _repl(args: list[str], lines: str, monkeypatch, capsys) -> str:
+    """Run the REPL in this process on `lines` as stdin (its end is Ctrl-D); returns stdout."""
+    import io
+
+    from r4b_edge.apps.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["chat", *args]) == 0
+    return capsys.readouterr().out
+
+
+def _decisions(out: str) -> int:
+    return len(re.findall(r"\[(forced, )?(thinking|answering directly)", out))
+
+
+def test_repl_commands_are_not_questions(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """/help, /stats, /reset, /exit work; an unknown /word is refused; an empty line re-prompts;
+    none of them reaches the model."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(img)
+    base = [str(img), "--model", str(tiny_ckpt), "--max-tokens", "4", "--mode", "no-think"]
+    out = _repl(base, "/help\n/stats\n/foo\n/reset now\n\nq?\n/stats\n/reset\nq?\n/stats\n/quit\nnever?\n",
+                monkeypatch, capsys)
+    assert _decisions(out) == 2  # the two questions, nothing else; not `never?` after /quit
+    assert "/help for commands" in out and "empty line" not in out.split("\n")[0]  # the banner
+    for cmd in ("/reset", "/stats", "/exit", "/quit"):
+        assert cmd in out.split(">>> ")[1], f"/help does not list {cmd}"
+    assert "no stats: no reply has finished yet" in out
+    assert "unknown command /foo: type /help" in out
+    assert "/reset takes no argument" in out
+    assert out.count("[conversation reset: the next question starts a new chat about ") == 1
+    stats = re.findall(r"prompt (\d+) tok .* tok/s", out)
+    assert len(stats) == 2 and stats[0] == stats[1]  # /reset emptied the conversation
+    # without /reset the second question sees the first turn; Ctrl-D (end of input) quits
+    out = _repl(base, "q?\n/stats\nq?\n/stats\n", monkeypatch, capsys)
+    stats = re.findall(r"prompt (\d+) tok .* tok/s", out)
+    assert _decisions(out) == 2 and int(stats[1]) > int(stats[0])
+    out = _repl(base, "/exit\nq?\n", monkeypatch, capsys)
+    assert _decisions(out) == 0

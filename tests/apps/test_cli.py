@@ -76,24 +76,24 @@ def test_chat_hide_thinking_hides_the_reasoning(tiny_ckpt, png, capsys):
 def test_repl_multi_turn(tiny_ckpt, png):
     env = dict(os.environ)
     p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model", str(tiny_ckpt),
-                        "--max-tokens", "4"], input="first?\nsecond?\n\n", capture_output=True, text=True,
+                        "--max-tokens", "4"], input="first?\nsecond?\n", capture_output=True, text=True,
                        env=env, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count(">>> ") == 3
-    assert p.stdout.count("p_think=") + p.stdout.count("thinking… p=") == 2
+    assert p.stdout.count(">>> ") == 3  # two questions, then end of input (Ctrl-D) quits
+    assert p.stdout.count("p_think=") == 2
 
 
 def test_repl_fresh_answers_each_question_alone(tiny_ckpt, png):
     def session(questions: str, *flags: str) -> list[str]:
         p = subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model", str(tiny_ckpt),
-                            "--max-tokens", "6", *flags], input=questions + "\n", capture_output=True, text=True,
+                            "--max-tokens", "6", *flags], input=questions, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0, p.stderr
         return p.stdout.split(">>> ")[1:-1]  # one reply per question
 
     alone = session("second?\n")
     assert "(--fresh)" in subprocess.run([sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(png), "--model",
-                                          str(tiny_ckpt), "--fresh"], input="\n", capture_output=True,
+                                          str(tiny_ckpt), "--fresh"], input="", capture_output=True,
                                          text=True, timeout=120).stdout
     fresh = session("first?\nsecond?\n", "--fresh")
     assert len(fresh) == 2 and fresh[1] == alone[0]  # greedy: the same reply as a one-question session
@@ -178,6 +178,68 @@ def test_every_verb_registers_and_a_broken_verb_import_is_raised(monkeypatch):
         cli.build_parser()
 
 
+def _bad_image(d, kind: str):
+    if kind == "missing":
+        return d / "missing.png"
+    if kind == "directory":
+        return d
+    p = d / f"{kind}.png"
+    p.write_bytes(b"" if kind == "empty" else b"just some text")
+    return p
+
+
+@pytest.mark.parametrize("kind,needle", [("missing", "image file not found"), ("empty", "file is empty"),
+                                         ("text", "not an image in an accepted format"),
+                                         ("directory", "is a directory")])
+@pytest.mark.parametrize("prompt", [["what?"], []], ids=["one-shot", "repl"])
+def test_chat_checks_the_image_before_the_model_loads(tmp_path, monkeypatch, capsys, kind, needle, prompt):
+    """A bad image is reported at once: the model (seconds to load) is never loaded."""
+    import r4b_edge
+
+    loads = []
+    monkeypatch.setattr(r4b_edge, "load", lambda *a, **k: loads.append(a) or pytest.fail("the model was loaded"))
+    path = _bad_image(tmp_path, kind)
+    rc = main(["chat", str(path), *prompt])
+    err = capsys.readouterr().err
+    assert rc == 1 and loads == []
+    assert needle in err and str(path) in err and err.count("\n") == 1
+
+
+def test_decision_line_says_p_think_both_ways():
+    """One wording whether the model thinks or answers directly (the app's badge uses the same)."""
+    import argparse
+    import io
+
+    from r4b_edge import Decision
+    from r4b_edge.apps.chat import _render
+
+    out = io.StringIO()
+    _render([Decision(True, 0.934, False), Decision(False, 0.041, False), Decision(False, None, True),
+             Decision(True, 0.5, True)], argparse.Namespace(hide_thinking=False, verbose=False), out)
+    assert out.getvalue().splitlines() == ["[thinking… p_think=0.93]", "[answering directly… p_think=0.04]",
+                                           "[forced, answering directly…]", "[forced, thinking… p_think=0.50]"]
+
+
+def test_chat_help_names_every_accepted_format(capsys):
+    from r4b_edge.model.processing import IMAGE_FORMATS_TEXT
+
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    assert IMAGE_FORMATS_TEXT in " ".join(capsys.readouterr().out.split())
+
+
+def test_generation_flag_defaults_are_the_engines():
+    from r4b_edge.apps.cli import build_parser
+    from r4b_edge.engine.options import GenerationOptions
+
+    want = GenerationOptions()
+    for argv in (["chat", "x.png"], ["app"]):
+        args = build_parser().parse_args(argv)
+        assert args.max_tokens == want.max_tokens, argv
+    args = build_parser().parse_args(["chat", "x.png"])
+    assert (args.temperature, args.top_p, args.top_k) == (want.temperature, want.top_p, want.top_k)
+
+
 @pytest.mark.slow
 def test_fresh_process_deadline_thinks_on_its_first_call():
     """`chat --deadline 400` in a fresh process (nothing served yet) plans from the bundled model's own
@@ -195,7 +257,7 @@ def test_fresh_process_deadline_thinks_on_its_first_call():
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
-        if "thinking" in lines[0] and lines[-1] == "18":  # "[forced, thinking… p=1.00]": the plan chose
+        if "thinking" in lines[0] and lines[-1] == "18":  # "[forced, thinking… p_think=1.00]": the plan chose
             return
         seen.append("\n".join(lines[:2] + lines[-1:]))
     pytest.fail("no fresh process thought and answered 18 at --deadline 400:\n" + "\n---\n".join(seen))

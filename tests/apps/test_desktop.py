@@ -19,7 +19,10 @@ pytest.importorskip("PySide6.QtWidgets")
 from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa: E402
-from r4b_edge.apps.desktop_widgets import save_screenshot  # noqa: E402
+from r4b_edge.apps.desktop_widgets import badge_text, save_screenshot  # noqa: E402
+from r4b_edge.engine.events import Decision  # noqa: E402
+from r4b_edge.engine.options import GenerationOptions  # noqa: E402
+from r4b_edge.model.processing import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def test_ask_streams_and_multi_turn(window, png, ref):
     _ask(win, "What colour is the square?")
     want = ref.chat(png, "What colour is the square?", mode="think", max_tokens=24)
     assert not win.error_label.isVisible(), win.error_label.text()
-    assert re.fullmatch(r"thinking, p=\d\.\d\d", win.reply.badge.text())
+    assert re.fullmatch(r"thinking \(forced\), p_think=\d\.\d\d", win.reply.badge.text())
     assert win.reply.reasoning.toPlainText() == want.reasoning
     assert win.reply.answer.toPlainText() == want.answer
     stats = win.reply.stats.text()
@@ -82,7 +85,7 @@ def test_ask_streams_and_multi_turn(window, png, ref):
     conv = ref.conversation(png)
     conv.ask("What colour is the square?", mode="think", max_tokens=24)
     want2 = conv.ask("And how many?", mode="no-think", max_tokens=24)
-    assert win.reply.badge.text() == "direct"
+    assert re.fullmatch(r"direct \(forced\), p_think=\d\.\d\d", win.reply.badge.text())  # as `chat` says
     assert not win.reply.reasoning_panel.isVisible()
     assert win.reply.answer.toPlainText() == want2.answer
     assert len(win.conv.messages) == 4
@@ -98,8 +101,8 @@ def test_options_from_controls(window):
     win.threshold_check.setChecked(True)
     win.threshold_spin.setValue(0.7)
     win.budget_spin.setValue(32)
-    assert win.options() == dict(mode="auto", max_tokens=512, max_think_tokens=32, think_threshold=0.7,
-                                 measure_p_think=True)
+    assert win.options() == dict(mode="auto", max_tokens=GenerationOptions().max_tokens, max_think_tokens=32,
+                                 think_threshold=0.7, measure_p_think=True)  # the engine's default, as `chat`
     win.mode_box.setCurrentText("think")
     win.budget_spin.setValue(-1)
     assert not win.threshold_spin.isEnabled()
@@ -288,3 +291,71 @@ def test_every_backend(app, tmp_path_factory, tiny_ckpt, png, backend):
     finally:
         win.shutdown()
         win.close()
+
+
+def test_badge_shows_p_think_whether_or_not_it_thinks():
+    assert badge_text(Decision(True, 0.934, False)) == "thinking, p_think=0.93"
+    assert badge_text(Decision(False, 0.041, False)) == "direct, p_think=0.04"
+    assert badge_text(Decision(False, None, True)) == "direct (forced)"  # not measured: nothing to show
+    assert badge_text(Decision(True, 0.2, True)) == "thinking (forced), p_think=0.20"
+
+
+def test_open_dialog_offers_only_what_load_image_reads(window, tmp_path, monkeypatch):
+    """Every suffix the Open image dialog offers is a file `load_image` decodes (TIFF was offered, then refused)."""
+    from PySide6.QtWidgets import QFileDialog
+
+    asked = []
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a: asked.append(a) or ("", ""))
+    window.choose_image()
+    images = asked[0][3].split(";;")[0]
+    patterns = re.search(r"\((.*)\)", images).group(1).split()
+    assert {"*.png", "*.jpg", "*.jpeg", "*.webp", "*.gif", "*.bmp"} <= set(patterns)
+    pixels = Image.fromarray(np.random.default_rng(2).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    for pattern in patterns:
+        path = tmp_path / f"x{pattern[1:]}"
+        pixels.save(path)  # Pillow picks the format from the suffix
+        assert load_image(path).size == (16, 12), pattern  # raises ImageError for a format it refuses
+
+
+def test_question_before_an_image_gets_a_hint(window, png):
+    win = window
+    assert win.image_path is None
+    win.question.setText("What colour is the square?")
+    win.ask_button.click()
+    assert not win.busy and win.worker is None  # nothing was sent to the model
+    assert win.error_label.isVisible() and "open an image first" in win.error_label.text()
+    assert "Open an image first" in win.question.placeholderText()
+    assert win.question.text() == "What colour is the square?"  # kept for after the image is open
+    assert win.set_image(str(png)) and "Ask about the image" in win.question.placeholderText()
+    win.max_tokens_spin.setValue(8)
+    _ask(win, win.question.text())
+    assert not win.error_label.isVisible() and "first token" in win.reply.stats.text()
+
+
+def test_missing_x11_library_is_a_message(monkeypatch):
+    """Where Qt would load its X11 plugin, a library it lacks is named, with the packages to install
+    (Qt itself aborts the process, naming another library); docs/app.md lists the same packages."""
+    import ctypes
+    from pathlib import Path
+
+    from r4b_edge.apps import desktop
+
+    def cannot_load(path, *a, **k):
+        raise OSError("libxcb-icccm.so.4: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(ctypes, "CDLL", cannot_load)
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("QT_QPA_PLATFORM")
+    if sys.platform.startswith("linux"):
+        problem = desktop.x11_problem()
+        assert problem and "libxcb-icccm.so.4" in problem and "apt-get install" in problem
+        assert "libxcb-icccm4" in problem and "libxcb-keysyms1" in problem and "--screenshot" in problem
+    for env in (dict(QT_QPA_PLATFORM="offscreen"), dict(WAYLAND_DISPLAY="wayland-0")):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert desktop.x11_problem() is None, env  # X11 is not used: nothing to check
+    doc = " ".join((Path(__file__).resolve().parents[2] / "docs" / "app.md").read_text().split())
+    missing = [p for p in desktop.X11_PACKAGES if f" {p} " not in doc]
+    assert not missing, f"docs/app.md does not list {missing}"

@@ -112,6 +112,35 @@ def test_every_documented_command_parses(item) -> None:
     assert getattr(args, "func", None), f"{path.name}:{n}: no verb in `r4b-edge {shlex.join(argv)}`"
 
 
+def test_model_paths_come_from_an_export_earlier_in_the_same_doc() -> None:
+    """A `--model out/...` line (any verb) loads what an `export --out` line above it in the same
+    file writes, so the doc can be followed top to bottom (the slow test below checks the file
+    names by running the exports)."""
+    for path in DOCS:
+        outs: list[str] = []
+        for n, argv in extract(path):
+            if argv[:1] == ["export"] and "--out" in argv:
+                outs.append(argv[argv.index("--out") + 1].rstrip("/"))
+            model = _model_arg(argv)
+            if model and model.startswith("out/"):
+                assert any(model == o or model.startswith(o + "/") for o in outs), (
+                    f"{path.name}:{n}: `--model {model}` is not under the --out of an export above it "
+                    f"(exports so far: {outs or 'none'})")
+
+
+def test_docs_install_from_the_clone() -> None:
+    """The README installs with `pip install -e '.[extra]'` in the clone; no doc tells the reader to
+    install a package named r4b-edge from an index."""
+    bad = re.compile(r"pip install (-\S+ )*['\"]?r4b-edge")
+    for path in DOCS:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            assert not bad.search(line), f"{path.name}:{n}: {line.strip()}  (write pip install -e '.[...]')"
+
+
+def _model_arg(argv: list[str]) -> str | None:
+    return argv[argv.index("--model") + 1] if "--model" in argv[:-1] else None
+
+
 def _runnable(argv: list[str]) -> bool:
     """A verb we run, on files this test provides (no placeholder paths), and not the REPL."""
     if not argv or argv[0] not in RUN_VERBS or "--help" in argv or any("path/to" in a for a in argv):
@@ -172,7 +201,44 @@ def test_export_and_model_commands_run_in_document_order(path: Path, workdir: Pa
     pytest.importorskip("onnxruntime")
     for n, argv in RUNS[path]:
         if _slow(argv):
+            if argv[0] == "export" and tuple(argv) in _EXPORTED:  # the same export in an earlier doc
+                out = argv[argv.index("--out") + 1]
+                shutil.copytree(_EXPORTED[tuple(argv)] / out, workdir / out)
+                continue
             _run(path, n, argv, capsys)
+            if argv[0] == "export":
+                _EXPORTED[tuple(argv)] = workdir
     exported = [a[a.index("--out") + 1] for _, a in RUNS[path] if a[0] == "export" and "--out" in a]
     for d in exported:
         assert any((workdir / d).iterdir()), f"{path.name}: export to {d} wrote nothing"
+    for n, argv in extract(path):  # serve / app lines too, which this test only parses
+        model = _model_arg(argv)
+        if model and model.startswith("out/"):
+            assert (workdir / model).exists(), f"{path.name}:{n}: the exports above do not write {model}"
+
+
+#: export argv -> the workdir an earlier doc's test exported it into (the same line in several docs runs once)
+_EXPORTED: dict[tuple[str, ...], Path] = {}
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="no bundled model")
+def test_serve_snippet_runs_and_keeps_reasoning_and_answer_apart(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    """docs/serve.md's openai-client snippet, run as written against a live server on the bundled model
+    (only its address changes): the streamed reasoning and answer print apart, as the API returns them."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    from r4b_edge.apps.server_app import ServerThread, create_app
+
+    doc = (ROOT / "docs" / "serve.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- serve-snippet -->\s*```python\n(.*?)```", doc, re.S)
+    assert m, "docs/serve.md has no marked openai-client snippet"
+    code = m.group(1)
+    assert "http://127.0.0.1:8000/v1" in code
+    question = re.search(r'"text": "([^"]+)"', code).group(1)
+    with r4b_edge.load() as model, ServerThread(create_app(model)) as server:
+        want = model.chat("photo.png", question, mode="think", max_tokens=512)
+        assert want.reasoning and want.answer, "fixture: the bundled model thinks, then answers"
+        exec(compile(code.replace("http://127.0.0.1:8000/v1", server.url + "/v1"), "docs/serve.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.endswith(f"{want.reasoning}\n---\n{want.answer}\n"), out[-400:]

@@ -82,6 +82,22 @@ def test_models(client, server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_a_conversation_matches_chat_messages(client, ref):
+    """#25 item 2: the server replies through `Model.stream_messages`, the API's own entry."""
+    from r4b_edge import Message
+
+    img = _png(2)
+    want = ref.chat_messages([Message("system", "be brief"), Message("user", "how many?", images=1),
+                              Message("assistant", "two"), Message("user", "and now?")], [img],
+                             mode="no-think", max_tokens=12)
+    r = client.chat.completions.create(
+        model="tiny", max_tokens=12, reasoning_effort="none",
+        messages=[{"role": "system", "content": "be brief"}, _user("how many?", img),
+                  {"role": "assistant", "content": "two"}, {"role": "user", "content": "and now?"}])
+    assert r.choices[0].message.content == want.answer
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.stats.prompt_tokens, len(want.token_ids))
+
+
 def test_think_non_stream_matches_api(client, ref):
     img = _png(1)
     want = ref.chat(img, "what colour is the square?", mode="think", max_tokens=24)

@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from r4b_edge.errors import BackendUnavailableError, ModelFormatError  # noqa: E402
-from r4b_edge.benchmarks.parity_report import prompt_segments, world_prompts  # noqa: E402
+from r4b_edge.benchmarks.card.parity_report import prompt_segments, world_prompts  # noqa: E402
 
 # Measured on the tiny random checkpoint (F16 GGUF vs torch float32, CPU):
 # image embeddings max|diff| 1.2e-3 (|x| <= 0.94), last logits 2.3e-3, forward logits 2.4e-3.

@@ -1,5 +1,5 @@
 """Options and texts are checked once per call and fail as R4BError (#14 item 7);
-the mode is data with one precedence rule (#17 item 8)."""
+the mode is data with one precedence rule (#17 item 8), spelled one way (#25 item 2)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import pytest
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.engine.options import options_from
 from r4b_edge.errors import GenerationOptionError, R4BError
-from r4b_edge.model.template import Message, render_prompt
+from r4b_edge.model.template import API_MODE, MODE_ALIASES, Message, render_prompt
 
 from .scripted import ANSWER, REASONING, ScriptedBackend
 
@@ -124,3 +124,17 @@ def test_prompt_past_the_decision_point_continues_as_written(tiny_tokenizer, ren
         assert r.answer == ANSWER and (r.reasoning == REASONING.strip()) == think
     with pytest.raises(GenerationOptionError, match="measure_p_think needs a prompt that ends in '<think>'"):
         engine(tiny_tokenizer).stream_prompt(prompt, [], GenerationOptions(measure_p_think=True))
+
+
+@pytest.mark.parametrize("alias,name", sorted(MODE_ALIASES.items()))
+def test_every_alias_becomes_the_api_name(tiny_tokenizer, alias, name):
+    """validate() spells the mode by its API name: the engine and Result.mode speak one vocabulary."""
+    assert GenerationOptions(mode=alias).validate().mode == API_MODE[name]
+    assert engine(tiny_tokenizer).generate(Q, [], GenerationOptions(mode=alias)).mode == API_MODE[name]
+    prompt = render_prompt(Q, "auto")
+    assert engine(tiny_tokenizer).generate_prompt(prompt, [], GenerationOptions(mode=alias)).mode == API_MODE[name]
+
+
+def test_a_contradicting_alias_is_named_by_its_api_name(tiny_tokenizer):
+    with pytest.raises(GenerationOptionError, match="mode 'think' contradicts the prompt"):
+        engine(tiny_tokenizer).stream_prompt(render_prompt(Q, "no-think"), [], GenerationOptions(mode="long"))

@@ -1,6 +1,7 @@
 """GGUF export: mapping, metadata, manifest / no-op re-run, atomicity, bad inputs, quant types."""
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -191,6 +192,72 @@ def test_llama_cpp_tokenizes_like_hf(f16, tiny_ckpt: Path) -> None:
             assert list(buf[:n]) == tok.encode(text)
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def _vocab_facts(text: Path, ids: list[int]) -> dict[int, tuple[bool, str, str]]:
+    """id -> (end of generation?, its text as llama.cpp renders a reply (special=False), its text
+    with special=True), read by llama.cpp from the GGUF."""
+    import llama_cpp
+
+    mp = llama_cpp.llama_model_default_params()
+    mp.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
+    assert model
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        out = {}
+        for i in ids:
+            pieces = []
+            for special in (False, True):
+                buf = ctypes.create_string_buffer(64)
+                n = llama_cpp.llama_token_to_piece(vocab, i, buf, 64, 0, special)
+                pieces.append(buf.raw[:n].decode())
+            out[i] = (bool(llama_cpp.llama_vocab_is_eog(vocab, i)), *pieces)
+        return out
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _assert_qwen3_token_types(text: Path, tok) -> None:
+    kv, _ = _fields(text)
+    types = kv["tokenizer.ggml.token_type"]
+    eot = tok.token_to_id("<|endoftext|>")
+    assert types[tok.think] == types[tok.end_think] == gguf.TokenType.USER_DEFINED
+    assert all(types[i] == gguf.TokenType.CONTROL for i in (tok.im_start, tok.im_end, tok.image, eot))
+    added = {a["content"]: a["special"] for a in json.loads(kv["tokenizer.huggingface.json"])["added_tokens"]}
+    assert added == {"<|endoftext|>": True, "<|im_start|>": True, "<|im_end|>": True, "<image>": True,
+                     "<think>": False, "</think>": False}
+    facts = _vocab_facts(text, [tok.think, tok.end_think, tok.im_end, eot])
+    assert facts[tok.think] == (False, "<think>", "<think>")  # in a reply's text, and generation goes on
+    assert facts[tok.end_think] == (False, "</think>", "</think>")
+    assert facts[tok.im_end] == (True, "", "<|im_end|>")  # still ends generation, still not text
+    assert facts[eot][0] is True
+
+
+def test_think_tags_are_text_tokens_for_llama_cpp(f16, tiny_ckpt: Path) -> None:
+    """As llama.cpp's convert_hf_to_gguf types Qwen3's added tokens: the think tags USER_DEFINED
+    (llama.cpp renders them in a reply), the other added tokens CONTROL; `<|im_end|>` ends
+    generation and the think tags do not."""
+    from r4b_edge.model.tokenizer import Tokenizer
+
+    _assert_qwen3_token_types(f16.text, Tokenizer.from_dir(tiny_ckpt))
+
+
+def test_old_tokenizer_files_export_qwen3_token_types(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint whose tokenizer files mark the think tags special (written before r4b-edge
+    marked them as Qwen3 does) still exports them as text tokens, with the same ids."""
+    from r4b_edge.model.tokenizer import Tokenizer
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_ckpt, old)
+    tj = json.loads((old / "tokenizer.json").read_text())
+    for a in tj["added_tokens"]:
+        a["special"] = True
+    (old / "tokenizer.json").write_text(json.dumps(tj))
+    tok = Tokenizer.from_dir(old)
+    assert tok.backend.get_added_tokens_decoder()[tok.end_think].special
+    r = export_gguf(old, tmp_path / "out", quant="F16", verify=False)
+    _assert_qwen3_token_types(r.text, tok)
 
 
 def test_cli_export_verb(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

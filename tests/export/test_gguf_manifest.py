@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from r4b_edge.errors import ExportError
-from r4b_edge.export.manifest import atomic_write, is_up_to_date, read_manifest, sha256_file, write_manifest
+from r4b_edge.export.manifest import is_up_to_date, read_manifest, sha256_file, write_manifest
+from r4b_edge.fsutil import atomic_write
 
 
 @pytest.fixture()

@@ -8,6 +8,9 @@
 - Answers: greedy, the README example ("What is the sum of all the digits?" on example.png, 18)
   and held-out world questions get the same answers from stock llama-cpp-python as from
   r4b-edge's llama backend on the same files.
+- Reply text: stock `create_chat_completion`'s content keeps `</think>` (a plain added token, as
+  in Qwen3), so it splits into r4b-edge's reasoning and answer, on the F16 and the Q4_K_M pair
+  (the quantized one in a child process: tests/export/stock_chat.py).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from llama_cpp import Llama  # noqa: E402
 from llama_cpp.llama_chat_format import MTMDChatHandler  # noqa: E402
 
 from r4b_edge.model.template import Message, render_prompt  # noqa: E402
+
+from .stock_chat import THINK_CLOSE, check_split, replies, replies_in_child  # noqa: E402
 
 ASSETS = Path(r4b_edge.__file__).resolve().parent / "assets"
 BUNDLED, EXAMPLE = ASSETS / "model", ASSETS / "example.png"
@@ -158,18 +163,31 @@ def test_default_handler_renders_our_text_prompt(pair) -> None:
 
 
 def _stock_answer(stock, image, question: str, mode: str) -> str:
-    """The answer: the reply after its last `</think>` token (llama-cpp-python drops control
-    tokens from the text, so the split is made on the ids it fed back)."""
+    """The answer: the reply's text after `</think>` (llama.cpp renders the tag in the text), where
+    the ids fed back hold the `</think>` token; the whole text when the prompt closed the block."""
     llm = stock[0]
     messages = [{"role": "user", "content": _image_and_text(_uri(image), question)}]
     _, reply, r = stock_run(stock, messages, mode, max_tokens=256)
     assert r["choices"][0]["finish_reason"] == "stop"
-    end_think = llm.tokenize(b"</think>", add_bos=False, special=True)
+    end_think = llm.tokenize(THINK_CLOSE.encode(), add_bos=False, special=False)  # parsed even so
     assert len(end_think) == 1
-    cut = len(reply) - reply[::-1].index(end_think[0]) if end_think[0] in reply else 0
-    answer = llm.detokenize(reply[cut:]).decode("utf-8").strip()
-    assert r["choices"][0]["message"]["content"].strip().endswith(answer)
-    return answer
+    content = r["choices"][0]["message"]["content"]
+    assert (THINK_CLOSE in content) == (end_think[0] in reply), (content, reply)
+    return content.split(THINK_CLOSE)[-1].strip()
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_stock_content_splits_at_think_close(quant: str, pair, tmp_path: Path) -> None:
+    """Stock `create_chat_completion` (and the handler in think / no-think mode): the content is
+    the reasoning, `</think>`, then the answer, each equal to r4b-edge's on the same files."""
+    if quant == "F16":
+        got = replies(pair.out_dir, EXAMPLE, README_Q)
+    else:  # a quantized pair's stock decode runs in a child, so a native crash fails this test only
+        got = replies_in_child(BUNDLED, tmp_path / quant, quant, EXAMPLE, README_Q)
+    assert set(got) == set(MODES)
+    for mode in MODES:
+        check_split(mode, got[mode])
+    assert got["auto"]["answer"] == "18" and got["auto"]["reasoning"]  # the README example thinks
 
 
 def test_readme_example_same_answer(stock, ours) -> None:
@@ -183,7 +201,7 @@ def test_readme_example_same_answer(stock, ours) -> None:
 
 @pytest.mark.slow
 def test_world_questions_same_answers(stock, ours) -> None:
-    from r4b_edge.benchmarks.parity_report import world_prompts
+    from r4b_edge.benchmarks.card.parity_report import world_prompts
 
     items = world_prompts(8)
     same = [(_stock_answer(stock, img, q, "auto"), ours.chat(img, q, max_tokens=256).answer.strip())

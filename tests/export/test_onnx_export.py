@@ -252,3 +252,28 @@ def test_external_data_for_big_graphs(tmp_path, tiny_ckpt, monkeypatch):
         _session(out / g)
     listed = {e["name"] for e in read_manifest(out)["files"]}
     assert "decoder.onnx.data" in listed
+
+
+@pytest.mark.slow
+def test_tokenizer_files_mark_think_tags_as_qwen3(tmp_path, tiny_ckpt):
+    """The export's tokenizer files mark `<think>` / `</think>` non-special (as Qwen3's), also from a
+    checkpoint written before r4b-edge did (both tags special there); nothing else changes."""
+    import shutil
+
+    src = tmp_path / "old"
+    shutil.copytree(tiny_ckpt, src)
+    docs = {}
+    for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        doc = json.loads((src / name).read_text())
+        for a in (doc[key] if isinstance(doc[key], list) else doc[key].values()):
+            a["special"] = True
+        (src / name).write_text(json.dumps(doc))
+        docs[name] = doc
+    out = export_onnx(src, tmp_path / "onnx", "fp32")
+    for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        doc = json.loads((out / name).read_text())
+        added = doc[key] if isinstance(doc[key], list) else list(doc[key].values())
+        assert {a["content"] for a in added if not a["special"]} == {"<think>", "</think>"}, name
+        for a in added:
+            a["special"] = True
+        assert doc == docs[name]

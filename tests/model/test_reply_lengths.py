@@ -47,7 +47,7 @@ def test_bundled_lengths_match_the_engines_replies():
     """The derived lengths against what the engine counts on real replies of the bundled model."""
     pytest.importorskip("torch")
     import r4b_edge
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     tok = Tokenizer.from_dir(BUNDLED)
     want = eval_reply_lengths(BUNDLED, tok)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.template import Message, render_conversation
 from r4b_edge.train import data as D
-from r4b_edge.train.common import Recipe, model_config, recipe_from_dict
+from r4b_edge.train import world as W
+from r4b_edge.train.recipe import Recipe, model_config, recipe_from_dict
 from r4b_edge.train.stages import (add_grounding_labels, carries_answer, chat_versions, follow_up,
                                    tokenizer_texts)
 from r4b_edge.train.tokenizer import train_tokenizer

@@ -103,8 +103,8 @@ def test_loss_masks(tok):
 
 def test_pixels_match_model_preprocessing(tmp_path):
     from r4b_edge.model.processing import prepare_image
-    from r4b_edge.train.common import Recipe, model_config
-    from r4b_edge.world import make_example, render
+    from r4b_edge.train.recipe import Recipe, model_config
+    from r4b_edge.train.world import make_example, render
 
     cfg = model_config(Recipe.preset("micro"), 400, 396)
     p = tmp_path / "w.png"
@@ -116,7 +116,7 @@ def test_pixels_match_model_preprocessing(tmp_path):
 
 
 def test_collate_right_pads(tok, tmp_path):
-    from r4b_edge.world import make_example, render
+    from r4b_edge.train.world import make_example, render
 
     render(make_example(1, 0, "sum")[0]).save(tmp_path / "a.png")
     img = tok.token_to_id("<image>")
@@ -128,9 +128,9 @@ def test_collate_right_pads(tok, tmp_path):
 
 
 def test_stage1_grounding_labels(tok):
-    from r4b_edge.train.common import Recipe, model_config
+    from r4b_edge.train.recipe import Recipe, model_config
     from r4b_edge.train.stages import add_grounding_labels
-    from r4b_edge.world import make_example
+    from r4b_edge.train.world import make_example
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
     think = tok.token_to_id("<think>")
@@ -170,7 +170,8 @@ def test_sft_loss_uses_labels_not_inputs(tok):
     import torch
 
     from r4b_edge.model.modeling import RForConditionalGeneration
-    from r4b_edge.train.common import Recipe, model_config, sft_loss_sum, token_logprobs
+    from r4b_edge.train.losses import sft_loss_sum, token_logprobs
+    from r4b_edge.train.recipe import Recipe, model_config
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
     torch.manual_seed(0)
@@ -213,7 +214,7 @@ def test_colour_anchor_carries_colour_count_answers_from_the_colour_word(tok):
 
 def test_stage0_text_records():
     from r4b_edge.train.lm import text_records
-    from r4b_edge.world import PERCEPTION, REASONING
+    from r4b_edge.train.world import PERCEPTION, REASONING
 
     recs, modes = text_records(1, 3, 4, 0.5)
     assert len(recs) == 3 * len(REASONING) + 4 * len(PERCEPTION) and not any(x["images"] for x in recs)
@@ -227,8 +228,8 @@ def test_stage0_text_records():
 
 def _world_record(tok, family: str = "colour-count", seed: int = 1, index: int = 0):
     """(micro config, scene, question, record) of one world example."""
-    from r4b_edge.train.common import Recipe, model_config
-    from r4b_edge.world import make_example
+    from r4b_edge.train.recipe import Recipe, model_config
+    from r4b_edge.train.world import make_example
 
     cfg = model_config(Recipe.preset("micro"), tok.get_vocab_size(), tok.token_to_id("<image>"))
     scene, q = make_example(seed, index, family)
@@ -276,7 +277,7 @@ def test_colour_count_weight_in_pretrain_and_annealing_mix():
 
     from r4b_edge.errors import TrainingError
     from r4b_edge.train.anneal import mix_weights
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.stages import family_weights
 
     def rec(fam: str, mode: str) -> dict:

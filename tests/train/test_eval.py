@@ -9,10 +9,11 @@ import itertools
 import numpy as np
 import pytest
 
-from r4b_edge import world as W
+from r4b_edge.model.reply import has_think_tag
 from r4b_edge.model.template import Message, render_prompt
+from r4b_edge.train import world as W
 from r4b_edge.train.eval_calibration import auroc, reliability, sweep_check, threshold_sweep
-from r4b_edge.train.eval_chat import EVAL_CHAT_SALT, follow_up_items, has_think_tag, runtime_answer
+from r4b_edge.train.eval_chat import EVAL_CHAT_SALT, follow_up_items, runtime_answer
 from r4b_edge.train.stages import CHAT_SALT, tokenizer_texts
 from r4b_edge.train.tokenizer import train_tokenizer
 

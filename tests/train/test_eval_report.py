@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from r4b_edge.train.card import CardInputs, model_card
-from r4b_edge.train.common import Recipe
+from r4b_edge.train.recipe import Recipe
 from r4b_edge.train.eval_report import markdown, targets
 from r4b_edge.train.evaluate import MODES, summarize
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.api import BUNDLED_MODEL
+from r4b_edge.train import world as W
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").exists(), reason="no bundled model")
 FAMILIES = ["digit", "colour-count", "sum", "total"]
@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
     import torch
 
     from r4b_edge import load
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.data import PixelCache
     from r4b_edge.train.evaluate import load_eval_model
     from r4b_edge.train.rollout import Roller
@@ -62,7 +62,8 @@ def test_token_count_is_the_engines(setup):
 
 
 def test_follow_ups_are_the_runtime_conversation(setup):
-    from r4b_edge.train.eval_chat import follow_up_items, has_think_tag, runtime_answer
+    from r4b_edge.model.reply import has_think_tag
+    from r4b_edge.train.eval_chat import follow_up_items, runtime_answer
     from r4b_edge.train.evaluate import raw_answers
 
     items, _, _, roller, rt, r = setup

@@ -86,7 +86,7 @@ def test_one_and_two_processes_agree(runs):
     # (measured: 13 of 165,440 weights over 1e-4, max 2.9e-3 = ~lr). The same update shows as the
     # same losses at every logged step and nearly every weight equal; a wrong 2-process update
     # would move the losses and most weights.
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
 
     w1, w2 = weights(one, "pretrain"), weights(two / "own", "pretrain")
     moved = sum(int(((w1[k].float() - w2[k].float()).abs() > 1e-4).sum()) for k in w1)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.api import BUNDLED_MODEL
+from r4b_edge.train import world as W
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").exists(), reason="no bundled model")]
@@ -27,7 +27,7 @@ def level(scene: W.Scene) -> str | None:
 def measured(tmp_path_factory):
     import torch
 
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.evaluate import evaluate_model, load_eval_model
 
     torch.set_num_threads(2)

@@ -8,7 +8,7 @@ import shutil
 
 from r4b_edge.train.card import reproduce_row, wall_table
 from r4b_edge.train.eval_report import target_table
-from r4b_edge.train.recipe import run_timing, stage_timing
+from r4b_edge.train.pipeline import run_timing, stage_timing
 
 
 def timed(run, stage, seconds, owner=None):
@@ -66,7 +66,7 @@ def test_shipped_preset_is_the_bundled_models_recipe():
     from dataclasses import asdict
 
     from r4b_edge.api import BUNDLED_MODEL
-    from r4b_edge.train.common import Recipe, recipe_from_dict
+    from r4b_edge.train.recipe import Recipe, recipe_from_dict
 
     shipped = recipe_from_dict(json.loads((BUNDLED_MODEL / "recipe.json").read_text()))
     preset = Recipe.preset("shipped")
@@ -81,11 +81,11 @@ def test_interrupted_stage_keeps_its_time_for_the_resume(tmp_path, monkeypatch):
 
     import r4b_edge.train.lm as lm
     from r4b_edge.errors import TrainingError
-    from r4b_edge.train import recipe
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train import pipeline
+    from r4b_edge.train.recipe import Recipe
 
     run = tmp_path / "run"
-    monkeypatch.setattr(recipe, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.02)
     seen = []
 
     def dies(run_dir, r):
@@ -95,7 +95,7 @@ def test_interrupted_stage_keeps_its_time_for_the_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lm, "run", dies)
     try:
-        recipe.run_stage(run, Recipe(), "lm", 1)
+        pipeline.run_stage(run, Recipe(), "lm", 1)
     except TrainingError:
         pass
     assert seen and seen[0]["partial"] is True and seen[0]["run"] == str(run.resolve()) and seen[0]["seconds"] > 0
@@ -108,9 +108,9 @@ def test_interrupted_stage_keeps_its_time_for_the_resume(tmp_path, monkeypatch):
         (run_dir / "lm" / "model" / "config.json").write_text("{}")
 
     monkeypatch.setattr(lm, "run", finishes)
-    recipe.run_stage(run, Recipe(), "lm", 1)
+    pipeline.run_stage(run, Recipe(), "lm", 1)
     done = json.loads((run / "lm" / "wall_seconds.json").read_text())
     assert "partial" not in done and done["seconds"] >= first["seconds"] + 0.1
     assert stage_timing(run, "lm") == (done["seconds"], True)
-    assert recipe.run_stage(run, Recipe(), "lm", 1) == 0.0  # finished: skipped, time kept
+    assert pipeline.run_stage(run, Recipe(), "lm", 1) == 0.0  # finished: skipped, time kept
     assert json.loads((run / "lm" / "wall_seconds.json").read_text()) == done

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.errors import TrainingError
+from r4b_edge.train import world as W
 
 
 def test_scene_key_round_trip_and_bad_keys():

@@ -3,6 +3,9 @@
 The three modules here are self-contained (they import torch/transformers, never r4b_edge): they
 are copied into every model folder r4b-edge writes (`r4b_edge.model.hf_folder`), and transformers
 imports them from the folder. This package only names them; importing it imports no transformers.
+Being self-contained, they keep their own copies of what they need from r4b-edge's owners (the
+processor's `<image>` default: `r4b_edge.model.reply.IMAGE_PLACEHOLDER`, which hf_folder.py writes
+into processor_config.json); they hold none of R-4B's reply rules (`model/reply.py`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Greedy parity of accelerated backends against the torch CPU oracle on held-out world items.
 
-`python -m r4b_edge.benchmarks.gpu_parity --model DIR --targets torch:cuda,llama:cuda=PATH.gguf`
+`python -m r4b_edge.benchmarks.card.gpu_parity --model DIR --targets torch:cuda,llama:cuda=PATH.gguf`
 prints one JSON line per target: items, identical replies (reasoning + answer), accuracy of each
 side, median decode tok/s. Used by benchmarks/gpu_check.sh on a GPU machine; runs on any device.
 
@@ -45,7 +45,7 @@ def oracle(model: str, items: list, reference: str | None, per_family: int) -> l
 
 def main(argv: list[str] | None = None) -> int:
     import r4b_edge
-    from r4b_edge.world import check_answer, eval_items
+    from r4b_edge.train.world import check_answer, eval_items
 
     ap = argparse.ArgumentParser(prog="gpu_parity", description=__doc__)
     ap.add_argument("--model", required=True, help="R-4B folder (the torch oracle runs it on the CPU)")

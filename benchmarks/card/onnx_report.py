@@ -1,11 +1,11 @@
 """ONNX vs torch on a trained checkpoint: greedy parity, eval accuracy / think-rate per precision,
 CPU decode speed; writes the markdown table for the model card (QUANT_ONNX.md).
 
-    python -m r4b_edge.benchmarks.onnx_report --model r4b_edge/assets/model \
+    python -m r4b_edge.benchmarks.card.onnx_report --model r4b_edge/assets/model \
         --exports runs/onnx --md r4b_edge/assets/model/QUANT_ONNX.md
 
 Every backend runs the same engine (greedy, auto mode) on the same held-out world questions
-(`r4b_edge.world.eval_items`, the model card's eval split), so the deltas are the export's and nothing else's.
+(`r4b_edge.train.world.eval_items`, the model card's eval split), so the deltas are the export's and nothing else's.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from r4b_edge.export.onnx import export_onnx
-from r4b_edge.world import eval_items
+from r4b_edge.train.world import eval_items
 
 PRECISIONS = ("fp32", "int8", "int4")
 
@@ -28,6 +28,7 @@ def greedy_parity(ref: Any, other: Any, items: Sequence[dict], n_tokens: int = 3
     (teacher-forced on the reference's tokens, so one flip does not cascade into the logits
     comparison): prompts whose tokens all match, and max |logit difference|."""
     from r4b_edge.model.processing import prepare_image
+    from r4b_edge.model.reply import IMAGE_PLACEHOLDER
     from r4b_edge.model.template import Message, render_prompt
 
     tok = ref.tokenizer
@@ -35,7 +36,7 @@ def greedy_parity(ref: Any, other: Any, items: Sequence[dict], n_tokens: int = 3
     for it in items:
         img = prepare_image(it["image"], ref.config)
         text = render_prompt([Message("user", it["question"], images=1)], "auto")
-        pre, post = text.split("<image>", 1)
+        pre, post = text.split(IMAGE_PLACEHOLDER, 1)
         segs = [tok.encode(pre), img, tok.encode(post)]
         la, lb = ref.prefill(segs), other.prefill(segs)
         ta, tb = [], []
@@ -56,7 +57,7 @@ def evaluate(backend: Any, items: Sequence[dict], max_tokens: int = 64) -> dict:
     from r4b_edge.engine.generate import Engine, GenerationOptions
     from r4b_edge.model.processing import prepare_image
     from r4b_edge.model.template import Message
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     eng = Engine(backend)
     rows = []
@@ -154,7 +155,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.onnx_report", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.card.onnx_report", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="R-4B checkpoint folder")
     ap.add_argument("--exports", required=True, help="folder for the onnx-fp32/int8/int4 exports (reused)")
     ap.add_argument("--md", default=None, help="write the markdown table here (e.g. the model's QUANT_ONNX.md)")
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     res = report(Path(a.model), Path(a.exports), a.per_family, parity_prompts=a.parity_prompts, threads=a.threads)
     md = markdown(res)
     print(md)
-    from r4b_edge.export.manifest import atomic_write
+    from r4b_edge.fsutil import atomic_write
 
     if a.md:
         with atomic_write(a.md) as tmp:

@@ -5,7 +5,7 @@ import pytest
 
 from r4b_edge.backends.onnx_backend import OnnxBackend
 from r4b_edge.backends.torch_backend import TorchBackend
-from r4b_edge.benchmarks import onnx_report
+from r4b_edge.benchmarks.card import onnx_report
 from r4b_edge.export.onnx import export_onnx
 
 
@@ -18,7 +18,7 @@ def backends(tmp_path_factory, tiny_ckpt):
 @pytest.mark.slow
 def test_parity_eval_speed_and_table(backends):
     tb, ob = backends
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     items = eval_items(per_family=1)
     assert len(items) == 9 and {it["tier"] for it in items} == {"perception", "reasoning", "graded"}

@@ -1,4 +1,4 @@
-"""benchmarks/pick_examples.py: which items the pair takes, the read-back check, the errors."""
+"""benchmarks/card/pick_examples.py: which items the pair takes, the read-back check, the errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from r4b_edge.benchmarks import pick_examples
+from r4b_edge.benchmarks.card import pick_examples
 from r4b_edge.engine.events import Result, Stats
 from r4b_edge.errors import R4BError
-from r4b_edge.world import check_answer, eval_items
+from r4b_edge.train.world import check_answer, eval_items
 
 
 @pytest.fixture(scope="module")

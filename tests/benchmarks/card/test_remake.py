@@ -1,4 +1,4 @@
-"""benchmarks/remake.py: the step list, --quick sizes, argument checks, failing loudly, --apply."""
+"""benchmarks/card/remake.py: the step list, --quick sizes, argument checks, failing loudly, --apply."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from r4b_edge.benchmarks import remake
+from r4b_edge.benchmarks.card import remake
 from r4b_edge.errors import R4BError
 
 
@@ -70,7 +70,7 @@ def test_list_prints_every_command(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     for name in remake.DEFAULT_STEPS:
         assert f"{name}: " in out
-    assert "python -m r4b_edge.benchmarks.quant_eval" in out and "QT_QPA_PLATFORM=offscreen" in out
+    assert "python -m r4b_edge.benchmarks.card.quant_eval" in out and "QT_QPA_PLATFORM=offscreen" in out
 
 
 def test_run_steps_records_times_and_stops_at_the_first_failure(tmp_path: Path) -> None:

@@ -1,12 +1,12 @@
 """Measure GGUF vs torch parity for a checkpoint (used to write docs/gguf.md and to pin
 the test bounds); not run in CI.
 
-    python -m r4b_edge.benchmarks.parity_report CHECKPOINT --work /tmp/parity [--prompts 20] [--out PARITY.md]
+    python -m r4b_edge.benchmarks.card.parity_report CHECKPOINT --work /tmp/parity [--prompts 20] [--out PARITY.md]
 
 Exports F32-mmproj/F16/Q8_0/Q4_K_M pairs into --work (no-op when up to date) and prints
 a markdown table: image-embedding and last-logit max |diff|, the part of the embedding
 error due to llama.cpp's tanh-GELU in the projector (torch run with tanh vs erf), and
-greedy-token identity over the held-out eval items (`r4b_edge.world.eval_items`).
+greedy-token identity over the held-out eval items (`r4b_edge.train.world.eval_items`).
 """
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ import numpy as np
 
 def world_prompts(n: int) -> list:
     """(PIL image, question) of the first `n` held-out eval items, interleaved over the families."""
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     return [(it["image"], it["question"]) for it in eval_items(per_family=-(-n // 8), interleaved=True)[:n]]
 
 
 def prompt_segments(tok, image, question: str):
+    from r4b_edge.model.reply import IMAGE_PLACEHOLDER
     from r4b_edge.model.template import Message, render_prompt
 
-    a, b = render_prompt([Message("user", question, images=1)], "auto").split("<image>")
+    a, b = render_prompt([Message("user", question, images=1)], "auto").split(IMAGE_PLACEHOLDER)
     return [tok.encode(a), image, tok.encode(b)]
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, g)
     print("\n" + text)
     if a.out:
-        from r4b_edge.export.manifest import atomic_write
+        from r4b_edge.fsutil import atomic_write
 
         with atomic_write(a.out) as tmp:
             tmp.write_text(text, encoding="utf-8")

@@ -1,14 +1,14 @@
 """Pick the README's example pair: one question template, two held-out images, one answered
 directly and one thought through, both right, by a model in auto mode (greedy).
 
-    python -m r4b_edge.benchmarks.pick_examples --model r4b_edge/assets/model \
+    python -m r4b_edge.benchmarks.card.pick_examples --model r4b_edge/assets/model \
         --out-dir r4b_edge/assets/examples
 
 Scans the world's held-out `total` items ("Add up all the digits. What is the total?";
-`r4b_edge.world.eval_items(families=["total"])`, in index order) through the public API
+`r4b_edge.train.world.eval_items(families=["total"])`, in index order) through the public API
 (`r4b_edge.load` + `Model.chat`, mode auto, temperature 0) and keeps the first item answered
 directly and right and the first thought through and right with the world's own trace (every
-reasoning line as `r4b_edge.world` writes it: a right answer after a wrong scan line does not
+reasoning line as `r4b_edge.train.world` writes it: a right answer after a wrong scan line does not
 count). Writes them as `total-direct.png`
 and `total-think.png`, asks each written file again (as `r4b-edge chat FILE QUESTION` would) and
 fails unless the reply is the same, then prints both replies with their decision and p_think.
@@ -29,7 +29,7 @@ FILE_NAMES = {"direct": "total-direct.png", "think": "total-think.png"}
 
 def level_of(item: dict) -> str:
     """The `total` level of a world item from its digit count ('easy', 'hard' or 'other')."""
-    from r4b_edge.world import TOTAL_LEVELS
+    from r4b_edge.train.world import TOTAL_LEVELS
 
     n = len(item["scene"].digits)
     return next((lv for lv, (ns, _) in TOTAL_LEVELS.items() if n in ns), "other")
@@ -58,7 +58,7 @@ def pick(model: Any, items: Sequence[dict], max_tokens: int = 96) -> dict[str, A
     Returns {"direct": row, "think": row, "scanned": n, "tally": {...}}; raises R4BError (with
     the counts) when the scan ends without both."""
     from r4b_edge.errors import R4BError
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     found: dict[str, dict] = {}
     tally = {f"{k} {'right' if ok else 'wrong'}": 0 for k in KINDS for ok in (True, False)}
@@ -118,7 +118,7 @@ def describe(kind: str, row: dict, path: Path | str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.pick_examples", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.card.pick_examples", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder or file (default: the bundled model)")
     ap.add_argument("--backend", default="auto", help="auto (default), torch, llama, onnx")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     import r4b_edge
     from r4b_edge.api import ASSETS
     from r4b_edge.errors import R4BError
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     if a.per_family < 1 or a.max_tokens < 1:
         raise R4BError(f"--per-family and --max-tokens must be >= 1, got {a.per_family} and {a.max_tokens}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r4b_edge import world as W
 from r4b_edge.errors import R4BError, TrainingError
+from r4b_edge.train import world as W
 
 
 def test_same_seed_same_world_different_seed_differs():
@@ -96,7 +96,7 @@ def test_eval_items_are_the_written_eval_records(tmp_path):
     """eval_items is what train/evaluate.py writes and scores (the model card's split), with one
     default seed: the shipped recipe's seed + EVAL_SEED_OFFSET."""
     pytest.importorskip("torch")
-    from r4b_edge.train.common import Recipe
+    from r4b_edge.train.recipe import Recipe
     from r4b_edge.train.data import read_jsonl
     from r4b_edge.train.rollout import items_from_records
     from r4b_edge.train.world import write_world

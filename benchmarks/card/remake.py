@@ -1,9 +1,9 @@
 """Re-make every artefact that describes the shipped model, in order, into one folder.
 
-    python -m r4b_edge.benchmarks.remake --model r4b_edge/assets/model --out /tmp/remake
-    python -m r4b_edge.benchmarks.remake --quick --out /tmp/remake-dry      # shrunk counts: plumbing only
-    python -m r4b_edge.benchmarks.remake --list                             # the steps and their commands
-    python -m r4b_edge.benchmarks.remake --out /tmp/remake --steps bench,screenshot   # some steps again
+    python -m r4b_edge.benchmarks.card.remake --model r4b_edge/assets/model --out /tmp/remake
+    python -m r4b_edge.benchmarks.card.remake --quick --out /tmp/remake-dry      # shrunk counts: plumbing only
+    python -m r4b_edge.benchmarks.card.remake --list                             # the steps and their commands
+    python -m r4b_edge.benchmarks.card.remake --out /tmp/remake --steps bench,screenshot   # some steps again
 
 Steps (each a subprocess with its own log in OUT/logs/, its wall time and the load average
 printed and kept in OUT/remake.json; a failing step or a missing output stops the run with
@@ -108,16 +108,16 @@ def build_steps(model: Path, out: Path, work: Path, quick: bool = False, names: 
     g, o, b = out / "gguf", out / "onnx", out / "bench"
     steps = {
         "quant-gguf": Step(
-            "quant-gguf", "GGUF quant table", _py("r4b_edge.benchmarks.quant_eval", model, "--work", work / "quant",
+            "quant-gguf", "GGUF quant table", _py("r4b_edge.benchmarks.card.quant_eval", model, "--work", work / "quant",
                                                   "--per-family", n["per_family"], "--out", g / "QUANT_GGUF.md"),
             outputs=[g / "QUANT_GGUF.md", g / "QUANT_GGUF.json"]),
         "parity-gguf": Step(
-            "parity-gguf", "GGUF parity table", _py("r4b_edge.benchmarks.parity_report", model, "--work",
+            "parity-gguf", "GGUF parity table", _py("r4b_edge.benchmarks.card.parity_report", model, "--work",
                                                     work / "parity", "--prompts", n["parity_prompts"],
                                                     "--out", g / "PARITY_GGUF.md"),
             outputs=[g / "PARITY_GGUF.md", g / "PARITY_GGUF.json"]),
         "onnx": Step(
-            "onnx", "ONNX precision table", _py("r4b_edge.benchmarks.onnx_report", "--model", model, "--exports",
+            "onnx", "ONNX precision table", _py("r4b_edge.benchmarks.card.onnx_report", "--model", model, "--exports",
                                                 work / "onnx", "--per-family", n["per_family"], "--parity-prompts",
                                                 n["onnx_parity_prompts"], "--threads", threads or 2,
                                                 "--md", o / "QUANT_ONNX.md", "--json", o / "onnx_report.json"),
@@ -137,7 +137,7 @@ def build_steps(model: Path, out: Path, work: Path, quick: bool = False, names: 
                 "--prompt", SCREENSHOT_PROMPT, "--screenshot", out / "img" / "app.png"),
             outputs=[out / "img" / "app.png"], env={"QT_QPA_PLATFORM": "offscreen"}),
         "examples": Step(
-            "examples", "example pair", _py("r4b_edge.benchmarks.pick_examples", "--model", model, "--per-family",
+            "examples", "example pair", _py("r4b_edge.benchmarks.card.pick_examples", "--model", model, "--per-family",
                                             n["examples_per_family"], "--out-dir", out / "examples",
                                             "--json", out / "examples" / "examples.json"),
             outputs=[out / "examples" / "total-direct.png", out / "examples" / "total-think.png",
@@ -160,7 +160,7 @@ def card_sections(out: Path) -> Path:
     order the model card carries them (the card's own generator does not write these)."""
     parts = [("gguf/QUANT_GGUF.md", None),
              ("gguf/PARITY_GGUF.md", "### Parity of the GGUF pairs with torch\n\n"
-              "`python -m r4b_edge.benchmarks.parity_report` (held-out eval items, interleaved over the families; "
+              "`python -m r4b_edge.benchmarks.card.parity_report` (held-out eval items, interleaved over the families; "
               "max abs difference vs torch fp32):\n"),
              ("onnx/QUANT_ONNX.md", None)]
     missing = [p for p, _ in parts if not (out / p).is_file()]
@@ -252,7 +252,7 @@ def apply(out: Path, repo: Path, log: Callable[[str], None] = print) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.remake", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m r4b_edge.benchmarks.card.remake", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
     ap.add_argument("--out", type=Path, default=None, help="folder for every artefact, logs and remake.json")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = json.loads(rec_p.read_text()) if rec_p.is_file() else {"steps": []}
     if rec.get("steps") and bool(rec.get("quick")) != a.quick:
         raise RemakeError(f"{out} holds a {'--quick' if rec.get('quick') else 'full'} run: use another --out")
-    rec.update(model=str(model), quick=a.quick, command=shlex.join(["python", "-m", "r4b_edge.benchmarks.remake",
+    rec.update(model=str(model), quick=a.quick, command=shlex.join(["python", "-m", "r4b_edge.benchmarks.card.remake",
                                                                     *(argv if argv is not None else sys.argv[1:])]))
     if steps:
         run_steps(steps, out, record=rec)

@@ -1,10 +1,10 @@
 """Accuracy and think-rate of the GGUF quantizations vs torch on the held-out world
 (greedy, auto mode, the same engine for every backend); writes the model card's table.
 
-    python -m r4b_edge.benchmarks.quant_eval r4b_edge/assets/model --work /tmp/quant \
+    python -m r4b_edge.benchmarks.card.quant_eval r4b_edge/assets/model --work /tmp/quant \
         --per-family 25 --out r4b_edge/assets/model/QUANT_GGUF.md
 
-Items are `r4b_edge.world.eval_items` (the model card's held-out split, EVAL_SEED); answers are
+Items are `r4b_edge.train.world.eval_items` (the model card's held-out split, EVAL_SEED); answers are
 scored with world.check_answer, as the training eval does.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 def run_items(model: Any, items: list[dict], max_tokens: int, mode: str = "auto") -> dict:
     """Accuracy / think-rate / mean tokens overall and per tier, plus the answers."""
-    from r4b_edge.world import check_answer
+    from r4b_edge.train.world import check_answer
 
     rows = []
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import r4b_edge
     from r4b_edge.export.gguf import export_gguf
-    from r4b_edge.world import eval_items
+    from r4b_edge.train.world import eval_items
 
     items = eval_items(per_family=a.per_family)
     res: dict[str, Any] = {}
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "## GGUF quantizations (llama.cpp) vs torch",
         "",
         f"Held-out world eval split, {len(items)} items ({a.per_family} per family), auto mode, greedy, "
-        f"max {a.max_tokens} new tokens, CPU. Measured with `python -m r4b_edge.benchmarks.quant_eval`.",
+        f"max {a.max_tokens} new tokens, CPU. Measured with `python -m r4b_edge.benchmarks.card.quant_eval`.",
         "",
         "| model | files (MiB) | accuracy | delta vs torch | think-rate | delta | perception acc | reasoning acc "
         "| graded acc | mean tokens | answers identical to torch |",
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        from r4b_edge.export.manifest import atomic_write
+        from r4b_edge.fsutil import atomic_write
 
         with atomic_write(a.out) as tmp:
             tmp.write_text(text, encoding="utf-8")
