@@ -153,7 +153,8 @@ def _decision(d: Decision) -> dict:
                            "expected_think_tokens": round(p.expected_think_tokens, 1),
                            "expected_answer_tokens": round(p.expected_answer_tokens, 1),
                            "expected_total_ms": round(p.expected_total_ms, 1),
-                           "step_ms_conservative": round(p.step_ms_conservative, 2), "reason": p.reason}
+                           "step_ms_conservative": round(p.step_ms_conservative, 2),
+                           "lengths_source": p.lengths_source, "reason": p.reason}
     return out
 
 

@@ -75,6 +75,39 @@ class ChatRequest:
 
 
 # ---- field checkers ----------------------------------------------------------------------------
+def _surrogate(text: str) -> Optional[int]:
+    """Index of the first lone surrogate in `text` (not valid Unicode: UTF-8 cannot encode it), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def check_unicode(body: Any) -> None:
+    """Every string of the request, keys included, must be valid Unicode. JSON can spell a lone
+    surrogate (`"\\ud800"`) that no tokenizer or UTF-8 encoder accepts; it is refused here, once,
+    with a 400 naming the field, before anything reads the text."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            i = _surrogate(node)
+            if i is not None:
+                raise bad(f"'{path or 'body'}' is not valid Unicode: a lone surrogate {node[i]!r} at character {i}; "
+                          "send text that encodes to UTF-8 (a surrogate pair, or the character itself)", path or None)
+        elif isinstance(node, dict):
+            for k in node:
+                if _surrogate(k) is not None:
+                    raise bad(f"a key of '{path or 'body'}' is not valid Unicode (a lone surrogate): "
+                              "send keys that encode to UTF-8", path or None)
+            stack.extend((v, f"{path}.{k}" if path else k) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((node[j], f"{path}[{j}]") for j in range(len(node) - 1, -1, -1))
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -302,6 +335,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     """Check a decoded JSON body; raises APIError(400) naming the offending field."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", None, "invalid_type")
+    check_unicode(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("'model' must be a string", "model", "invalid_type")

@@ -49,7 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per configuration")
     p.add_argument("--eval-per-family", type=int, default=10, help="eval items per question family")
     p.add_argument("--eval-seed", type=int, default=None, help="world seed of the eval split")
-    p.add_argument("--max-tokens", type=int, default=64, help="reply bound in the modes table")
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="reply bound in the modes table (--quick too: replies cut there are not scored)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: physical cores not busy by the load average; 1 with --quick)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, metal")
@@ -68,6 +69,9 @@ def register(subparsers: Any) -> None:
                    help="only run the deadline sweep (torch fp32 on --model): accuracy and share of answers "
                         "within T against T, on --eval-per-family items per family; writes deadline_sweep.* "
                         "into --out")
+    p.add_argument("--deadline-fresh", action="store_true",
+                   help="with --deadline-sweep: every T in a fresh process (as a one-shot `chat --deadline`: "
+                        "nothing served before it); writes deadline_sweep_fresh.*")
     p.add_argument("--true-shape", action="store_true",
                    help="only compare r4b-edge decode with raw llama-cpp-python (llama.cpp's sampler chain) on a "
                         "random R-4B at the true width and vocabulary, greedy and sampled: writes true_shape.* "
@@ -128,7 +132,9 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         "repeats": min(a.repeats, 2) if q else a.repeats,
         "warmup": a.warmup,
         "eval_per_family": 1 if q and a.eval_per_family == 10 else a.eval_per_family,
-        "max_tokens": 16 if q and a.max_tokens == 64 else a.max_tokens,
+        # --quick keeps the full bound: the bundled model's thinking replies take ~45 tokens, and a
+        # reply cut short has no answer to score (the table leaves cut replies out of the accuracy)
+        "max_tokens": a.max_tokens,
         "eval_seed": a.eval_seed,
         # under --quick one thread: on a shared 2-core runner, 2 spinning threads per op stall
         "threads": a.threads or (1 if q else auto_threads()),
@@ -390,21 +396,23 @@ def _deadline_sweep_main(args: argparse.Namespace) -> int:
     seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED
     t0 = time.perf_counter()
     s = deadline_sweep.run_sweep(spec, 1 if args.quick else args.eval_per_family, seed,
-                                 n_deadlines=3 if args.quick else 8)
+                                 n_deadlines=3 if args.quick else 8, fresh=args.deadline_fresh)
+    name = "deadline_sweep_fresh" if args.deadline_fresh else "deadline_sweep"
     s |= {"command": _command(args), "machine": report.machine_info(), "seed": seed, "threads": threads,
           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
           "duration_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "deadline_sweep.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
     md = deadline_sweep.markdown(s, s["command"])
-    (out / "deadline_sweep.md").write_text(
-        f"# Deadline sweep\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, {threads} thread(s); "
-        f"load average at start {s['machine'].get('load_avg')}.\n\n{md}\n![deadline sweep](deadline_sweep.png)\n")
+    (out / f"{name}.md").write_text(
+        f"# Deadline sweep{', a fresh process per T' if args.deadline_fresh else ''}\n\nMeasured {s['created']} ({s['duration_s']:.0f} s), torch fp32, "
+        f"{report.count(threads, 'thread')}; "
+        f"load average at start {s['machine'].get('load_avg')}.\n\n{md}\n![deadline sweep]({name}.png)\n")
     if not args.no_plots:
-        deadline_sweep.plot(s, out / "deadline_sweep.png")
+        deadline_sweep.plot(s, out / f"{name}.png")
     print(md)
-    print(f"results: {out / 'deadline_sweep.json'}")
+    print(f"results: {out / f'{name}.json'}")
     return 0
 
 
@@ -465,6 +473,8 @@ def main(args: argparse.Namespace) -> int:
     from r4b_edge.api import default_model_path
     from r4b_edge.errors import ModelNotFoundError, R4BError
 
+    from . import report
+
     if args.llama_repack:  # every worker (a child process) and the stock-Llama baselines follow it
         os.environ[REPACK_ENV] = args.llama_repack
     if args.host_overhead:
@@ -490,6 +500,10 @@ def main(args: argparse.Namespace) -> int:
         met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         val = "-" if t["value"] is None else f"{t['value']:.3f}"
         print(f"  {t['name']}: {val} (goal {t['goal']}) {met}" + (f"; {t['note']}" if t["note"] else ""))
+    cut = report.cut_replies(doc)
+    if cut:
+        print(f"  {cut} modes-table replies hit --max-tokens {s['max_tokens']} before their answer ended: "
+              "left out of the accuracy (raise --max-tokens to score them)")
     if doc["skipped"]:
         print(f"  skipped: {len(doc['skipped'])} (see results.md)")
     return 0

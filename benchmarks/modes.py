@@ -66,8 +66,16 @@ def modes_worker(p: dict) -> dict:
     return {"rows": rows, "peak_rss_mb": peak_rss_mb(), "n_items": len(items)}
 
 
+def _accuracy(rs: Sequence[dict]) -> float | None:
+    """Share right among the replies that ended by themselves; a reply cut at `max_tokens`
+    (finish_reason "length") has no answer to score, so it is left out; None when all were cut."""
+    done = [r for r in rs if r["finish_reason"] != "length"]
+    return sum(r["correct"] for r in done) / len(done) if done else None
+
+
 def summarize_modes(rows: Sequence[dict]) -> dict[str, dict]:
-    """Per mode: accuracy (overall and per tier), think-rate, mean tokens, mean and median
+    """Per mode: accuracy (overall and per tier, over the replies not cut at `max_tokens`; the cut
+    ones are counted in `length_stops`), think-rate, mean tokens, mean and median
     time-to-answer / time to first token, with spreads."""
     out: dict[str, dict] = {}
     for mode in dict.fromkeys(r["mode"] for r in rows):
@@ -76,11 +84,12 @@ def summarize_modes(rows: Sequence[dict]) -> dict[str, dict]:
         tiers = {}
         for tier in sorted({r["tier"] for r in rs}):
             tr = [r for r in rs if r["tier"] == tier]
-            tiers[tier] = {"n": len(tr), "accuracy": sum(r["correct"] for r in tr) / len(tr),
-                           "think_rate": sum(r["thought"] for r in tr) / len(tr)}
+            tiers[tier] = {"n": len(tr), "accuracy": _accuracy(tr),
+                           "think_rate": sum(r["thought"] for r in tr) / len(tr),
+                           "length_stops": sum(r["finish_reason"] == "length" for r in tr)}
         out[mode] = {
             "n": n,
-            "accuracy": sum(r["correct"] for r in rs) / n,
+            "accuracy": _accuracy(rs),
             "think_rate": sum(r["thought"] for r in rs) / n,
             "mean_tokens": sum(r["reply_tokens"] for r in rs) / n,
             "mean_think_tokens": sum(r["think_tokens"] for r in rs) / n,

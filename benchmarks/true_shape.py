@@ -206,7 +206,7 @@ def markdown(d: dict) -> str:
     if "skipped" in d:
         return f"True-shape comparison skipped: {d['skipped']}\n"
     lines = [f"Random R-4B, {d['layers']} text layers at the true width (hidden 2560) and vocabulary "
-             f"({d['n_vocab']:,}), Q4_K_M, {d['threads']} threads, pp {d['n_prompt']} / tg {d['n_gen']}, "
+             f"({d['n_vocab']:,}), Q4_K_M, {d['threads']} thread{'' if d['threads'] == 1 else 's'}, pp {d['n_prompt']} / tg {d['n_gen']}, "
              f"{d['repeats']} interleaved run pairs per setting (median, p25-p75). Raw = `Llama.eval` + "
              "llama.cpp's `llama_sampler_chain`; ours = `Engine.stream_prompt` on the llama backend with "
              "r4b-edge's numpy sampler. Sampler columns: CPU ms per call on this model's logits.", "",

@@ -35,8 +35,10 @@ import numpy as np
 from r4b_edge.errors import ExportError, R4BError
 from r4b_edge.formats import GGUF_HF_JSON_KEY, GGUF_IMAGE_NEWLINE
 from r4b_edge.formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
+from r4b_edge.formats import GGUF_REPLY_LENGTHS_KEY as REPLY_LENGTHS_KEY
 from r4b_edge.fsutil import atomic_write
 from r4b_edge.model.reply import ENDOFTEXT
+from r4b_edge.model.reply_lengths import eval_reply_lengths
 from r4b_edge.model.template import CHAT_TEMPLATE
 
 from .manifest import is_up_to_date, write_manifest
@@ -348,6 +350,9 @@ def _text_kv(src: _Source, spec: QuantSpec, name: str, tok_data: dict):
             w.add_quantization_version(2)
         _tokenizer_kv(w, src, tok_data)
         w.add_string(R4B_CONFIG_KEY, _config_json(src))
+        lengths = eval_reply_lengths(src.path, src.tokenizer)
+        if lengths is not None:  # the eval folder does not travel with the GGUF: its length summary does
+            w.add_string(REPLY_LENGTHS_KEY, json.dumps(lengths.to_dict(), sort_keys=True))
     return kv
 
 
@@ -443,7 +448,9 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, quant: str = "Q4
         raise ExportError(f"--out {out_p} is inside the checkpoint folder {src_p}: pass a separate folder")
     text_p = out_p / f"{name}-{spec.name}.gguf"
     mm_p = out_p / f"mmproj-{name}-{mspec.name}.gguf"
-    extra = {"name": name, "mmproj_quant": mspec.name, "stock_pinpoints": bool(stock_pinpoints)}
+    lengths = eval_reply_lengths(src_p, source.tokenizer)
+    extra = {"name": name, "mmproj_quant": mspec.name, "stock_pinpoints": bool(stock_pinpoints),
+             "reply_lengths": None if lengths is None else lengths.to_dict()}  # an export without them is redone
     if not force and is_up_to_date(out_p, src_p, "gguf", spec.name, extra):
         return ExportResult(out_p, text_p, mm_p, out_p / "manifest.json", spec.name, mspec.name, skipped=True,
                             sizes={p.name: p.stat().st_size for p in (text_p, mm_p)})

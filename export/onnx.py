@@ -11,7 +11,9 @@ The export folder holds three graphs and what the runtime needs to run them with
   [batch, kv_heads, past, head_dim] -> logits [batch, k, vocab], present.{i}.key/value
   [batch, kv_heads, past + seq, head_dim]. Batch and all lengths are dynamic.
 - ``image_newline.npy``, the tokenizer files, ``genai_config.json`` (shapes, IO names, special
-  tokens, chat template, image token counts, the R-4B config) and ``manifest.json`` (sha256).
+  tokens, chat template, image token counts, the R-4B config) and ``manifest.json`` (sha256);
+  ``reply_lengths.json`` when the source folder has eval results (the model's mean reply lengths,
+  deadline mode's priors: `r4b_edge.model.reply_lengths`).
 
 Precisions: fp32; fp16 (CUDA EP; graph IO stays float32); int8 (decoder: 8-bit MatMulNBits,
 block 32); int4 (decoder: 4-bit MatMulNBits, block 32, LM head 8-bit); the vision graph gets
@@ -40,8 +42,10 @@ from r4b_edge.formats import ONNX_DECODER_FILE as DECODER_FILE, ONNX_EMBED_FILE 
 from r4b_edge.formats import ONNX_FORMAT_NAME as FORMAT_NAME, ONNX_FORMAT_VERSION as FORMAT_VERSION
 from r4b_edge.formats import ONNX_GENAI_CONFIG as GENAI_CONFIG, ONNX_NEWLINE_FILE as NEWLINE_FILE
 from r4b_edge.formats import ONNX_PRECISIONS as PRECISIONS, ONNX_VISION_FILE as VISION_FILE
+from r4b_edge.formats import ONNX_REPLY_LENGTHS_FILE as REPLY_LENGTHS_FILE
 from r4b_edge.fsutil import replace_dir
 from r4b_edge.model.reply import ENDOFTEXT
+from r4b_edge.model.reply_lengths import eval_reply_lengths
 
 OPSET = 18
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -260,7 +264,9 @@ def export_onnx(src: str | Path, out: str | Path, precision: str = "fp32", force
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
     config, tokenizer = _check_inputs(src, out, precision)
-    if not force and is_up_to_date(out, src, fmt="onnx", quant=precision):
+    lengths = eval_reply_lengths(src, tokenizer)
+    extra = {"reply_lengths": None if lengths is None else lengths.to_dict()}  # an export without them is redone
+    if not force and is_up_to_date(out, src, fmt="onnx", quant=precision, extra=extra):
         return out
     import torch
 
@@ -293,10 +299,12 @@ def export_onnx(src: str | Path, out: str | Path, precision: str = "fp32", force
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         mark_tokenizer_files(tmp)  # think tags non-special, as in Qwen3, whatever the source says
+        if lengths is not None:  # the eval folder does not travel with the export: its length summary does
+            (tmp / REPLY_LENGTHS_FILE).write_text(json.dumps(lengths.to_dict(), indent=1) + "\n", encoding="utf-8")
         doc = genai_config(config, tokenizer, precision, graph_precision)
         doc["export_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / GENAI_CONFIG).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        write_manifest(tmp, _graph_files(tmp), src, "onnx", precision)
+        write_manifest(tmp, _graph_files(tmp), src, "onnx", precision, extra)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ from .engine.score import score_prompt
 from .engine.options import check_text, options_from
 from .errors import ModelNotFoundError
 from .model.processing import DEFAULT_MAX_PIXELS, PreparedImage, load_image, prepare_image
+from .model.reply_lengths import read_reply_lengths
 from .model.template import Message, render_prompt
 from .store import resolve_model
 
@@ -88,7 +89,8 @@ class Model:
 
     def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.backend = backend
-        self.engine = Engine(backend)
+        # deadline mode's priors: the model's own reply lengths (from its eval results), if it has them
+        self.engine = Engine(backend, read_reply_lengths(backend.model_path, backend.tokenizer))
         self.max_pixels = max_pixels
 
     @property

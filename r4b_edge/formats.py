@@ -3,7 +3,8 @@
 
 GGUF pair (llama.cpp): a text model (arch `qwen3`) carrying the R-4B config and the HF tokenizer as
 metadata, and an mmproj (arch `clip`) carrying `image_newline`. ONNX folder (onnxruntime): three
-graphs + `image_newline.npy` + `genai_config.json` (format name and version checked on read).
+graphs + `image_newline.npy` + `genai_config.json` (format name and version checked on read). Both carry
+the model's mean reply lengths when it has eval results (`model.reply_lengths`: deadline mode's priors).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 GGUF_R4B_CONFIG_KEY = "r4b.config"                # the R-4B config.json as one JSON string
 GGUF_HF_JSON_KEY = "tokenizer.huggingface.json"   # gguf.Keys.Tokenizer.HF_JSON: the whole tokenizer.json
 GGUF_IMAGE_NEWLINE = "v.image_newline"            # mmproj tensor: R-4B's model.image_newline
+# the model's mean reply lengths (JSON, `model.reply_lengths.ReplyLengths.to_dict`), from its eval results
+GGUF_REPLY_LENGTHS_KEY = "r4b.reply_lengths"
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,13 @@ ONNX_FORMAT_VERSION = 1                           # readers refuse a newer versi
 ONNX_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 ONNX_VISION_FILE, ONNX_EMBED_FILE, ONNX_DECODER_FILE = "vision.onnx", "embed.onnx", "decoder.onnx"
 ONNX_NEWLINE_FILE = "image_newline.npy"
+ONNX_REPLY_LENGTHS_FILE = "reply_lengths.json"    # as GGUF_REPLY_LENGTHS_KEY; absent without eval results
 # protobuf's hard limit is 2 GiB: graphs over this are saved as <graph>.onnx + <graph>.onnx.data
 ONNX_EXTERNAL_DATA_BYTES = 1_800_000_000
 
 __all__ = [
     "GGUF_HF_JSON_KEY", "GGUF_IMAGE_NEWLINE", "GGUF_MMPROJ_QUANTS", "GGUF_QUANTS", "GGUF_QUANT_SPECS",
-    "GGUF_R4B_CONFIG_KEY", "ONNX_DECODER_FILE", "ONNX_EMBED_FILE", "ONNX_EXTERNAL_DATA_BYTES",
+    "GGUF_R4B_CONFIG_KEY", "GGUF_REPLY_LENGTHS_KEY", "ONNX_DECODER_FILE", "ONNX_EMBED_FILE", "ONNX_EXTERNAL_DATA_BYTES",
     "ONNX_FORMAT_NAME", "ONNX_FORMAT_VERSION", "ONNX_GENAI_CONFIG", "ONNX_NEWLINE_FILE",
-    "ONNX_PRECISIONS", "ONNX_VISION_FILE", "QuantSpec",
+    "ONNX_PRECISIONS", "ONNX_REPLY_LENGTHS_FILE", "ONNX_VISION_FILE", "QuantSpec",
 ]

@@ -6,17 +6,30 @@ closing line and the answer still arrive before T. The plan uses
 
 - the time already spent (prefill + decision), measured,
 - the decode speed: the median time of the engine's recent decode steps (one sampled token
-  and its forward; the tracker keeps the last `WINDOW`), or, before any, the decision
-  forward's time taken as the cost of one decode step. Steps are timed one by one: a batch
+  and its forward; the tracker keeps the last `WINDOW`). Steps are timed one by one: a batch
   (the budget's closing line, fed at once) is timed as its own cost, never divided among
-  its tokens, which would make decoding look faster than it is,
+  its tokens, which would make decoding look faster than it is. A fresh process has timed
+  none: its first plan knows only that a step costs at least the prefill's time per position
+  (a batch never costs more per token) and at most about the decision forward's, a batch of
+  three that is also the first forward of its shape (the bundled model on a busy 2-core
+  machine: torch 4-6 ms against 2-4 ms steps, 38 ms against ~17 at a busier moment; llama.cpp
+  1.3-1.6 ms against 0.2-0.8 ms). Where the choice is the same at both bounds it is made
+  at once (at the decision forward's pace); where it is not (`pace_decides`) the engine first
+  times up to `PROBE_STEPS` decode steps at the reply's own position and rolls them back
+  (their time counts in the reply's), stopping as soon as the median of two or more of its
+  steps says thinking cannot fit (so at a tight deadline it costs two steps), so `--deadline`
+  plans with this device's measured pace on its first call,
 - expected token counts: reasoning length L of replies that closed their reasoning
-  themselves, answer length after thinking and without (moving averages, from priors). Until a
-  reply has closed its reasoning itself (or the user's `max_think_tokens` says how long it may
-  be), L is unknown: the plan then thinks wherever at least `EXPLORE_MIN_TOKENS` of reasoning
-  fit, with the budget that fits, and so learns L (a made-up prior would decide every reply of
-  a fresh process: one of 512 tokens made `chat --deadline 1000` never think on a model whose
-  reasoning takes 45),
+  themselves, answer length after thinking and without (moving averages of the replies served).
+  Before any, the model's own lengths (`r4b_edge.model.reply_lengths`: from its eval results,
+  carried by its GGUF/ONNX exports), so a fresh process (a one-shot `chat --deadline`) plans from
+  the model, not from a constant: priors of 64-token answers made the bundled model expect
+  328 ms for a 5-token direct answer and refuse, at 400 ms, a thinking reply that takes 147 ms.
+  A model without eval results (a real R-4B) starts from `DEFAULT_ANSWER_TOKENS` answers and an
+  unknown L: the plan then thinks wherever at least `EXPLORE_MIN_TOKENS` of reasoning fit (or
+  the user's `max_think_tokens` says how long it may be), with the budget that fits, and so
+  learns L (a made-up prior would decide every reply of a fresh process: one of 512 tokens made
+  `chat --deadline 1000` never think on a model whose reasoning takes 45),
 - an expected-accuracy model read off `p_think` (the model's own probability that the
   question needs reasoning): no-think ``1 - p_think``; think with budget B ``1`` if B covers
   the expected reasoning length L, else ``1 - p_think`` (reasoning cut short is counted as
@@ -44,10 +57,13 @@ reasoning instead of delivering late; the plan's median pace only sizes the budg
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    from ..model.reply_lengths import ReplyLengths
 
 SAFETY = 0.9  # plan to be done at 90% of the deadline
 LIVE_SAFETY = 0.95  # the live check, which already assumes a slow pace, closes at 95% of it
@@ -58,7 +74,19 @@ EMA = 0.3  # weight of the newest reply (or step, live) in the moving averages
 QUANTILE = 90.0  # percentile of recent step times and answer lengths the live check assumes
 WINDOW = 512  # recent decode steps kept
 MIN_STEPS = 4  # steps measured before they replace the decision forward's time
+PROBE_STEPS = 5  # a fresh engine's pace probe: decode steps timed, then rolled back (see `pace_decides`)
 EXPLORE_MIN_TOKENS = 16  # while L is unknown: the least reasoning budget worth thinking for
+DEFAULT_ANSWER_TOKENS = 64.0  # answer length prior of a model without eval results (model.reply_lengths)
+
+
+def percentile(values, q: float) -> float:
+    """numpy's default (linear) percentile in plain Python: numpy's first median or percentile
+    call in a process costs ~10 ms, which a fresh process's first plan would pay."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 @dataclass(frozen=True)
@@ -78,13 +106,14 @@ class DeadlinePlan:
     expected_total_ms: float  # of the chosen option
     reason: str
     step_ms_conservative: float = 0.0  # the live check's pace: the QUANTILE of recent steps (ms)
+    lengths_source: str = ""  # where the expected lengths came from (the model's eval, replies served, defaults)
 
 
 class DeadlineTracker:
     """The engine's running measurements for deadline planning (see the module docstring)."""
 
-    def __init__(self, think_tokens: float | None = None, answer_tokens_think: float = 64.0,
-                 answer_tokens_no_think: float = 64.0) -> None:
+    def __init__(self, think_tokens: float | None = None, answer_tokens_think: float = DEFAULT_ANSWER_TOKENS,
+                 answer_tokens_no_think: float = DEFAULT_ANSWER_TOKENS, source: str | None = None) -> None:
         self.steps: deque[float] = deque(maxlen=WINDOW)  # seconds per decode step, newest last
         self.closes: deque[float] = deque(maxlen=32)  # seconds of the budget's closing batch
         self.think_tokens = None if think_tokens is None else float(think_tokens)  # L; None: not known yet
@@ -94,6 +123,23 @@ class DeadlineTracker:
         self.n_answer = {True: 0, False: 0}
         self.prefill_ms: float | None = None  # moving average of prefill (+ decision) times
         self._live: tuple[float | None, float] | None = None  # must_close's (close s, answer tokens)
+        self.prior_source = source or (f"defaults: answers {DEFAULT_ANSWER_TOKENS:.0f} tokens, reasoning "
+                                       "unknown until a reply closes its own (the model has no eval results)")
+
+    @classmethod
+    def from_lengths(cls, lengths: "ReplyLengths | None") -> "DeadlineTracker":
+        """A tracker whose priors are the model's own reply lengths (`model.reply_lengths`), or
+        the defaults when the model has none."""
+        if lengths is None:
+            return cls()
+        return cls(lengths.think_tokens, lengths.answer_tokens_think, lengths.answer_tokens_no_think,
+                   f"the model's {lengths.source}")
+
+    @property
+    def lengths_source(self) -> str:
+        """Where the lengths a plan uses now come from."""
+        n = self.n_answer[True] + self.n_answer[False]
+        return f"replies served ({n}; before them {self.prior_source})" if n else self.prior_source
 
     @staticmethod
     def _ema(old: float, new: float, n: int) -> float:
@@ -130,15 +176,28 @@ class DeadlineTracker:
     def speed(self, fallback_s: float | None) -> tuple[float, str]:
         """Seconds per decode step to plan with (the median of recent steps), and its source."""
         if len(self.steps) >= MIN_STEPS:
-            return float(np.median(self.steps)), f"measured decode (median of {len(self.steps)} steps)"
+            return float(statistics.median(self.steps)), f"measured decode (median of {len(self.steps)} steps)"
         if fallback_s is not None and fallback_s > 0:
             return fallback_s, "decision forward (no decode measured yet)"
         return 0.05, "default 20 tok/s (nothing measured yet)"
 
+    def pace_decides(self, deadline_ms: float, elapsed_ms: float, p_think: float, slow_s: float, fast_s: float,
+                     user_budget: int | None = None) -> bool:
+        """Before `MIN_STEPS` decode steps are measured (a fresh process): would the plan think at
+        the fast bound of a step's time (`fast_s`, after a probe at that pace) but not at the slow
+        one (`slow_s`)? Then the pace decides, and the engine measures it first (the probe: see
+        `Engine._probe_pace`). Otherwise the choice is the same at any pace between the bounds."""
+        if len(self.steps) >= MIN_STEPS or not 0 < fast_s < slow_s:
+            return False
+        fast = self.plan(deadline_ms, elapsed_ms + PROBE_STEPS * fast_s * 1000.0, p_think, fast_s,
+                         user_budget=user_budget)
+        slow = self.plan(deadline_ms, elapsed_ms, p_think, slow_s, user_budget=user_budget)
+        return fast.think != slow.think
+
     def conservative_step_s(self, spt: float) -> float:
         """The live check's pace: the QUANTILE of recent step times, at least `spt`."""
         if len(self.steps) >= MIN_STEPS:
-            return max(spt, float(np.percentile(self.steps, QUANTILE)))
+            return max(spt, percentile(self.steps, QUANTILE))
         return spt
 
     def usual(self, user_budget: int | None = None) -> float | None:
@@ -174,7 +233,8 @@ class DeadlineTracker:
                             think=False, max_think_tokens=None, expected_think_tokens=L or 0.0,
                             expected_answer_tokens=a_no, expected_accuracy={"no-think": None, "think": None},
                             expected_total_ms=prefill + a_no * spt * 1000.0, reason=why,
-                            step_ms_conservative=self.conservative_step_s(spt) * 1000.0)
+                            step_ms_conservative=self.conservative_step_s(spt) * 1000.0,
+                            lengths_source=self.lengths_source)
 
     def plan(self, deadline_ms: float, elapsed_ms: float, p_think: float, fallback_s: float | None,
              allow: tuple[bool, ...] = (False, True), user_budget: int | None = None) -> DeadlinePlan:
@@ -235,7 +295,8 @@ class DeadlineTracker:
                             expected_think_tokens=exp_think, expected_answer_tokens=exp_answer,
                             expected_accuracy={"no-think": acc_no if False in allow else None, "think": acc_th},
                             expected_total_ms=total, reason=why,
-                            step_ms_conservative=self.conservative_step_s(spt) * 1000.0)
+                            step_ms_conservative=self.conservative_step_s(spt) * 1000.0,
+                            lengths_source=self.lengths_source)
 
     def must_close(self, deadline_ms: float, elapsed_ms: float, s_per_step: float) -> bool:
         """During the reasoning: might one more token, the closing batch and the answer miss
@@ -245,7 +306,7 @@ class DeadlineTracker:
         before any)."""
         if self._live is None:  # called every reasoning step: recomputed only when a reply is filed
             self._live = (max(self.closes) if self.closes else None,
-                          float(np.percentile(self.answers, QUANTILE)) if self.answers else self.answer_tokens[True])
+                          percentile(self.answers, QUANTILE) if self.answers else self.answer_tokens[True])
         close_s, answer = self._live
         if close_s is None:
             close_s = CLOSE_COST_TOKENS * s_per_step

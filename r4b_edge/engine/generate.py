@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -32,10 +33,11 @@ from ..model.processing import PreparedImage
 from ..model.reply import (
     ANSWER_SEPARATOR, EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, THINK_OPEN, THINK_TAGS, forced_opening,
 )
+from ..model.reply_lengths import ReplyLengths
 from ..model.template import Message, phase_after, render_prompt, template_mode
 from ..model.tokenizer import StreamDecoder
 from .deadline import EMA as DEADLINE_EMA
-from .deadline import DeadlinePlan, DeadlineTracker
+from .deadline import PROBE_STEPS, DeadlinePlan, DeadlineTracker
 from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
 from .logprobs import LogprobRecorder
 from .memory import peak_rss_mb
@@ -94,7 +96,9 @@ class _Start:
 class Engine:
     """Runs R-4B's think-or-not decision and generation on any backend."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, reply_lengths: ReplyLengths | None = None):
+        """`reply_lengths`: the model's own mean reply lengths (`model.reply_lengths`), deadline
+        mode's priors before this engine has served a reply; None: the defaults."""
         self.backend = backend
         self.tok = backend.tokenizer
         self._suffix_ids = self.tok.encode(EMPTY_THINK_CONTINUATION)
@@ -105,7 +109,7 @@ class Engine:
         # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
         self._marked = frozenset(self.tok.eos_ids) | {self.tok.think, self.tok.end_think}
         self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
-        self.deadline = DeadlineTracker()
+        self.deadline = DeadlineTracker.from_lengths(reply_lengths)
 
     # ---- prompt ---------------------------------------------------------
     def _segments(self, prompt: str, images: Sequence[PreparedImage]) -> list:
@@ -134,6 +138,26 @@ class Engine:
                 f"the reply to start, but the model's context is {n_ctx} tokens: shorten the conversation "
                 "or use a smaller image"
             )
+
+    def _probe_pace(self, worth: Callable[[float], bool]) -> None:
+        """Deadline mode in a fresh engine (`DeadlineTracker.pace_decides`): time up to
+        `PROBE_STEPS` single-token decode steps at the current position, then roll them back
+        (their logits are not used). `worth(s)`: would thinking still fit at `s` seconds a step?
+        From the second step on, the probe stops as soon as it would not at the median of the
+        probe's steps (one slow step alone does not stop it)."""
+        be = self.backend
+        n0 = be.n_past
+        if be.n_ctx - n0 < PROBE_STEPS:
+            return
+        probe: list[float] = []
+        for _ in range(PROBE_STEPS):
+            c = self.clock()
+            be.forward_last(self._suffix_ids[-1:])
+            probe.append(self.clock() - c)
+            self.deadline.observe_step(probe[-1])
+            if len(probe) >= 2 and not worth(statistics.median(probe)):
+                break
+        be.truncate(n0)
 
     # ---- decision --------------------------------------------------------
     def _decide(self, logits: np.ndarray, mode: str, opts: GenerationOptions, sampler: Sampler,
@@ -348,11 +372,18 @@ class Engine:
         tm = be.timings
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
         sampler = Sampler(opts.sampling)
+        n_prompt = be.n_past
         t_dec, c_dec = time.perf_counter(), self.clock()
         plan: list[DeadlinePlan] = [early] if early is not None else []
 
         def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
             now = self.clock()
+            fast = tm.prefill_ms / 1000.0 / max(1, n_prompt)  # a step takes between this and the decision's time
+            if self.deadline.pace_decides(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec, fast,
+                                          opts.max_think_tokens):
+                self._probe_pace(lambda s: self.deadline.plan(opts.deadline_ms, (self.clock() - c0) * 1000.0, p_think,
+                                                              s, user_budget=opts.max_think_tokens).think)
+                now = self.clock()
             plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec,
                                            user_budget=opts.max_think_tokens))
             return plan[0].think

@@ -238,3 +238,26 @@ def test_generation_flag_defaults_are_the_engines():
         assert args.max_tokens == want.max_tokens, argv
     args = build_parser().parse_args(["chat", "x.png"])
     assert (args.temperature, args.top_p, args.top_k) == (want.temperature, want.top_p, want.top_k)
+
+
+@pytest.mark.slow
+def test_fresh_process_deadline_thinks_on_its_first_call():
+    """`chat --deadline 400` in a fresh process (nothing served yet) plans from the bundled model's own
+    reply lengths and this device's pace: it thinks (~45 tokens; 150-200 ms in all here) and answers
+    18. Planned from 64-token priors it expected 328 ms for a direct answer, refused to think and
+    answered 8 in every fresh process. Each try is a new process; a shared machine busy at that
+    moment may leave no room to think, so one of three in a row must think."""
+    pytest.importorskip("torch")
+    from r4b_edge.api import ASSETS
+
+    cmd = [sys.executable, "-m", "r4b_edge.apps.cli", "chat", str(ASSETS / "example.png"),
+           "What is the sum of all the digits?", "--deadline", "400", "--backend", "torch"]
+    seen = []
+    for _ in range(3):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        if "thinking" in lines[0] and lines[-1] == "18":  # "[forced, thinking… p_think=1.00]": the plan chose
+            return
+        seen.append("\n".join(lines[:2] + lines[-1:]))
+    pytest.fail("no fresh process thought and answered 18 at --deadline 400:\n" + "\n---\n".join(seen))

@@ -349,12 +349,27 @@ BAD = {
                           "unsupported_parameter"),
     "presence_penalty": ({"messages": [_m(_TEXT)], "presence_penalty": -1}, "presence_penalty",
                          "unsupported_parameter"),
+    # a lone surrogate ("\ud800" in the JSON) in any text field: a 400 naming the field, never a 500
+    "surrogate_content": ({"messages": [{"role": "user", "content": "sum \ud800?"}]}, "messages[0].content",
+                          "invalid_value"),
+    "surrogate_text_part": ({"messages": [_m(_IMG, {"type": "text", "text": "\udc00"})]},
+                            "messages[0].content[1].text", "invalid_value"),
+    "surrogate_system": ({"messages": [{"role": "system", "content": "be \ud83d brief"}, _m(_TEXT)]},
+                         "messages[0].content", "invalid_value"),
+    "surrogate_assistant": ({"messages": [_m(_TEXT), {"role": "assistant", "content": "\udfff"}, _m(_TEXT)]},
+                            "messages[1].content", "invalid_value"),
+    "surrogate_stop": ({"messages": [_m(_TEXT)], "stop": ["ok", "\ud800"]}, "stop[1]", "invalid_value"),
+    "surrogate_model": ({"model": "tiny\ud800", "messages": [_m(_TEXT)]}, "model", "invalid_value"),
+    "surrogate_stream": ({"messages": [_m({"type": "text", "text": "a\ud800"})], "stream": True},
+                         "messages[0].content[0].text", "invalid_value"),
+    "surrogate_ignored_field": ({"messages": [_m(_TEXT)], "user": "\ud800"}, "user", "invalid_value"),
 }
 
 #: What the message must say, besides the param and code.
 BAD_MESSAGES = {"over_178_mp": "--max-image-pixels", "too_many_pixels": "--max-image-pixels",
                 "image_in_system": "system message", "image_in_assistant": "assistant message",
-                "eps_as_png": "accepted format", "tiff": "accepted format"}
+                "eps_as_png": "accepted format", "tiff": "accepted format",
+                **{k: "lone surrogate" for k in BAD if k.startswith("surrogate_")}}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -500,6 +515,7 @@ def test_max_completion_time_ms_plans_the_reply(client):
                                        extra_body={"max_completion_time_ms": 60000})
     d = r.model_extra["deadline"]
     assert d["max_completion_time_ms"] == 60000 and d["tok_s"] > 0 and d["reason"]
+    assert "no eval results" in d["lengths_source"]  # the tiny test model has none: the defaults
     assert d["step_ms_conservative"] >= 0.999 * 1000.0 / d["tok_s"] - 0.01  # the p90 step: no faster than the median
     assert (d["max_thinking_tokens"] is not None) == (r.model_extra["decision"] == "thinking")
     with pytest.raises(openai.BadRequestError, match="max_completion_time_ms"):

@@ -1,6 +1,7 @@
 """`r4b-edge bench`: the quick run end to end on a tiny model, the JSON schema, skips, targets."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -140,3 +141,63 @@ def test_memory_bandwidth_and_bytes_per_token(tiny_ckpt: Path, tmp_path: Path) -
     emb = cfg.vocab_size * cfg.hidden_size * 2  # F16 token embedding: only one row is read per token
     assert b["kv_cache"] == kv and b["total"] == b["weights"] + kv
     assert b["weights"] < res.text.stat().st_size - emb + cfg.hidden_size * 2
+
+
+def _mode_row(mode: str, tier: str, correct: bool, finish: str, thought: bool = False) -> dict:
+    return {"mode": mode, "family": "sum", "tier": tier, "correct": correct, "thought": thought, "p_think": 0.5,
+            "think_tokens": 40 if thought else 0, "answer_tokens": 3, "reply_tokens": 43 if thought else 5,
+            "ttft_ms": 1.0, "time_to_answer_ms": 10.0, "total_ms": 12.0, "decode_tps": 100.0,
+            "vision_encode_ms": 1.0, "first_text_ms": 1.0, "finish_reason": finish}
+
+
+def test_replies_cut_at_max_tokens_are_not_scored() -> None:
+    """A reply cut at max_tokens has no answer: it is counted apart, never scored as wrong."""
+    from r4b_edge.benchmarks.modes import summarize_modes
+
+    rows = [_mode_row("think", "reasoning", True, "stop", True), _mode_row("think", "reasoning", False, "length", True),
+            _mode_row("think", "perception", False, "length", True),
+            _mode_row("no-think", "reasoning", False, "stop"), _mode_row("no-think", "perception", True, "stop")]
+    s = summarize_modes(rows)
+    assert s["think"]["accuracy"] == 1.0 and s["think"]["length_stops"] == 2 and s["think"]["n"] == 3
+    assert s["think"]["tiers"]["perception"]["accuracy"] is None  # every reply of the tier was cut
+    assert s["no-think"]["accuracy"] == 0.5 and s["no-think"]["length_stops"] == 0
+    doc = _doc(modes=[{"backend": "torch", "precision": "fp32", "modes": s}])
+    doc["modes"][0]["modes"]["auto"] = dict(s["no-think"])
+    doc["settings"] = {"max_tokens": 16}
+    md = report.markdown(doc)
+    assert "| think | 1.000 (2 of 3 cut at max_tokens, not scored) | - / 1.000 / - |" in md
+    auto = next(t for t in report.compute_targets(doc) if t["name"].startswith("auto/think"))
+    assert auto["met"] is None and auto["value"] is None and "2 think replies cut at max_tokens 16" in auto["note"]
+    assert report.cut_replies(doc) == 2
+    if importlib.util.find_spec("jsonschema"):
+        report.validate(doc)
+
+
+def test_one_thread_is_not_threads() -> None:
+    bw = {"buffer_mib": 16, "repeats": 2, "threads": 1, "gbps_1_thread": 9.0, "gbps_all_threads": 9.0, "gbps": 9.0}
+    md = report.markdown(_doc(baselines={"overhead": [], "bandwidth": bw, "roofline": {}}))
+    assert "9.0 GB/s with 1 thread." in md and "1 threads" not in md
+    md = report.markdown(_doc(baselines={"overhead": [], "bandwidth": dict(bw, threads=2, gbps_all_threads=15.0),
+                                         "roofline": {}}))
+    assert "9.0 GB/s with 1 thread, 15.0 GB/s with 2 threads." in md
+
+
+@pytest.mark.slow
+def test_quick_bench_lets_the_bundled_models_replies_finish(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`bench --quick` on the bundled model: its thinking replies (~45 tokens) end by themselves, so the
+    table scores them (it said think accuracy 0.000 and auto/think MISSED when --quick cut replies at 16)."""
+    pytest.importorskip("torch")
+    from r4b_edge.api import default_model_path
+    from r4b_edge.apps.cli import main
+
+    rc = main(["bench", "--quick", "--backends", "torch", "--no-baselines", "--no-plots", "--model",
+               str(default_model_path()), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    m = doc["modes"][0]["modes"]
+    assert {k: m[k]["length_stops"] for k in m} == {"auto": 0, "think": 0, "no-think": 0}
+    assert m["think"]["accuracy"] >= 0.8 and m["auto"]["accuracy"] >= 0.8 and m["think"]["think_rate"] == 1.0
+    auto = next(t for t in doc["targets"] if t["name"].startswith("auto/think"))
+    assert auto["value"] is not None and "accuracy auto" in auto["note"]
+    assert "cut" not in out.out

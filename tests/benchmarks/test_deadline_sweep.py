@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from r4b_edge.benchmarks import deadline_sweep as D
 
 
@@ -48,3 +50,30 @@ def test_fixed_replies_beside_each_T_decide_what_fits():
     assert rows[100.0]["best_fitting_fixed"] == "no-think" and rows[100.0]["met_accuracy"] is True
     assert rows[50.0]["best_fitting_fixed"] == "no-think"  # no replies beside it: the up-front pass
     assert rows[100.0]["fixed_accuracy"]["no-think"] == 0.5
+
+
+def test_fresh_sweep_reports_each_processes_first_call(tmp_path: Path):
+    out = _out()
+    out["fresh"] = True
+    s = D.summarize_sweep(out)
+    rows = {r["deadline_ms"]: r for r in s["rows"]}
+    assert rows[50.0]["first_call"]["thought"] and rows[50.0]["first_call"]["within"]
+    assert rows[20.0]["first_call"] == dict(rows[20.0]["first_call"], tier="reasoning", within=True, correct=False)
+    md = D.markdown(s)
+    assert "first call (fresh process)" in md and "| think, right, 45 ms |" in md
+    assert D.summarize_sweep(_out())["rows"][0]["first_call"] is None  # one process: no first call per T
+
+
+@pytest.mark.slow
+def test_fresh_sweep_runs_every_T_in_a_new_process(tiny_ckpt: Path):
+    """Each T's process has served nothing before its first (deadline) reply: it plans from the model's
+    priors, while the one-process sweep's replies at every T come after the fixed passes."""
+    spec = {"backend": "torch", "precision": "fp32", "path": str(tiny_ckpt), "device": "cpu", "threads": 1}
+    fresh = D.run_sweep(spec, 1, 0, max_tokens=12, n_deadlines=2, families=["digit", "sum"], fresh=True)
+    assert fresh["fresh"] and len(fresh["rows"]) == 3
+    for r in fresh["rows"]:
+        assert "replies served" not in r["first_call"]["lengths_source"]
+        assert r["first_call"]["tier"] == "reasoning"
+    warm = D.run_sweep(spec, 1, 0, max_tokens=12, n_deadlines=2, families=["digit", "sum"])
+    assert all(r["first_call"] is None for r in warm["rows"])
+    assert all("replies served" in x["lengths_source"] for rs in warm["raw"]["sweep"].values() for x in rs)

@@ -38,8 +38,9 @@ class ScriptedBackend(Backend):
 
     def __init__(self, tokenizer, p_think: float, n_ctx: int = 4096, clock: "VirtualClock | None" = None,
                  prefill_s: float = 0.0, step_s: float = 0.0, answer_ids: list[int] | None = None,
-                 step_time=None):
+                 step_time=None, report_prefill: bool = False):
         self.clock, self.prefill_s, self.step_s, self.step_time = clock, prefill_s, step_s, step_time
+        self.report_prefill = report_prefill  # timings.prefill_ms = prefill_s, as a real backend reports it
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(max_position_embeddings=n_ctx)
         self.p_think = p_think
@@ -104,7 +105,7 @@ class ScriptedBackend(Backend):
         if len(self.seq) > self.n_ctx:
             raise ContextLengthError(f"a prompt of {len(self.seq)} positions exceeds the context of {self.n_ctx}")
         self.n_prompt = len(self.seq)
-        self.timings = PrefillTimings(image_tokens=n_img)
+        self.timings = PrefillTimings(image_tokens=n_img, prefill_ms=self.prefill_s * 1000.0 if self.report_prefill else 0.0)
         if self.clock is not None:
             self.clock.t += self.prefill_s
         return self._logits()

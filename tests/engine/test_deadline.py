@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, EXPLORE_MIN_TOKENS, MIN_STEPS, OPEN_COST_TOKENS,
-                                      QUANTILE, SAFETY, DeadlineTracker)
+                                      PROBE_STEPS, QUANTILE, SAFETY, DeadlineTracker)
 from r4b_edge.engine.events import Decision
 from r4b_edge.engine.generate import DEFAULT_BUDGET_CLOSING, Engine, GenerationOptions
 from r4b_edge.errors import GenerationOptionError
+from r4b_edge.model.reply_lengths import ReplyLengths
 from r4b_edge.model.template import Message
 
 from .scripted import ANSWER, REASONING, ScriptedBackend, VirtualClock
@@ -119,6 +120,73 @@ def test_a_fresh_engine_thinks_under_a_deadline(tiny_tokenizer):
     assert eng.deadline.usual() == n_reason - 1  # the reasoning's tokens (n_reason counts `</think>` too)
     d, _, _ = ask(eng, clock, 2000)
     assert d.think and f"expected reasoning {n_reason - 1}" in d.deadline.reason
+
+
+def _fresh(tok, decision_s: float, step_s: float = 0.005):
+    """A fresh engine with the model's lengths (as `Model` makes it from eval results) on a backend that
+    reports its prefill (20 ms) and whose first forward, the decision's batch, costs `decision_s`."""
+    clock = VirtualClock()
+    be = ScriptedBackend(tok, 0.9, clock=clock, prefill_s=0.02, report_prefill=True,
+                         step_time=lambda call, n: decision_s if call == 1 else step_s)
+    n_reason = len(tok.encode(REASONING))
+    eng = Engine(be, ReplyLengths(n_reason, 4.0, 4.0, "eval results"))
+    eng.clock = clock
+    return eng, clock, n_reason
+
+
+def test_a_fresh_engine_plans_from_the_models_lengths(tiny_tokenizer):
+    eng, _, n_reason = _fresh(tiny_tokenizer, 0.005)
+    t = eng.deadline
+    assert (t.usual(), t.answer_tokens[True], t.answer_tokens[False]) == (n_reason, 4.0, 4.0)
+    assert "the model's eval results" in t.lengths_source
+    assert "no eval results" in Engine(eng.backend).deadline.lengths_source  # a model without them: defaults
+    assert Engine(eng.backend).deadline.usual() is None
+
+
+def test_a_fresh_engine_measures_the_pace_where_it_decides(tiny_tokenizer):
+    """A fresh process knows a step costs between the prefill's time per position (20 ms / the prompt
+    here) and the decision forward's (15 ms here, against 5 ms steps): thinking fits T at the fast
+    bound, probe included, but not at the slow one, so the engine times PROBE_STEPS steps first,
+    rolls them back, and thinks at the measured pace, in time."""
+    eng, clock, n_reason = _fresh(tiny_tokenizer, 0.015)
+    steps = n_reason + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS  # the reasoning, answer, close, opening
+    T = (20 + 15 + PROBE_STEPS * 5 + steps * 5) / SAFETY + 1  # fits at 5 ms a step, not at 15
+    assert 20 + 15 + steps * 15 > SAFETY * T
+    d, r, ms = ask(eng, clock, T)
+    assert d.think and d.deadline.tok_s == pytest.approx(200.0)
+    assert d.deadline.tok_s_source == f"measured decode (median of {PROBE_STEPS} steps)"
+    assert "the model's eval results" in d.deadline.lengths_source
+    assert r.reasoning == REASONING.strip() and r.answer == ANSWER and not r.stats.budget_hit and ms <= T
+    assert eng.backend.forwarded[1:1 + PROBE_STEPS] == [1] * PROBE_STEPS  # the probe's steps, rolled back
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + PROBE_STEPS * 5)  # the probe counts in the reply
+
+
+def test_the_probe_stops_once_thinking_cannot_fit(tiny_tokenizer):
+    """At a tight T thinking fits only at the prefill's pace: the probe's first two steps (5 ms) say
+    it does not, so the probe stops there and the direct answer pays two steps, not PROBE_STEPS."""
+    eng, clock, _ = _fresh(tiny_tokenizer, 0.015)
+    d, r, ms = ask(eng, clock, 100.0)
+    assert not d.think and r.answer == ANSWER and ms <= 100.0
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15 + 2 * 5) and len(eng.deadline.steps) >= 2
+    assert d.deadline.tok_s_source.startswith("decision forward")  # one step is not a measured pace
+
+
+def test_no_probe_where_the_slow_bound_already_fits(tiny_tokenizer):
+    eng, clock, n_reason = _fresh(tiny_tokenizer, 0.015)
+    T = (20 + 15 + (n_reason + 4 + CLOSE_COST_TOKENS + OPEN_COST_TOKENS) * 15) / SAFETY + 1
+    d, r, ms = ask(eng, clock, T)
+    assert d.think and d.deadline.tok_s_source.startswith("decision forward") and r.answer == ANSWER
+    assert d.deadline.elapsed_ms == pytest.approx(20 + 15) and ms <= T
+
+
+def test_percentile_is_numpys_linear_one():
+    from r4b_edge.engine.deadline import percentile
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 4, 5, 37, 512):
+        xs = list(rng.random(n))
+        for q in (0.0, 50.0, QUANTILE, 100.0):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
 
 
 def test_plan_respects_a_user_budget():
