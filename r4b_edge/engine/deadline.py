@@ -56,13 +56,15 @@ reasoning instead of delivering late; the plan's median pace only sizes the budg
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from .events import Decision
     from ..model.reply_lengths import ReplyLengths
 
 SAFETY = 0.9  # plan to be done at 90% of the deadline
@@ -312,3 +314,74 @@ class DeadlineTracker:
             close_s = CLOSE_COST_TOKENS * s_per_step
         need = ((1.0 + answer) * s_per_step + close_s) * 1000.0
         return elapsed_ms + need >= LIVE_SAFETY * deadline_ms
+
+
+class DeadlineController:
+    """Deadline mode over one reply, at its four points: `before_prefill` (auto mode may
+    decide no-think there), the decision (`at_decision`, auto mode's planner; `after_decision`
+    plans the budget of a forced mode and reports the plan in the `Decision`), `must_close`
+    before each reasoning step and `after_step` after each timed step (the live pace).
+    The `DeadlineTracker` it plans with is the engine's, which also times every reply."""
+
+    def __init__(self, tracker: DeadlineTracker, deadline_ms: float, user_budget: int | None,
+                 clock: Callable[[], float], c0: float) -> None:
+        self.tracker, self.deadline_ms, self.user_budget, self.clock = tracker, deadline_ms, user_budget, clock
+        self.c0 = c0  # engine clock at the start of the reply
+        self.c_dec = c0  # engine clock at the start of the decision (`decision_starts`)
+        self.plan: DeadlinePlan | None = None
+        self.s_per_token = 0.0  # live decode pace: this reply's moving average of steps
+        self.s_conservative = 0.0  # the plan's conservative pace (a quantile of recent steps)
+
+    def _elapsed_ms(self, now: float) -> float:
+        return (now - self.c0) * 1000.0
+
+    def before_prefill(self) -> DeadlinePlan | None:
+        """Auto mode: a no-think plan made before the prefill (`DeadlineTracker.plan_before_prefill`),
+        or None (prefill, decide, then plan)."""
+        self.plan = self.tracker.plan_before_prefill(self.deadline_ms, self.user_budget)
+        return self.plan
+
+    def decision_starts(self) -> None:
+        self.c_dec = self.clock()
+
+    def at_decision(self, p_think: float, fast_s: float,
+                    probe: Callable[[Callable[[float], bool]], None]) -> bool:
+        """Auto mode, right after the decision forward: plan, and say whether to think. `fast_s`:
+        the least a step can take (the prefill's time per position). Where the pace decides
+        (`DeadlineTracker.pace_decides`), `probe(worth)` times decode steps first."""
+        t, budget = self.tracker, self.user_budget
+        now = self.clock()
+        if t.pace_decides(self.deadline_ms, self._elapsed_ms(now), p_think, now - self.c_dec, fast_s, budget):
+            probe(lambda s: t.plan(self.deadline_ms, self._elapsed_ms(self.clock()), p_think, s,
+                                   user_budget=budget).think)
+            now = self.clock()
+        self.plan = t.plan(self.deadline_ms, self._elapsed_ms(now), p_think, now - self.c_dec, user_budget=budget)
+        return self.plan.think
+
+    def after_decision(self, decision: "Decision", timed: bool) -> "Decision":
+        """The reply's mode is settled: file the prefill's (and decision's) time, plan the budget
+        of a mode the planner did not choose (forced, or set by the prompt: `timed` False when no
+        decision forward ran) and return `decision` with the plan."""
+        t = self.tracker
+        t.observe_prefill(self._elapsed_ms(self.clock()))
+        if self.plan is None:  # forced mode (or a prompt that set the phase): only the budget is planned
+            now = self.clock()
+            p = decision.p_think if decision.p_think is not None else float(decision.think)
+            self.plan = t.plan(self.deadline_ms, self._elapsed_ms(now), p, (now - self.c_dec) if timed else None,
+                               allow=(decision.think,), user_budget=self.user_budget)
+        self.s_per_token = 1.0 / self.plan.tok_s
+        self.s_conservative = self.plan.step_ms_conservative / 1000.0
+        return dataclasses.replace(decision, deadline=self.plan)
+
+    def think_budget(self) -> int | None:
+        """The reasoning budget: the plan's when it thinks, else the user's."""
+        return self.plan.max_think_tokens if self.plan.think else self.user_budget
+
+    def must_close(self) -> bool:
+        """Before a reasoning step: close the reasoning now (`DeadlineTracker.must_close`)?"""
+        return self.tracker.must_close(self.deadline_ms, self._elapsed_ms(self.clock()),
+                                       max(self.s_per_token, self.s_conservative))
+
+    def after_step(self, dt: float) -> None:
+        """A timed step of `dt` seconds: the live pace's moving average."""
+        self.s_per_token = (1.0 - EMA) * self.s_per_token + EMA * dt
