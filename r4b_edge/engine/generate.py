@@ -35,23 +35,21 @@ from ..model.reply import (
 )
 from ..model.reply_lengths import ReplyLengths
 from ..model.template import Message, phase_after, render_prompt, template_mode
-from ..model.tokenizer import StreamDecoder
-from .deadline import EMA as DEADLINE_EMA
-from .deadline import PROBE_STEPS, DeadlinePlan, DeadlineTracker
-from .events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
+from .deadline import PROBE_STEPS, DeadlineController, DeadlineTracker
+from .events import Decision, Done, Event, Result, Stats
 from .logprobs import LogprobRecorder
 from .memory import peak_rss_mb
 from .options import DEFAULT_BUDGET_CLOSING, GenerationOptions, check_text
 from .sampling import Sampler, token_logprobs
-from .stop import StopFilter
-from .text import TrimmedText
+from .text import ReplyText
 
 __all__ = ["DEFAULT_BUDGET_CLOSING", "Engine", "GenerationOptions"]
 
 
 @dataclass
 class _State:
-    """Everything one reply carries between steps."""
+    """What the loop carries between steps: ids, phase, counters. The text side is
+    `text` (`ReplyText`), deadline mode's bookkeeping `deadline` (`DeadlineController`)."""
 
     logits: np.ndarray
     phase: str
@@ -61,24 +59,16 @@ class _State:
     options: GenerationOptions
     n_ctx: int
     stats: Stats
-    decoders: dict = field(default_factory=dict)
-    texts: dict = field(default_factory=dict)
+    text: ReplyText
+    think_budget: int | None = None  # options' max_think_tokens, or the deadline plan's
+    deadline: DeadlineController | None = None  # deadline mode
     reply_ids: list[int] = field(default_factory=list)
     n_reasoning: int = 0  # reasoning tokens written before any budget close (the budget's count)
     done: bool = False
     finish_reason: str = ""
     first_answer_at: float | None = None
     first_token_at: float | None = None
-    think_budget: int | None = None  # options' max_think_tokens, or the deadline plan's
-    deadline_ms: float | None = None
-    c0: float = 0.0  # engine clock at the start of the reply
-    s_per_token: float = 0.0  # live decode pace (deadline mode): this reply's moving average of steps
-    s_conservative: float = 0.0  # the plan's conservative pace (a quantile of recent steps)
     closed_itself: bool = False  # the model wrote `</think>` itself
-    stop: StopFilter = field(default_factory=StopFilter)
-    recorder: LogprobRecorder | None = None
-    entries: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
-    unsent: dict = field(default_factory=lambda: {"reasoning": [], "answer": []})
 
 
 @dataclass(frozen=True)
@@ -197,35 +187,6 @@ class Engine:
         return Decision(True, p_think, True), be.forward_last(opening), list(opening), False, None
 
     # ---- step ------------------------------------------------------------
-    def _emit(self, st: _State, phase: str, token_ids: Sequence[int], row: np.ndarray | None = None) -> list[Event]:
-        """Text of `token_ids`. `row`: the logits the (single) token was sampled
-        from, for its logprob entry; forced tokens have none. The answer's text
-        passes the stop filter, which also ends it at a think tag written as text."""
-        if row is not None and st.recorder is not None:
-            e = st.recorder.entry(row, token_ids[0])
-            st.entries[phase].append(e)
-            st.unsent[phase].append(e)
-        events: list[Event] = []
-        dec = st.decoders[phase]
-        for t in token_ids:
-            piece = dec.push(t)
-            if piece and phase == "answer":
-                piece = st.stop.push(piece)
-                if st.stop.hit is not None:
-                    st.done, st.finish_reason = True, "stop"
-            if piece:
-                events.extend(self._delta(st, phase, st.texts[phase].push(piece)))
-        return events
-
-    def _delta(self, st: _State, phase: str, text: str) -> list[Event]:
-        """A delta event for `text` (none if empty), carrying the entries not sent yet."""
-        if not text:
-            return []
-        unsent = st.unsent[phase]
-        lps = tuple(unsent) if unsent else ()
-        unsent.clear()
-        return [ReasoningDelta(text, lps) if phase == "reasoning" else AnswerDelta(text, lps)]
-
     def _count(self, st: _State, t: int) -> None:
         """File token `t` in the reply and its stats (see the module docstring)."""
         st.reply_ids.append(t)
@@ -245,7 +206,7 @@ class Engine:
         if len(ids) > room:
             st.done, st.finish_reason = True, "length"
             return []
-        events = self._emit(st, "reasoning", closing)
+        events = st.text.push("reasoning", closing)
         for t in closing + [self.tok.end_think]:
             self._count(st, t)
         st.phase = "answer"
@@ -279,8 +240,10 @@ class Engine:
             st.n_reasoning += 1
         elif timed and st.first_answer_at is None:
             st.first_answer_at = time.perf_counter()
-        events = self._emit(st, st.phase, (t,), row)
-        if not st.done:
+        events = st.text.push(st.phase, (t,), row)
+        if st.text.stop.hit is not None:  # the answer reached a stop string
+            st.done, st.finish_reason = True, "stop"
+        else:
             self._check_room(st)
         return events
 
@@ -294,8 +257,7 @@ class Engine:
         feeds a token is timed for deadline mode's pace (`DeadlineTracker.observe_step`)."""
         if st.phase == "reasoning" and st.thinks and (
                 (st.think_budget is not None and st.n_reasoning >= st.think_budget)
-                or (st.deadline_ms is not None and self.deadline.must_close(
-                    st.deadline_ms, (self.clock() - st.c0) * 1000.0, max(st.s_per_token, st.s_conservative)))):
+                or (st.deadline is not None and st.deadline.must_close())):
             return self._close_reasoning(st)
         c = self.clock()
         t = st.sampler(st.logits)
@@ -304,8 +266,8 @@ class Engine:
             st.logits = self.backend.forward_last([t])
             dt = self.clock() - c
             self.deadline.observe_step(dt)
-            if st.deadline_ms is not None:  # live pace: a moving average of this reply's steps
-                st.s_per_token = (1.0 - DEADLINE_EMA) * st.s_per_token + DEADLINE_EMA * dt
+            if st.deadline is not None:  # live pace: a moving average of this reply's steps
+                st.deadline.after_step(dt)
         return events
 
     # ---- stream / generate -----------------------------------------------
@@ -354,76 +316,56 @@ class Engine:
         # p_think is asked for or deadline mode plans with it (and times that forward).
         preset = start.mode in ("think", "no-think") and not opts.measure_p_think and opts.deadline_ms is None
         self._check_context(segs, 1 if start.mode is None else len(self._suffix_ids) + 1)
-        c0 = self.clock()
-        early = None  # deadline mode, auto: no-think decided before the prefill (see engine.deadline)
-        if opts.deadline_ms is not None and start.mode == "auto" and not opts.measure_p_think:
-            early = self.deadline.plan_before_prefill(opts.deadline_ms, opts.max_think_tokens)
-            if early is not None:
+        dl = None
+        if opts.deadline_ms is not None:
+            dl = DeadlineController(self.deadline, opts.deadline_ms, opts.max_think_tokens, self.clock, self.clock())
+            # auto: no-think may be decided before the prefill (see engine.deadline)
+            if start.mode == "auto" and not opts.measure_p_think and dl.before_prefill() is not None:
                 start, preset = dataclasses.replace(start, mode="no-think"), True
         if preset:
             segs.append(self._opening[start.mode])
-        return self._generate(segs, opts, start, preset, t0, c0, early)
+        return self._generate(segs, opts, start, preset, t0, dl)
+
+    def _settle(self, logits: np.ndarray, start: _Start, preset: bool, opts: GenerationOptions, sampler: Sampler,
+                dl: DeadlineController | None) -> tuple[Decision, np.ndarray, list[int], bool, np.ndarray | None, str]:
+        """The reply's mode, from the prompt's text, the forced mode or the decision (`_decide`'s
+        returns, and the phase the reply starts in)."""
+        if start.mode is None:
+            return Decision(start.phase == "reasoning", None, True), logits, [], False, None, start.phase
+        if preset:
+            opening = list(self._opening[start.mode])
+            return Decision(start.mode == "think", None, True), logits, opening, False, None, "reasoning"
+        chooser = None
+        if dl is not None:  # deadline mode, auto: the planner, right after the decision forward
+            tm, n_prompt = self.backend.timings, self.backend.n_past
+            chooser = lambda p: dl.at_decision(  # noqa: E731 (a step takes between `fast` and the decision's time)
+                p, tm.prefill_ms / 1000.0 / max(1, n_prompt), self._probe_pace)
+        return (*self._decide(logits, start.mode, opts, sampler, chooser), "reasoning")
 
     def _generate(self, segs: list, opts: GenerationOptions, start: _Start, preset: bool,
-                  t0: float, c0: float, early: DeadlinePlan | None = None) -> Iterator[Event]:
+                  t0: float, dl: DeadlineController | None) -> Iterator[Event]:
         be = self.backend
         stats = Stats(backend=be.name, device=be.device)
         logits = be.prefill(segs)
         tm = be.timings
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
         sampler = Sampler(opts.sampling)
-        n_prompt = be.n_past
-        t_dec, c_dec = time.perf_counter(), self.clock()
-        plan: list[DeadlinePlan] = [early] if early is not None else []
-
-        def choose(p_think: float) -> bool:  # deadline mode, auto: right after the decision forward
-            now = self.clock()
-            fast = tm.prefill_ms / 1000.0 / max(1, n_prompt)  # a step takes between this and the decision's time
-            if self.deadline.pace_decides(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec, fast,
-                                          opts.max_think_tokens):
-                self._probe_pace(lambda s: self.deadline.plan(opts.deadline_ms, (self.clock() - c0) * 1000.0, p_think,
-                                                              s, user_budget=opts.max_think_tokens).think)
-                now = self.clock()
-            plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p_think, now - c_dec,
-                                           user_budget=opts.max_think_tokens))
-            return plan[0].think
-
-        chooser = choose if opts.deadline_ms is not None else None
-        pending = False  # whether the last drawn token still has to be fed to the backend
-        drawn_rows = None
-        if start.mode is None:
-            decision, drawn, phase = Decision(start.phase == "reasoning", None, True), [], start.phase
-        elif preset:
-            opening = self._opening[start.mode]
-            decision, drawn, phase = Decision(start.mode == "think", None, True), list(opening), "reasoning"
-        else:
-            decision, logits, drawn, pending, drawn_rows = self._decide(logits, start.mode, opts, sampler, chooser)
-            phase = "reasoning"
+        t_dec = time.perf_counter()
+        if dl is not None:
+            dl.decision_starts()
+        decision, logits, drawn, pending, drawn_rows, phase = self._settle(logits, start, preset, opts, sampler, dl)
         stats.decision_ms = (time.perf_counter() - t_dec) * 1000.0
-        if opts.deadline_ms is not None:
-            self.deadline.observe_prefill((self.clock() - c0) * 1000.0)
-            if not plan:  # forced mode (or a prompt that set the phase): only the budget is planned
-                now = self.clock()
-                p = decision.p_think if decision.p_think is not None else float(decision.think)
-                plan.append(self.deadline.plan(opts.deadline_ms, (now - c0) * 1000.0, p,
-                                               (now - c_dec) if start.mode is not None else None,
-                                               allow=(decision.think,), user_budget=opts.max_think_tokens))
-            decision = dataclasses.replace(decision, deadline=plan[0])
+        if dl is not None:
+            decision = dl.after_decision(decision, timed=start.mode is not None)
         n_forced = len(drawn) - int(pending)  # already in the cache
         stats.prompt_tokens = be.n_past - n_forced
+        stops = tuple(opts.stop) + (THINK_TAGS if start.chat else ())  # no think tag in an answer
+        text = ReplyText(self.tok, self._piece_len, stops,
+                         LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None)
+        budget = dl.think_budget() if dl is not None else opts.max_think_tokens
         st = _State(logits=logits, phase=phase, thinks=decision.think, chat=start.chat, sampler=sampler, options=opts,
-                    n_ctx=be.n_ctx, stats=stats)
-        st.decoders = {p: StreamDecoder(self.tok, piece_len=self._piece_len)
-                       for p in ("reasoning", "answer")}
-        st.texts = {"reasoning": TrimmedText(), "answer": TrimmedText()}
-        st.stop = StopFilter(tuple(opts.stop) + (THINK_TAGS if start.chat else ()))  # no think tag in an answer
-        st.recorder = LogprobRecorder(self.tok, opts.top_logprobs) if opts.logprobs else None
-        st.think_budget = plan[0].max_think_tokens if plan and plan[0].think else opts.max_think_tokens
-        if plan:
-            st.deadline_ms, st.c0, st.s_per_token = opts.deadline_ms, c0, 1.0 / plan[0].tok_s
-            st.s_conservative = plan[0].step_ms_conservative / 1000.0
+                    n_ctx=be.n_ctx, stats=stats, text=text, think_budget=budget, deadline=dl)
         yield decision
-        budget = st.think_budget
         if decision.think and pending and budget is not None and len(drawn) > budget:
             # The decision drew more reasoning than the budget allows: keep the
             # first `budget` tokens (all already in the cache), drop the rest.
@@ -443,7 +385,13 @@ class Engine:
             yield from self.step(st)
         t_end = time.perf_counter()
         self.deadline.observe(decision.think, st.n_reasoning, st.closed_itself, st.stats.answer_tokens)
-        yield from self._flush(st)
+        yield from text.flush()
+        yield Done(self._result(st, decision, t0, t_loop, t_end, n_loop0))
+
+    def _result(self, st: _State, decision: Decision, t0: float, t_loop: float, t_end: float,
+                n_loop0: int) -> Result:
+        """The finished reply: its stats' times and counts, texts, ids and logprobs."""
+        stats, opts, text = st.stats, st.options, st.text
         stats.finish_reason = st.finish_reason
         stats.ttft_ms = ((st.first_token_at or t_end) - t0) * 1000.0
         stats.time_to_answer_ms = ((st.first_answer_at or t_end) - t0) * 1000.0
@@ -452,22 +400,13 @@ class Engine:
         stats.decode_tps = stats.decode_tokens / (t_end - t_loop) if t_end > t_loop and stats.decode_tokens else 0.0
         stats.total_ms = (t_end - t0) * 1000.0
         stats.peak_rss_mb = peak_rss_mb()
-        reasoning, answer = st.texts["reasoning"].text, st.texts["answer"].text
-        result = Result(answer=answer, reasoning=reasoning, thought=decision.think, p_think=decision.p_think,
-                        mode=opts.mode, forced=decision.forced, stats=stats, token_ids=st.reply_ids,
-                        stop_sequence=st.stop.hit if st.stop.hit in opts.stop else None)
+        hit = text.stop.hit
+        result = Result(answer=text.texts["answer"].text, reasoning=text.texts["reasoning"].text,
+                        thought=decision.think, p_think=decision.p_think, mode=opts.mode, forced=decision.forced,
+                        stats=stats, token_ids=st.reply_ids, stop_sequence=hit if hit in opts.stop else None)
         if opts.logprobs:
-            result.logprobs, result.reasoning_logprobs = st.entries["answer"], st.entries["reasoning"]
-        yield Done(result)
-
-    def _flush(self, st: _State) -> Iterator[Event]:
-        """The text the decoders and the answer's stop filter still hold."""
-        for p in ("reasoning", "answer"):
-            rest = st.decoders[p].flush()
-            if p == "answer":  # the stop filter's held tail is answer text after all
-                rest = st.stop.push(rest) + st.stop.flush()
-            if rest:
-                yield from self._delta(st, p, st.texts[p].push(rest))
+            result.logprobs, result.reasoning_logprobs = text.entries["answer"], text.entries["reasoning"]
+        return result
 
     def generate(self, messages: Sequence[Message], images: Sequence[PreparedImage],
                  options: GenerationOptions | None = None, system: str | None = None) -> Result:
