@@ -18,7 +18,7 @@ import sys
 from typing import Optional
 
 from .common import add_model_args
-from .server_request import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, Limits
+from .server.request import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, Limits
 
 #: Environment variable read for --api-key (keeps the key out of `ps`).
 API_KEY_ENV = "R4B_EDGE_API_KEY"
@@ -81,7 +81,7 @@ def _names(value: str) -> list[str]:
 
 def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
     """The warning printed when the bind address reaches beyond this machine without a key."""
-    from .server_security import is_loopback
+    from .server.security import is_loopback
 
     if is_loopback(host) or api_key:
         return None
@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise BackendUnavailableError("`r4b-edge serve` needs fastapi and uvicorn: pip install 'r4b-edge[serve]'") from None
     from .common import load_model
-    from .server_app import ServerThread, bind_socket, create_app
-    from .server_security import AccessPolicy
+    from .server.app import ServerThread, bind_socket, create_app
+    from .server.security import AccessPolicy
 
     sock = bind_socket(args.host, args.port)  # a busy port or a bad --host fails before the model loads
     try:

@@ -19,7 +19,7 @@ pytest.importorskip("PySide6.QtWidgets")
 from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa: E402
-from r4b_edge.apps.desktop_widgets import badge_text, save_screenshot  # noqa: E402
+from r4b_edge.apps.desktop.widgets import badge_text, save_screenshot  # noqa: E402
 from r4b_edge.engine.events import Decision  # noqa: E402
 from r4b_edge.engine.options import GenerationOptions  # noqa: E402
 from r4b_edge.model.processing import load_image  # noqa: E402

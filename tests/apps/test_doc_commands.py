@@ -228,7 +228,7 @@ def test_serve_snippet_runs_and_keeps_reasoning_and_answer_apart(workdir: Path, 
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    from r4b_edge.apps.server_app import ServerThread, create_app
+    from r4b_edge.apps.server.app import ServerThread, create_app
 
     doc = (ROOT / "docs" / "serve.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- serve-snippet -->\s*```python\n(.*?)```", doc, re.S)

@@ -22,8 +22,8 @@ httpx = pytest.importorskip("httpx")
 
 from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
-from r4b_edge.apps.server_app import ServerThread, create_app  # noqa: E402
-from r4b_edge.apps.server_request import Limits  # noqa: E402
+from r4b_edge.apps.server.app import ServerThread, create_app  # noqa: E402
+from r4b_edge.apps.server.request import Limits  # noqa: E402
 
 
 def _png(seed: int = 0, size: tuple[int, int] = (40, 60)) -> bytes:

@@ -21,9 +21,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import r4b_edge  # noqa: E402
-from r4b_edge.apps import server_app  # noqa: E402
-from r4b_edge.apps.server_app import ServerThread, create_app  # noqa: E402
-from r4b_edge.apps.server_request import Limits  # noqa: E402
+from r4b_edge.apps.server import app as server_app  # noqa: E402
+from r4b_edge.apps.server.app import ServerThread, create_app  # noqa: E402
+from r4b_edge.apps.server.request import Limits  # noqa: E402
 from tests.apps.test_serve import _png, _user  # noqa: E402
 
 SLOW_CLI = str(Path(__file__).with_name("slow_cli.py"))
@@ -104,7 +104,7 @@ def test_huge_prompt_is_refused_fast_and_health_stays_responsive(tiny_ckpt):
 
 
 def test_check_text_fits_counts_like_the_tokenizer(tiny_ckpt):
-    from r4b_edge.apps.server_request import APIError, check_text_fits
+    from r4b_edge.apps.server.request import APIError, check_text_fits
     from r4b_edge.model.template import Message
 
     with r4b_edge.load(tiny_ckpt) as m:
@@ -236,7 +236,7 @@ def test_images_decoded_after_admission_in_a_bounded_pool(tiny_ckpt, monkeypatch
 # ---- 12: Host, Origin and API key ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def guarded(tiny_ckpt):
-    from r4b_edge.apps.server_security import AccessPolicy
+    from r4b_edge.apps.server.security import AccessPolicy
 
     model = r4b_edge.load(tiny_ckpt)
     policy = AccessPolicy("127.0.0.1", allowed_hosts=["r4b.lan"], allowed_origins=["https://app.example.com"])
@@ -278,7 +278,7 @@ def test_cross_site_post_is_refused_before_the_model_runs(guarded):
 
 
 def test_api_key(tiny_ckpt):
-    from r4b_edge.apps.server_security import AccessPolicy
+    from r4b_edge.apps.server.security import AccessPolicy
 
     model = r4b_edge.load(tiny_ckpt)
     with ServerThread(create_app(model, "tiny", limits=Limits(), policy=AccessPolicy(api_key="s3cret"))) as s:

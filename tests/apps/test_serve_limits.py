@@ -12,8 +12,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import r4b_edge  # noqa: E402
-from r4b_edge.apps.server_app import ServerThread, create_app  # noqa: E402
-from r4b_edge.apps.server_request import Limits  # noqa: E402
+from r4b_edge.apps.server.app import ServerThread, create_app  # noqa: E402
+from r4b_edge.apps.server.request import Limits  # noqa: E402
 from r4b_edge.model.template import Message, render_prompt  # noqa: E402
 
 

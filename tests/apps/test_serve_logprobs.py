@@ -9,8 +9,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 import r4b_edge  # noqa: E402
-from r4b_edge.apps.server_app import ServerThread, create_app  # noqa: E402
-from r4b_edge.apps.server_request import Limits  # noqa: E402
+from r4b_edge.apps.server.app import ServerThread, create_app  # noqa: E402
+from r4b_edge.apps.server.request import Limits  # noqa: E402
 from tests.apps.test_serve import _png, _user  # noqa: E402
 
 LIMITS = Limits(max_request_bytes=1 << 20, max_image_pixels=120 * 120, max_images=3, default_max_tokens=16)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .server_request import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
+from .request import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
 
 log = logging.getLogger("r4b_edge.serve")
 

@@ -7,8 +7,8 @@ the `ModelWorker` thread; handlers parse and check a request, take a queue
 place (503 when none is free), then bound its text and decode its images in a
 small pool (one at a time by default, so image memory is bounded), queue a
 `Job` and relay its events. A client that disconnects cancels its job, queued
-or running. `AccessGuard` (server_security) checks Host, Origin and the API key
-first; `GuardedH11Protocol` (server_http) bounds connections and header time.
+or running. `AccessGuard` (security.py) checks Host, Origin and the API key
+first; `GuardedH11Protocol` (http.py) bounds connections and header time.
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ from r4b_edge.api import check_options
 from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
 from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageError, R4BError
 
-from .server_http import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, R4BServer, guarded_protocol
-from .server_logprobs import choice_logprobs
-from .server_request import (
+from .http import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, R4BServer, guarded_protocol
+from .logprobs import choice_logprobs
+from .request import (
     DEFAULT_MAX_QUEUE, APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request,
 )
-from .server_security import AccessGuard, AccessPolicy
-from .server_worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped
+from .security import AccessGuard, AccessPolicy
+from .worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped
 
 log = logging.getLogger("r4b_edge.serve")
 

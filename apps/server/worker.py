@@ -18,7 +18,7 @@ import queue
 import threading
 from typing import Any
 
-from .server_request import DEFAULT_MAX_QUEUE
+from .request import DEFAULT_MAX_QUEUE
 
 log = logging.getLogger("r4b_edge.serve")
 

@@ -19,7 +19,7 @@ from r4b_edge.engine.options import GenerationOptions
 from r4b_edge.model.reply import history_answer
 from r4b_edge.model.template import EFFORT_MODES, THINKING_MODES, Message
 
-from .server_logprobs import parse_stop_logprobs
+from .logprobs import parse_stop_logprobs
 
 ROLES = ("system", "developer", "user", "assistant")
 
