@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from r4b_edge.model.processing import IMAGE_FORMATS_TEXT
 
 from .common import add_generation_args, add_model_args, generation_options, load_model
+from .progress import ProgressLine
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -42,7 +43,7 @@ def register(sub) -> None:
                    help="largest image, width x height (default 64,000,000: the decompression-bomb guard)")
     p.add_argument("--fresh", action="store_true",
                    help="interactive: answer every question on its own, about the image, without the earlier "
-                        "turns (costs a prefill of the image per question)")
+                        "turns (the image's positions stay in the cache and are reused)")
     p.set_defaults(func=run)
 
 
@@ -55,35 +56,52 @@ def decision_line(think: bool, p_think: float | None, forced: bool) -> str:
 
 def _render(events, args: argparse.Namespace, out: TextIO) -> object:
     """Print a reply as it streams; returns the Result."""
-    from r4b_edge import AnswerDelta, Decision, Done, ReasoningDelta
+    from r4b_edge import Decision, Progress
 
     color = out.isatty()
     dim, reset = (DIM, RESET) if color else ("", "")
     result, in_reasoning = None, False
-    for ev in events:
-        if isinstance(ev, Decision):
-            print(f"{dim}[{decision_line(ev.think, ev.p_think, ev.forced)}]{reset}", file=out, flush=True)
-            if ev.deadline is not None:
-                d = ev.deadline
-                print(f"{dim}[deadline {d.deadline_ms:.0f} ms: {d.reason}; {d.tok_s:.1f} tok/s "
-                      f"({d.tok_s_source}), expected ~{d.expected_total_ms:.0f} ms]{reset}", file=out, flush=True)
-        elif isinstance(ev, ReasoningDelta):
-            if not args.hide_thinking:
-                out.write(f"{dim}{ev.text}{reset}")
-                out.flush()
-                in_reasoning = True
-        elif isinstance(ev, AnswerDelta):
-            if in_reasoning:
-                out.write("\n\n")
-                in_reasoning = False
-            out.write(ev.text)
-            out.flush()
-        elif isinstance(ev, Done):
-            result = ev.result
-            out.write("\n")
-            if args.verbose:
-                print(f"{dim}{result.stats.line()}{reset}", file=out)
+    waiting = ProgressLine(sys.stderr)  # a line on a terminal while the image and prompt are read
+    try:
+        for ev in events:
+            if isinstance(ev, Progress):
+                waiting.update(ev)
+                continue
+            if isinstance(ev, Decision):
+                waiting.close()
+            result, in_reasoning = _show(ev, args, out, dim, reset, result, in_reasoning)
+    finally:
+        waiting.close()
     return result
+
+
+def _show(ev, args: argparse.Namespace, out: TextIO, dim: str, reset: str, result, in_reasoning: bool):
+    """Print one event; returns (result, in_reasoning)."""
+    from r4b_edge import AnswerDelta, Decision, Done, ReasoningDelta
+
+    if isinstance(ev, Decision):
+        print(f"{dim}[{decision_line(ev.think, ev.p_think, ev.forced)}]{reset}", file=out, flush=True)
+        if ev.deadline is not None:
+            d = ev.deadline
+            print(f"{dim}[deadline {d.deadline_ms:.0f} ms: {d.reason}; {d.tok_s:.1f} tok/s "
+                  f"({d.tok_s_source}), expected ~{d.expected_total_ms:.0f} ms]{reset}", file=out, flush=True)
+    elif isinstance(ev, ReasoningDelta):
+        if not args.hide_thinking:
+            out.write(f"{dim}{ev.text}{reset}")
+            out.flush()
+            in_reasoning = True
+    elif isinstance(ev, AnswerDelta):
+        if in_reasoning:
+            out.write("\n\n")
+            in_reasoning = False
+        out.write(ev.text)
+        out.flush()
+    elif isinstance(ev, Done):
+        result = ev.result
+        out.write("\n")
+        if args.verbose:
+            print(f"{dim}{result.stats.line()}{reset}", file=out)
+    return result, in_reasoning
 
 
 def read_image(image: str, max_pixels: int | None) -> Any:

@@ -18,7 +18,7 @@ import sys
 from typing import Optional
 
 from .common import add_model_args
-from .server.request import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_TIMEOUT, Limits
+from .server.request import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, DEFAULT_REQUEST_TIMEOUT, Limits
 
 #: Environment variable read for --api-key (keeps the key out of `ps`).
 API_KEY_ENV = "R4B_EDGE_API_KEY"
@@ -55,6 +55,10 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=int, default=8, metavar="N", help="images per request (default 8)")
     p.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens, metavar="N",
                    help=f"reply bound when a request sends no max_tokens (default {Limits.default_max_tokens})")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help="KV cache states kept across requests, besides the live one, so that a client that "
+                        "resends a conversation (OpenAI clients do) evaluates only its new positions "
+                        f"(default {DEFAULT_PREFIX_CACHE_MB:g} MiB, least recently used dropped first; 0: off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -69,6 +73,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise R4BError("--max-request-mb and --max-image-pixels must be positive")
     if not args.request_timeout > 0:
         raise R4BError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not args.prefix_cache_mb >= 0:
+        raise R4BError(f"--prefix-cache-mb must be >= 0 MiB (0 turns the cache off), got {args.prefix_cache_mb}")
     if not 0 <= args.port <= 65535:
         raise R4BError(f"--port must be within 0..65535, got {args.port}")
     if args.api_key is not None and (not args.api_key.strip() or any(c.isspace() for c in args.api_key)):
@@ -125,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                         max_images=args.max_images, default_max_tokens=args.default_max_tokens,
                         request_timeout=args.request_timeout)
         policy = AccessPolicy(args.host, _names(args.allowed_hosts), _names(args.allowed_origins), args.api_key)
-        app = create_app(model, args.model_name, args.max_queue, limits, policy)
+        app = create_app(model, args.model_name, args.max_queue, limits, policy,
+                         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
         warning = exposure_warning(args.host, args.api_key)
         if warning:
             print(warning, file=sys.stderr, flush=True)

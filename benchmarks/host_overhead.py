@@ -87,7 +87,7 @@ def _folded_tokenizer(tok: Any, text_ids: Sequence[int]) -> Any:
 
 
 def _host_backend(tok: Any, rows: np.ndarray) -> Any:
-    from r4b_edge.backends.base import Backend, PrefillTimings
+    from r4b_edge.backends.base import Backend
 
     class HostBackend(Backend):
         """`forward_last` returns a precomputed row (a view), nothing else."""
@@ -98,33 +98,38 @@ def _host_backend(tok: Any, rows: np.ndarray) -> Any:
             self.tokenizer = tok
             self.config = SimpleNamespace(max_position_embeddings=1 << 20, vocab_size=rows.shape[1])
             self.model_path = "host"
-            self.timings = PrefillTimings()
             self._n = 0
+            self._init_sequence()
 
         @property
         def n_past(self) -> int:
             return self._n
 
-        def image_token_count(self, image: Any) -> int:
-            return 0
+        def _reset(self) -> None:
+            self._n = 0
 
-        def prefill(self, segments: Any) -> np.ndarray:
-            self._n = sum(len(s) for s in segments)
-            return rows[self._n % len(rows)].copy()
+        def _truncate(self, n_past: int) -> None:
+            self._n = n_past
 
-        def forward(self, token_ids: Sequence[int]) -> np.ndarray:
-            out = np.empty((len(token_ids), rows.shape[1]), dtype=np.float32)
-            for i in range(len(token_ids)):
+        def _eval(self, kind: str, x: Any, want_logits: bool) -> np.ndarray | None:
+            self._n += len(x)
+            return rows[self._n % len(rows)].copy() if want_logits else None
+
+        def _forward(self, ids: list[int]) -> np.ndarray:
+            out = np.empty((len(ids), rows.shape[1]), dtype=np.float32)
+            for i in range(len(ids)):
                 self._n += 1
                 out[i] = rows[self._n % len(rows)]
             return out
 
-        def forward_last(self, token_ids: Sequence[int]) -> np.ndarray:
-            self._n += len(token_ids)
+        def _forward_last(self, ids: list[int]) -> np.ndarray:
+            self._n += len(ids)
             return rows[self._n % len(rows)]
 
-        def truncate(self, n_past: int) -> None:
-            self._n = min(self._n, int(n_past))
+        def _unused(self, *args: Any) -> Any:
+            raise NotImplementedError("the host-overhead backend reads no images and saves no state")
+
+        _vision_view = _pack = _snapshot = _restore = _unused
 
     return HostBackend()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine.events import AnswerDelta, Decision, Done, Event, ReasoningDelta, Result, Stats
+from .engine.events import AnswerDelta, Decision, Done, Event, Progress, ReasoningDelta, Result, Stats
 from .errors import (
     BackendOptionError, BackendUnavailableError, ContextLengthError, DownloadError, ExportError,
     GenerationOptionError, ImageError, ModelFormatError, ModelNotFoundError, R4BError, StoreError, TrainingError,
@@ -16,7 +16,7 @@ from .model.template import Message
 __all__ = [
     "load", "Model", "Conversation", "Message", "GenerationOptions", "check_options",
     "Score", "TokenLogprob", "TopLogprob",
-    "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
+    "Progress", "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
     "R4BError", "ImageError", "ModelFormatError", "ModelNotFoundError", "BackendUnavailableError",
     "BackendOptionError", "ContextLengthError", "GenerationOptionError", "ExportError", "TrainingError", "StoreError",
     "DownloadError",

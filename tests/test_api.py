@@ -12,7 +12,7 @@ from PIL import Image
 import r4b_edge
 from r4b_edge import (
     AnswerDelta, BackendUnavailableError, ContextLengthError, Decision, Done, GenerationOptionError,
-    ImageError, ModelFormatError, ModelNotFoundError, ReasoningDelta,
+    ImageError, ModelFormatError, ModelNotFoundError, Progress, ReasoningDelta,
 )
 
 
@@ -33,6 +33,8 @@ def png(tmp_path_factory):
 def test_chat_and_stream_agree(model, png):
     r = model.chat(png, "what colour?", max_tokens=10)
     events = list(model.stream(png, "what colour?", max_tokens=10))
+    assert all(isinstance(e, Progress) for e in events[:events.index(next(e for e in events if not isinstance(e, Progress)))])
+    events = [e for e in events if not isinstance(e, Progress)]
     assert isinstance(events[0], Decision) and isinstance(events[-1], Done)
     s = events[-1].result
     assert (s.answer, s.reasoning, s.token_ids) == (r.answer, r.reasoning, r.token_ids)
@@ -73,7 +75,7 @@ def test_chat_messages_is_the_path_of_chat_and_conversation(model, png):
     r2 = conv.ask("second?", max_tokens=6)
     again = model.chat_messages(conv.messages[:3], [png], system="be brief", max_tokens=6)
     assert (again.token_ids, again.stats.prompt_tokens) == (r2.token_ids, r2.stats.prompt_tokens)
-    events = list(model.stream_messages(q, [png], max_tokens=10))
+    events = [e for e in model.stream_messages(q, [png], max_tokens=10) if not isinstance(e, Progress)]
     assert isinstance(events[0], Decision) and isinstance(events[-1], Done)
 
 

@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
     QFrame, QLabel, QPlainTextEdit, QSizePolicy, QTextBrowser, QToolButton, QVBoxLayout, QWidget,
 )
 
-from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
+from r4b_edge.engine.events import AnswerDelta, Decision, Done, Progress, ReasoningDelta, Result
 
 
 def pil_to_qimage(img: Any) -> QImage:
@@ -230,10 +230,11 @@ class LoadThread(QThread):
 class GenerateThread(QThread):
     """Streams one reply: a signal per event; `request_stop()` ends it at the next event.
 
-    A stopped reply closes the engine's generator, so the turn is not recorded
-    in the conversation and the next question starts from a fresh prefill."""
+    A stopped reply closes the engine's generator, so the turn is not recorded in the
+    conversation (the next question reuses what the cache already holds)."""
 
     conversation = Signal(object)
+    progress = Signal(str)  # `Progress.line()` while the image and prompt are read
     decision = Signal(object)
     reasoning = Signal(str)
     answer = Signal(str)
@@ -260,7 +261,9 @@ class GenerateThread(QThread):
                 if self._stop.is_set():
                     stopped = True
                     break
-                if isinstance(ev, Decision):
+                if isinstance(ev, Progress):
+                    self.progress.emit(ev.line())
+                elif isinstance(ev, Decision):
                     self.decision.emit(ev)
                 elif isinstance(ev, ReasoningDelta):
                     self.reasoning.emit(ev.text)

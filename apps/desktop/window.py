@@ -291,7 +291,9 @@ class MainWindow(QMainWindow):
         self.worker = GenerateThread(self.model, self.conv, self.image_path, q, self.options())
         w = self.worker
         w.conversation.connect(self._on_conversation)
+        w.progress.connect(lambda line: self.statusBar().showMessage(line))
         w.decision.connect(self.reply.on_decision)
+        w.decision.connect(lambda _d: self.statusBar().showMessage("generating…"))
         w.reasoning.connect(self.reply.add_reasoning)
         w.answer.connect(self.reply.add_answer)
         w.done.connect(lambda r, q=q: self._on_done(q, r))

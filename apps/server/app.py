@@ -29,13 +29,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r4b_edge.api import check_options
-from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta, Result
+from r4b_edge.backends.kvcache import PrefixCache
+from r4b_edge.engine.events import AnswerDelta, Decision, Done, Progress, ReasoningDelta, Result
 from r4b_edge.errors import ContextLengthError, GenerationOptionError, ImageError, R4BError
 
 from .http import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, R4BServer, guarded_protocol
 from .logprobs import choice_logprobs
 from .request import (
-    DEFAULT_MAX_QUEUE, APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request,
+    DEFAULT_MAX_QUEUE, DEFAULT_PREFIX_CACHE_MB, APIError, ChatRequest, Limits, bad, check_image, check_text_fits, parse_chat_request,
 )
 from .security import AccessGuard, AccessPolicy
 from .worker import END, Job, ModelWorker, QueueFull, ShuttingDown, Stopped
@@ -140,7 +141,21 @@ def usage(result: Result) -> dict:
     completion = len(result.token_ids)
     return {"prompt_tokens": s.prompt_tokens, "completion_tokens": completion,
             "total_tokens": s.prompt_tokens + completion,
-            "completion_tokens_details": {"reasoning_tokens": s.think_tokens}}
+            "completion_tokens_details": {"reasoning_tokens": s.think_tokens},
+            # OpenAI's name for prompt positions served from the cache (prefix reuse)
+            "prompt_tokens_details": {"cached_tokens": min(s.positions_reused, s.prompt_tokens)}}
+
+
+#: a streamed reply whose prompt is still being read after this long starts its response with
+#: progress comments (docs/serve.md, "Progress")
+PROGRESS_AFTER_S = 1.0
+
+
+def progress_comment(p: Progress) -> str:
+    """An SSE comment (clients skip it) saying how far the prompt has been read:
+    `: progress {"stage": "prefill", "done": 512, "total": 4540, "elapsed_ms": 2210.4}`."""
+    body = {"stage": p.stage, "done": p.done, "total": p.total, "elapsed_ms": round(p.elapsed_ms, 1)}
+    return f": progress {json.dumps(body)}\n\n"
 
 
 def _decision(d: Decision) -> dict:
@@ -211,10 +226,10 @@ class ChatServer:
                 self.worker.release()
                 raise
             gone.add_done_callback(lambda t: t.cancelled() or job.cancel())
-            first = await job.next()
+            first = await self._first_event(job, req.stream)
             if isinstance(first, BaseException):
                 raise first
-            if first is END or not isinstance(first, Decision):
+            if first is END or not isinstance(first, (Decision, Progress)):
                 raise shutting_down()
             meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": req.model or self.model_name}
@@ -227,6 +242,26 @@ class ChatServer:
             gone.cancel()
             if job is not None and not req.stream:
                 job.cancel()
+
+    async def _first_event(self, job: Job, stream: bool) -> Any:
+        """The reply's Decision (or an error, or END), skipping `Progress`; a stream whose prompt
+        takes longer than `PROGRESS_AFTER_S` to read gets its latest `Progress` instead, so the
+        response starts and shows progress (a quick failure stays a plain HTTP error)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + PROGRESS_AFTER_S
+        item = await job.next()
+        while isinstance(item, Progress):
+            if not stream:
+                item = await job.next()
+                continue
+            left = until - loop.time()
+            if left <= 0:
+                return item
+            try:
+                item = await asyncio.wait_for(job.next(), left)
+            except asyncio.TimeoutError:
+                return item
+        return item
 
     async def _collect(self, decision: Decision, job: Job, meta: dict) -> dict:
         result: Optional[Result] = None
@@ -251,7 +286,7 @@ class ChatServer:
                              "finish_reason": result.stats.finish_reason or "stop"}],
                 "usage": usage(result), **_decision(decision), "stats": asdict(result.stats)}
 
-    async def _sse(self, decision: Decision, job: Job, req: ChatRequest, meta: dict) -> AsyncIterator[str]:
+    async def _sse(self, first: Decision | Progress, job: Job, req: ChatRequest, meta: dict) -> AsyncIterator[str]:
         def chunk(delta: dict, finish: Optional[str] = None, logprobs: Optional[dict] = None, **extra: Any) -> str:
             body = {**meta, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
@@ -267,7 +302,18 @@ class ChatServer:
             return choice_logprobs(answer, reasoning) if req.options.get("logprobs") else None
 
         try:
-            yield chunk({"role": "assistant", "content": ""}, **_decision(decision))
+            while isinstance(first, Progress):  # the prompt is being read: SSE comments until the decision
+                yield progress_comment(first)
+                first = await job.next()
+            if isinstance(first, BaseException):
+                yield f"data: {json.dumps(as_api_error(first).body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            if not isinstance(first, Decision):  # END or Stopped: shut down while reading the prompt
+                yield chunk({}, "stop", stopped="shutdown")
+                yield "data: [DONE]\n\n"
+                return
+            yield chunk({"role": "assistant", "content": ""}, **_decision(first))
             while True:
                 item = await job.next()
                 if item is END:
@@ -297,9 +343,13 @@ class ChatServer:
 
 def create_app(model: Any, model_name: str = "r4b-edge", max_queue: int = DEFAULT_MAX_QUEUE,
                limits: Optional[Limits] = None, policy: Optional[AccessPolicy] = None,
-               decode_workers: int = 1) -> FastAPI:
+               decode_workers: int = 1, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_MB << 20) -> FastAPI:
     """The FastAPI app serving `model` (an `r4b_edge.Model`); starts its worker thread.
-    `policy`: Host / Origin / API-key rules (default: loopback names only, no key)."""
+    `policy`: Host / Origin / API-key rules (default: loopback names only, no key).
+    `prefix_cache_bytes`: KV states kept across requests besides the live one (0: none)."""
+    if prefix_cache_bytes < 0:
+        raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
+    model.backend.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
     srv = ChatServer(model, model_name, max_queue, limits, decode_workers)
     srv.worker.start()
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import json
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +25,10 @@ from ..formats import GGUF_HF_JSON_KEY as HF_JSON_KEY
 from ..formats import GGUF_IMAGE_NEWLINE
 from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from ..model.config import RConfig
-from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
+from ..model.processing import PreparedImage, count_image_tokens
 from ..model.reply import IM_END
 from ..model.tokenizer import Tokenizer
-from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
+from .base import Backend, BackendInfo, numpy_pack
 from .gguf_pair import find_gguf_pair
 from .llama_repack import RepackChoice, repack_setting
 from .llama_repack import choose as choose_repack
@@ -167,8 +166,8 @@ class LlamaBackend(Backend):
         self._n = 0
         self._logits_addr: int | None = None  # where llama.cpp's logits buffer was last seen
         self._logits_view: np.ndarray | None = None
-        self._images = ImageCache()
-        self.timings = PrefillTimings()
+        self._init_sequence()
+        self.prefill_chunk = self._n_batch
         self.vision_encodes = 0  # views encoded since load (tests check the cache)
 
     # ---- contract -----------------------------------------------------------------------------
@@ -183,54 +182,56 @@ class LlamaBackend(Backend):
     def image_token_count(self, image: PreparedImage) -> int:
         return count_image_tokens(image.orig_size, self.config)
 
-    def prefill(self, segments: Sequence[Any]) -> np.ndarray:
+    # ---- hooks (see Backend) ----------------------------------------------------------------
+    def _reset(self) -> None:
         self._ll.llama_memory_clear(self._mem, True)
         self._n = 0
-        t0 = time.perf_counter()
-        parts, tm = encode_segments(segments, self.image_embeddings,
-                                    lambda ids: np.asarray(list(ids), dtype=np.int32))
-        items = [("embd" if kind == "image" else "tok", x) for kind, x in parts]
-        total = sum(len(x) for _, x in items)
-        if total == 0:
-            raise ContextLengthError("prefill got an empty prompt")
-        if total > self._n_ctx:
-            raise ContextLengthError(f"the prompt needs {total} positions but the llama context holds {self._n_ctx}: "
-                                     "pass n_ctx= (up to the model's context) or shorten the prompt")
-        logits = None
-        for k, (kind, x) in enumerate(items):
-            last = k == len(items) - 1
-            out = self._decode(x, embd=kind == "embd", all_logits=False, want_last=last)
-            if last:
-                logits = out[-1]
-        tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
-        self.timings = tm
-        return logits
 
-    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
-        if len(token_ids) == 1 and self._n < self._n_ctx:
-            return self._decode_one(int(token_ids[0]))[None, :].copy()
-        ids = np.asarray(list(token_ids), dtype=np.int32)
-        if ids.size == 0:
-            return np.zeros((0, self.config.vocab_size), dtype=np.float32)
-        return self._decode(ids, embd=False, all_logits=True, want_last=True)
-
-    def forward_last(self, token_ids: Sequence[int]) -> np.ndarray:
-        """llama.cpp computes and returns the last position's logits only; for one token the
-        result is a read-only view of llama.cpp's logits buffer (no copy), valid until the next
-        decode."""
-        if len(token_ids) == 1 and self._n < self._n_ctx:
-            return self._decode_one(int(token_ids[0]))
-        ids = np.asarray(list(token_ids), dtype=np.int32)
-        if ids.size == 0:
-            raise ContextLengthError("forward_last needs at least one token, got 0")
-        return self._decode(ids, embd=False, all_logits=False, want_last=True)[-1]
-
-    def truncate(self, n_past: int) -> None:
-        if n_past >= self._n:
-            return
+    def _truncate(self, n_past: int) -> None:
         if not self._ll.llama_memory_seq_rm(self._mem, 0, int(n_past), -1):
             raise RuntimeError(f"llama.cpp could not drop cache positions >= {n_past}")
         self._n = int(n_past)
+
+    def _eval(self, kind: str, rows: Any, want_logits: bool) -> np.ndarray | None:
+        x = np.asarray(rows, dtype=np.int32) if kind == "text" else rows
+        out = self._decode(x, embd=kind == "image", all_logits=False, want_last=want_logits)
+        return out[-1] if want_logits else None
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        if len(ids) == 1 and self._n < self._n_ctx:
+            return self._decode_one(ids[0])[None, :].copy()
+        if not ids:
+            return np.zeros((0, self.config.vocab_size), dtype=np.float32)
+        return self._decode(np.asarray(ids, dtype=np.int32), embd=False, all_logits=True, want_last=True)
+
+    def _forward_last(self, ids: list[int]) -> np.ndarray:
+        """llama.cpp computes and returns the last position's logits only; for one token the
+        result is a read-only view of llama.cpp's logits buffer (no copy), valid until the next
+        decode."""
+        if len(ids) == 1 and self._n < self._n_ctx:
+            return self._decode_one(ids[0])
+        if not ids:
+            raise ContextLengthError("forward_last needs at least one token, got 0")
+        return self._decode(np.asarray(ids, dtype=np.int32), embd=False, all_logits=False, want_last=True)[-1]
+
+    def _snapshot(self) -> tuple[bytes, int]:
+        """The sequence's KV cells as llama.cpp serialises them (llama_state_seq_get_data)."""
+        ll = self._ll
+        size = int(ll.llama_state_seq_get_size(self._ctx, 0))
+        buf = (ctypes.c_uint8 * size)()
+        got = int(ll.llama_state_seq_get_data(self._ctx, buf, size, 0))
+        if got != size:
+            raise RuntimeError(f"llama.cpp saved {got} of {size} bytes of the KV cache")
+        return (buf, self._n), size
+
+    def _restore(self, state: Any) -> None:
+        buf, n = state
+        ll = self._ll
+        ll.llama_memory_clear(self._mem, True)
+        if int(ll.llama_state_seq_set_data(self._ctx, buf, len(buf), 0)) == 0:
+            self._n = 0
+            raise RuntimeError("llama.cpp could not restore a saved KV cache (llama_state_seq_set_data)")
+        self._n = int(n)
 
     # ---- internals ----------------------------------------------------------------------------
     def _decode_one(self, token: int) -> np.ndarray:
@@ -287,11 +288,11 @@ class LlamaBackend(Backend):
                 outs.append(np.array(arr[:, :self.config.vocab_size], dtype=np.float32))
         return np.concatenate(outs, axis=0) if outs else np.zeros((0, self.config.vocab_size), np.float32)
 
-    def _views_u8(self, image: PreparedImage) -> np.ndarray:
-        """The uint8 RGB views [V, S, S, 3] that `prepare_image` normalised (exact inverse)."""
+    def _views_u8(self, image: PreparedImage, i: int) -> np.ndarray:
+        """The uint8 RGB view `i` [S, S, 3] that `prepare_image` normalised (exact inverse)."""
         mean = np.asarray(self.config.image_mean, dtype=np.float32)
         std = np.asarray(self.config.image_std, dtype=np.float32)
-        a = (image.pixel_values.transpose(0, 2, 3, 1) * std + mean) * 255.0
+        a = (image.pixel_values[i].transpose(1, 2, 0) * std + mean) * 255.0
         return np.ascontiguousarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
     def _encode_view(self, view: np.ndarray) -> np.ndarray:
@@ -332,18 +333,11 @@ class LlamaBackend(Backend):
             mt.mtmd_input_chunks_free(chunks)
             mt.mtmd_bitmap_free(bmp)
 
-    def image_embeddings(self, image: PreparedImage) -> tuple[np.ndarray, bool]:
-        """Packed image embeddings [n_tokens, hidden] (cached by image.key) and whether it was a cache hit."""
-        return self._images.get_or_compute(image.key, lambda: self._encode_image(image))
+    def _vision_view(self, image: PreparedImage, i: int) -> np.ndarray:
+        return self._encode_view(self._views_u8(image, i))
 
-    def _encode_image(self, image: PreparedImage) -> np.ndarray:
-        views = self._views_u8(image)
-        feats = np.stack([self._encode_view(v) for v in views])
-        emb = pack_anyres(feats, image.grid, image.orig_size, self.config, self._newline)
-        if emb.shape[0] != self.image_token_count(image):
-            raise ModelFormatError(f"image embeddings have {emb.shape[0]} rows; the prompt reserved "
-                                   f"{self.image_token_count(image)}")
-        return emb
+    def _pack(self, image: PreparedImage, feats: list) -> np.ndarray:
+        return numpy_pack(image, feats, self.config, self._newline)
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=self.precision,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -21,9 +20,9 @@ from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatErr
 from ..formats import ONNX_FORMAT_NAME, ONNX_FORMAT_VERSION
 from ..formats import ONNX_GENAI_CONFIG as GENAI_CONFIG
 from ..model.config import RConfig
-from ..model.processing import PreparedImage, pack_anyres
+from ..model.processing import PreparedImage
 from ..model.tokenizer import Tokenizer
-from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
+from .base import Backend, BackendInfo, numpy_pack
 from .runtime import canonical_device, check_threads, resolve_device
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -113,8 +112,7 @@ class OnnxBackend(Backend):
         self._ort_device = "cuda" if self.device == "cuda" else "cpu"
         self._past: list[ort.OrtValue] = []
         self._n = 0
-        self._images = ImageCache()
-        self.timings = PrefillTimings()
+        self._init_sequence()
         self._reset()
 
     def _session(self, path: Path, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
@@ -136,24 +134,17 @@ class OnnxBackend(Backend):
         self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
         self._n = 0
 
-    def image_token_count(self, image: PreparedImage) -> int:
-        return image.n_tokens
-
     # ---- pieces ----------------------------------------------------------------------------
     def _embed_ids(self, ids: Sequence[int]) -> np.ndarray:
         arr = np.asarray([list(ids)], dtype=np.int64)
         return self._embed.run(None, {"input_ids": arr})[0]
 
-    def image_features(self, image: PreparedImage) -> tuple[np.ndarray, bool]:
-        """Packed features [n_tokens, hidden] of `image` (cached by `image.key`) and whether cached."""
-        return self._images.get_or_compute(image.key, lambda: self._encode_image(image))
+    def _vision_view(self, image: PreparedImage, i: int) -> np.ndarray:
+        pv = np.ascontiguousarray(image.pixel_values[i:i + 1], dtype=np.float32)
+        return self._vision.run(None, {"pixel_values": pv})[0][0]
 
-    def _encode_image(self, image: PreparedImage) -> np.ndarray:
-        feats = self._vision.run(None, {"pixel_values": np.ascontiguousarray(image.pixel_values, dtype=np.float32)})[0]
-        packed = pack_anyres(feats, image.grid, image.orig_size, self.config, self._newline)
-        if packed.shape[0] != image.n_tokens:
-            raise ModelFormatError(f"image features have {packed.shape[0]} rows; processing said {image.n_tokens}")
-        return packed
+    def _pack(self, image: PreparedImage, feats: list) -> np.ndarray:
+        return numpy_pack(image, feats, self.config, self._newline)
 
     def _run(self, embeds: np.ndarray, logits_index: np.ndarray) -> np.ndarray:
         """Evaluate embeddings [1, k, H] at positions n..; return float32 logits [len(index), V]."""
@@ -177,29 +168,20 @@ class OnnxBackend(Backend):
         self._n = total
         return outs[0].numpy()[0].astype(np.float32, copy=False)
 
-    # ---- contract --------------------------------------------------------------------------
-    def prefill(self, segments: Sequence[Any]) -> np.ndarray:
-        self._reset()
-        t0 = time.perf_counter()
-        parts, tm = encode_segments(segments, self.image_features, self._embed_ids)
-        if not parts:
-            raise ContextLengthError("prefill got an empty prompt: pass at least one token or image")
-        embeds = np.concatenate([e[None].astype(np.float32, copy=False) if kind == "image" else e
-                                 for kind, e in parts], axis=1)
+    # ---- hooks (see Backend) ----------------------------------------------------------------
+    def _eval(self, kind: str, rows, want_logits: bool) -> np.ndarray | None:
+        embeds = self._embed_ids(rows) if kind == "text" else rows[None].astype(np.float32, copy=False)
         logits = self._run(embeds, np.asarray([embeds.shape[1] - 1]))
-        tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
-        self.timings = tm
-        return logits[-1]
+        return logits[-1] if want_logits else None
 
-    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = list(token_ids)
+    def _forward(self, ids: list[int]) -> np.ndarray:
         return self._run(self._embed_ids(ids), np.arange(len(ids)))
 
-    def truncate(self, n_past: int) -> None:
+    def _forward_last(self, ids: list[int]) -> np.ndarray:
+        return self._run(self._embed_ids(ids), np.asarray([len(ids) - 1]))[-1]
+
+    def _truncate(self, n_past: int) -> None:
         """Drop cache positions >= n_past (a host-side slice of each past tensor)."""
-        if n_past >= self._n:
-            return
-        n_past = max(0, int(n_past))
         sliced = []
         for v in self._past:
             a = np.ascontiguousarray(v.numpy()[:, :, :n_past])
@@ -207,6 +189,15 @@ class OnnxBackend(Backend):
                           else ort.OrtValue.ortvalue_from_numpy(a))
         self._past = sliced
         self._n = n_past
+
+    def _snapshot(self) -> tuple[object, int]:
+        """The past OrtValues themselves: every step binds new outputs, so no copy is needed."""
+        item = np.dtype(self._kv_dtype).itemsize
+        return (list(self._past), self._n), sum(int(np.prod(v.shape())) * item for v in self._past)
+
+    def _restore(self, state) -> None:
+        past, n = state
+        self._past, self._n = list(past), int(n)
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.doc.get("precision", "")),

@@ -5,7 +5,7 @@ sequence from its embeddings); it exists only to check the cached path.
 """
 from __future__ import annotations
 
-import time
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +16,7 @@ from ..errors import BackendOptionError
 from ..model.checkpoint import load_checkpoint
 from ..model.modeling import truncate_cache
 from ..model.processing import PreparedImage
-from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
+from .base import Backend, BackendInfo, numpy_pack
 from .runtime import check_threads, resolve_device
 
 _DTYPES = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,67 +56,89 @@ class TorchBackend(Backend):
         self._cache = None
         self._embeds: torch.Tensor | None = None  # naive path: the whole sequence
         self._n = 0
-        self._images = ImageCache()
-        self.timings = PrefillTimings()
+        self._init_sequence()
 
     @property
     def n_past(self) -> int:
         return self._n
 
-    def image_token_count(self, image: PreparedImage) -> int:
-        return image.n_tokens
-
-    def _image_embeds(self, image: PreparedImage) -> tuple[torch.Tensor, bool]:
-        return self._images.get_or_compute(image.key, lambda: self._encode_image(image))
-
+    # ---- hooks (see Backend) ----------------------------------------------------------------
     @torch.inference_mode()
-    def _encode_image(self, image: PreparedImage) -> torch.Tensor:
-        pv = torch.from_numpy(image.pixel_values).to(self.device, self.dtype)
-        return self.model.image_features(pv, image.grid, image.orig_size)
+    def _vision_view(self, image: PreparedImage, i: int) -> np.ndarray:
+        pv = torch.from_numpy(image.pixel_values[i:i + 1]).to(self.device, self.dtype)
+        feats = self.model.model.multi_modal_projector(self.model.vision_hidden_states(pv))[0]
+        return feats.float().cpu().numpy()
+
+    def _pack(self, image: PreparedImage, feats: list) -> torch.Tensor:
+        newline = self.model.model.image_newline.detach().float().cpu().numpy()
+        return torch.from_numpy(numpy_pack(image, feats, self.config, newline)).to(self.device, self.dtype)
 
     def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         t = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         return self.model.embed_tokens(t)
 
-    def _run(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Evaluate new embeddings at positions n.., return float32 logits [k, V]."""
+    def _run(self, embeds: torch.Tensor, logits: str = "all") -> torch.Tensor | None:
+        """Evaluate new embeddings [1, k, H] at positions n..; float32 logits [k, V] ("all"),
+        [1, V] ("last") or None ("none")."""
         k = embeds.shape[1]
         if self.use_cache:
             pos = torch.arange(self._n, self._n + k, device=self.device)[None]
-            logits, self._cache = self.model(inputs_embeds=embeds, past_key_values=self._cache,
-                                             position_ids=pos, use_cache=True)
+            out, self._cache = self.model(inputs_embeds=embeds, past_key_values=self._cache,
+                                          position_ids=pos, use_cache=True, logits=logits)
             self._n += k
-            return logits[0].float()
+            return None if out is None else out[0].float()
         self._embeds = embeds if self._embeds is None else torch.cat([self._embeds, embeds], dim=1)
         self._n += k
-        logits, _ = self.model(inputs_embeds=self._embeds, use_cache=False)
-        return logits[0, -k:].float()
+        out, _ = self.model(inputs_embeds=self._embeds, use_cache=False, logits=logits)
+        if out is None:
+            return None
+        return out[0, -k:].float() if logits == "all" else out[0].float()
 
     @torch.inference_mode()
-    def prefill(self, segments) -> np.ndarray:
-        self._cache, self._embeds, self._n = None, None, 0
-        t0 = time.perf_counter()
-        parts, tm = encode_segments(segments, self._image_embeds, self._embed_ids)
-        embeds = [e[None].to(self.dtype) if kind == "image" else e for kind, e in parts]
-        logits = self._run(torch.cat(embeds, dim=1))
+    def _eval(self, kind: str, rows, want_logits: bool) -> np.ndarray | None:
+        embeds = self._embed_ids(rows) if kind == "text" else rows[None].to(self.dtype)
+        out = self._run(embeds, "last" if want_logits else "none")
         if self.device == "cuda":
             torch.cuda.synchronize()
-        tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
-        self.timings = tm
-        return logits[-1].cpu().numpy()
+        return None if out is None else out[-1].cpu().numpy()
 
     @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
-        return self._run(self._embed_ids(token_ids)).cpu().numpy()
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        return self._run(self._embed_ids(ids)).cpu().numpy()
 
-    def truncate(self, n_past: int) -> None:
-        if n_past >= self._n:
-            return
+    @torch.inference_mode()
+    def _forward_last(self, ids: list[int]) -> np.ndarray:
+        return self._run(self._embed_ids(ids), "last")[-1].cpu().numpy()
+
+    def _reset(self) -> None:
+        self._cache, self._embeds, self._n = None, None, 0
+
+    def _truncate(self, n_past: int) -> None:
         if self.use_cache and self._cache is not None:
             truncate_cache(self._cache, n_past)
         if self._embeds is not None:
             self._embeds = self._embeds[:, :n_past]
         self._n = n_past
+
+    def _snapshot(self) -> tuple[object, int]:
+        if not self.use_cache:
+            emb = None if self._embeds is None else self._embeds.clone()
+            return (self._n, emb), 0 if emb is None else emb.numel() * emb.element_size()
+        cache = copy.deepcopy(self._cache) if self._cache is not None else None
+        nbytes = 0
+        for layer in getattr(cache, "layers", []) or []:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    nbytes += t.numel() * t.element_size()
+        return (self._n, cache), nbytes
+
+    def _restore(self, state) -> None:
+        n, saved = state
+        if self.use_cache:
+            self._cache = copy.deepcopy(saved) if saved is not None else None
+        else:
+            self._embeds = None if saved is None else saved.clone()
+        self._n = n
 
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.dtype).replace("torch.", ""),

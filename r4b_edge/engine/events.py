@@ -1,6 +1,7 @@
 """Typed events of a generation stream and the final result with its stats.
 
-A stream yields exactly one `Decision` first, then any number of
+A stream yields `Progress` while the prompt is read (vision views encoded, prefill
+positions evaluated), then exactly one `Decision`, then any number of
 `ReasoningDelta` / `AnswerDelta`, then one `Done` carrying the `Result`.
 Benchmarks read the same `Stats` the API returns.
 """
@@ -11,6 +12,25 @@ from typing import TYPE_CHECKING, Optional, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     from .logprobs import TokenLogprob
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far the prompt has been read, before the `Decision`: `stage` "vision" counts the
+    image views encoded (`done` of `total`, per image), "prefill" the prompt positions
+    evaluated (of those not reused from the cache). `elapsed_ms`: since the stage began."""
+
+    stage: str
+    done: int
+    total: int
+    elapsed_ms: float = 0.0
+
+    def line(self) -> str:
+        """`encoding image: view 3/7`, `reading prompt: 1,024/4,540 positions (23%)`."""
+        if self.stage == "vision":
+            return f"encoding image: view {self.done}/{self.total}"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return f"reading prompt: {self.done:,}/{self.total:,} positions ({pct:.0f}%)"
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,10 @@ class Stats:
 
     image_tokens: int = 0
     prompt_tokens: int = 0
+    #: the prefill's positions (the prompt, plus a forced mode's opening) that were evaluated,
+    #: and those kept from the cache (an earlier turn's: prefix reuse)
+    positions_evaluated: int = 0
+    positions_reused: int = 0
     vision_encode_ms: float = 0.0
     prefill_ms: float = 0.0
     decision_ms: float = 0.0
@@ -77,7 +101,8 @@ class Stats:
     def line(self) -> str:
         """One human-readable line (the CLI's --verbose output)."""
         return (
-            f"image {self.image_tokens} tok | prompt {self.prompt_tokens} tok | "
+            f"image {self.image_tokens} tok | prompt {self.prompt_tokens} tok "
+            f"({self.positions_evaluated} evaluated, {self.positions_reused} reused) | "
             f"vision {self.vision_encode_ms:.0f} ms | prefill {self.prefill_ms:.0f} ms | "
             f"ttft {self.ttft_ms:.0f} ms | answer after {self.time_to_answer_ms:.0f} ms | "
             f"think {self.think_tokens} + answer {self.answer_tokens} tok | "
@@ -116,4 +141,4 @@ class Done:
     result: Result
 
 
-Event = Union[Decision, ReasoningDelta, AnswerDelta, Done]
+Event = Union[Progress, Decision, ReasoningDelta, AnswerDelta, Done]

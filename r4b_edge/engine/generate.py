@@ -3,8 +3,9 @@
 Three layers, each on top of the one below:
 - `Engine.step(state)`: sample one token from the current logits, file it as
   reasoning or answer, feed it to the backend; returns the text events.
-- `Engine.stream(...)`: prefill, decide, then step until done, yielding typed
-  events (`Decision` first, deltas, `Done` last).
+- `Engine.stream(...)`: prefill (reusing the prefix already in the backend's cache,
+  yielding `Progress`), decide, then step until done, yielding typed events
+  (`Progress` while the prompt is read, `Decision`, deltas, `Done` last).
 - `Engine.generate(...)`: the blocking call, which drains `stream`.
 
 The engine sees only numpy logits through the `Backend` contract, so every
@@ -99,6 +100,9 @@ class Engine:
         # Tokens `_accept` treats specially (end tokens, think tags): one set lookup per token.
         self._marked = frozenset(self.tok.eos_ids) | {self.tok.think, self.tok.end_think}
         self.clock: Callable[[], float] = time.perf_counter  # deadline mode's clock (tests inject one)
+        #: a prompt keeps the longest prefix it shares with the backend's cache (an earlier turn's),
+        #: evaluating only the positions after it; False: every prompt from an empty cache
+        self.prefix_reuse = True
         self.deadline = DeadlineTracker.from_lengths(reply_lengths)
 
     # ---- prompt ---------------------------------------------------------
@@ -337,18 +341,19 @@ class Engine:
             return Decision(start.mode == "think", None, True), logits, opening, False, None, "reasoning"
         chooser = None
         if dl is not None:  # deadline mode, auto: the planner, right after the decision forward
-            tm, n_prompt = self.backend.timings, self.backend.n_past
+            tm = self.backend.timings
             chooser = lambda p: dl.at_decision(  # noqa: E731 (a step takes between `fast` and the decision's time)
-                p, tm.prefill_ms / 1000.0 / max(1, n_prompt), self._probe_pace)
+                p, tm.prefill_ms / 1000.0 / max(1, tm.positions_evaluated), self._probe_pace)
         return (*self._decide(logits, start.mode, opts, sampler, chooser), "reasoning")
 
     def _generate(self, segs: list, opts: GenerationOptions, start: _Start, preset: bool,
                   t0: float, dl: DeadlineController | None) -> Iterator[Event]:
         be = self.backend
         stats = Stats(backend=be.name, device=be.device)
-        logits = be.prefill(segs)
+        logits = yield from be.prefill_steps(segs, reuse=self.prefix_reuse)  # yields Progress
         tm = be.timings
         stats.image_tokens, stats.vision_encode_ms, stats.prefill_ms = tm.image_tokens, tm.vision_encode_ms, tm.prefill_ms
+        stats.positions_evaluated, stats.positions_reused = tm.positions_evaluated, tm.positions_reused
         sampler = Sampler(opts.sampling)
         t_dec = time.perf_counter()
         if dl is not None:

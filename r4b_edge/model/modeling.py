@@ -198,8 +198,10 @@ class RForConditionalGeneration(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, past_key_values: DynamicCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                use_cache: bool = True) -> tuple[torch.Tensor, DynamicCache | None]:
-        """Decoder + LM head: (logits [B, T, V], cache). The cache is updated in place."""
+                use_cache: bool = True, logits: str = "all") -> tuple[torch.Tensor | None, DynamicCache | None]:
+        """Decoder + LM head: (logits [B, T, V], cache). The cache is updated in place.
+        `logits`: "all" positions, only the "last" ([B, 1, V]: a prefill needs no more), or
+        "none" (None: a prefill chunk before the last; the LM head is not run)."""
         n_past = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = n_past + inputs_embeds.shape[1]
         if total > self.config.max_position_embeddings:
@@ -211,8 +213,11 @@ class RForConditionalGeneration(nn.Module):
             inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask,
             position_ids=position_ids, cache=past_key_values if use_cache else None, use_cache=use_cache,
         )
-        logits = self.lm_head(out.last_hidden_state)
-        return logits, (out.cache if use_cache else None)
+        cache = out.cache if use_cache else None
+        if logits == "none":
+            return None, cache
+        hidden = out.last_hidden_state if logits == "all" else out.last_hidden_state[:, -1:]
+        return self.lm_head(hidden), cache
 
     def forward_with_images(self, input_ids: torch.Tensor, images: Sequence["PreparedImage"],
                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -412,12 +412,14 @@ def test_generation_crash_is_500_and_server_lives(server, client):
             return fwd(ids)
 
         server.model.backend.forward = breaks_later
+        server.model.backend.forward_last = lambda ids: breaks_later(ids)[-1]  # the decode steps
         stream = client.chat.completions.create(model="tiny", messages=[_user("q")], max_tokens=20, stream=True,
                                                 reasoning_effort="none")
         with pytest.raises(openai.APIError, match="exploded later"):
             list(stream)
     finally:
         server.model.backend.forward = fwd
+        vars(server.model.backend).pop("forward_last", None)
     r = client.chat.completions.create(model="tiny", messages=[_user("q")], max_tokens=4)
     assert r.choices[0].finish_reason in ("stop", "length")
 

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     from r4b_edge.apps.cli import main
 
     model = r4b_edge.load(sys.argv[1], backend="onnx", device="auto")
-    events = list(model.stream(sys.argv[2], "what is it?", max_tokens=8))
+    events = [e for e in model.stream(sys.argv[2], "what is it?", max_tokens=8) if type(e).__name__ != "Progress"]
     result = model.chat(sys.argv[2], "what is it?", max_tokens=8, mode="think", max_think_tokens=3,
                         measure_p_think=True)
     rc = main(["info"])

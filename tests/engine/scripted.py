@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from r4b_edge.backends.base import Backend, PrefillTimings
+from r4b_edge.engine.events import Progress
 from r4b_edge.errors import ContextLengthError
 from r4b_edge.model.processing import PreparedImage
 
@@ -93,7 +94,8 @@ class ScriptedBackend(Backend):
         hist = self.seq[start:]
         return np.log(self._probs(hist)).astype(np.float32)
 
-    def prefill(self, segments) -> np.ndarray:
+    def prefill_steps(self, segments, *, reuse: bool = True):
+        """Always from an empty sequence (the script has no cache); one `Progress` at the end."""
         self.seq = []
         n_img = 0
         for s in segments:
@@ -105,9 +107,11 @@ class ScriptedBackend(Backend):
         if len(self.seq) > self.n_ctx:
             raise ContextLengthError(f"a prompt of {len(self.seq)} positions exceeds the context of {self.n_ctx}")
         self.n_prompt = len(self.seq)
-        self.timings = PrefillTimings(image_tokens=n_img, prefill_ms=self.prefill_s * 1000.0 if self.report_prefill else 0.0)
+        self.timings = PrefillTimings(image_tokens=n_img, prefill_ms=self.prefill_s * 1000.0 if self.report_prefill else 0.0,
+                                      positions_evaluated=len(self.seq))
         if self.clock is not None:
             self.clock.t += self.prefill_s
+        yield Progress("prefill", len(self.seq), len(self.seq))
         return self._logits()
 
     def forward(self, token_ids) -> np.ndarray:
@@ -123,5 +127,14 @@ class ScriptedBackend(Backend):
             out.append(self._logits())
         return np.stack(out)
 
+    def forward_last(self, token_ids) -> np.ndarray:
+        return self.forward(token_ids)[-1]
+
     def truncate(self, n_past: int) -> None:
         self.seq = self.seq[:n_past]
+
+    # the hooks a real backend implements: the script overrides the calls above instead
+    def _unused(self, *args, **kwargs):
+        raise NotImplementedError("the scripted backend overrides prefill_steps / forward / truncate")
+
+    _reset = _truncate = _eval = _forward = _vision_view = _pack = _snapshot = _restore = _unused

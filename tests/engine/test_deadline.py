@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from r4b_edge.engine.events import Progress
 from r4b_edge.engine.deadline import (CLOSE_COST_TOKENS, EXPLORE_MIN_TOKENS, MIN_STEPS, OPEN_COST_TOKENS,
                                       PROBE_STEPS, QUANTILE, SAFETY, DeadlineTracker)
 from r4b_edge.engine.events import Decision
@@ -207,7 +208,7 @@ def engine(tok, p_think=0.9, step_time=None, usual=1.0):
 
 def ask(eng, clock, deadline_ms, **kw):
     start = clock()
-    events = list(eng.stream(Q, [], GenerationOptions(deadline_ms=deadline_ms, **kw)))
+    events = [e for e in eng.stream(Q, [], GenerationOptions(deadline_ms=deadline_ms, **kw)) if not isinstance(e, Progress)]
     return events[0], events[-1].result, (clock() - start) * 1000.0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from r4b_edge.engine.events import Progress
 from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.errors import ContextLengthError, GenerationOptionError
@@ -15,7 +16,7 @@ Q = [Message("user", "what is two plus two?")]
 
 def run(tok, p_think, **opts):
     eng = Engine(ScriptedBackend(tok, p_think))
-    events = list(eng.stream(Q, [], GenerationOptions(**opts)))
+    events = [e for e in eng.stream(Q, [], GenerationOptions(**opts)) if not isinstance(e, Progress)]
     return events, events[-1].result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from r4b_edge.engine.events import Progress
 from r4b_edge.engine.events import AnswerDelta, Done, ReasoningDelta
 from r4b_edge.engine.generate import Engine, GenerationOptions
 from r4b_edge.model.template import EMPTY_THINK_CONTINUATION, Message, render_prompt
@@ -17,7 +18,7 @@ CLOSING = "\nOut of time.\n"
 
 def run(tok, p_think, n_ctx=4096, answer_ids=None, **opts):
     be = ScriptedBackend(tok, p_think, n_ctx=n_ctx, answer_ids=answer_ids)
-    events = list(Engine(be).stream(Q, [], GenerationOptions(**opts)))
+    events = [e for e in Engine(be).stream(Q, [], GenerationOptions(**opts)) if not isinstance(e, Progress)]
     return events, events[-1].result, be
 
 
