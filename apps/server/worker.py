@@ -5,8 +5,8 @@ first takes a place with `ModelWorker.admit()` (`QueueFull` at once when all
 `max_queue` places are taken: the server answers 503), then decodes its images
 and is `submit`ted as a `Job`. The worker streams each job's events back to the
 asyncio loop that waits for them; a cancelled job (client gone) is skipped, or
-stops at the next event and the engine's generator is closed, so the next
-prefill starts from a clean sequence. `begin_shutdown()` answers every waiting
+stops at the next event and the engine's generator is closed (the positions
+it had evaluated stay in the cache for the next prompt that shares them). `begin_shutdown()` answers every waiting
 job with `ShuttingDown` and ends the running reply with a `Stopped` event.
 Replies come from `Model.stream_messages`, the API's entry that every face uses.
 """
@@ -172,7 +172,7 @@ class ModelWorker:
             job.emit(e)
         finally:
             if gen is not None:
-                gen.close()  # a stopped reply leaves nothing behind: the next prefill resets the cache
+                gen.close()  # a stopped reply: the next prompt keeps only the prefix it shares with the cache
 
 
 def _is_project_error(e: BaseException) -> bool:
