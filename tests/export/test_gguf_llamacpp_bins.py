@@ -76,8 +76,9 @@ def _answer(text: str) -> str:
 
 def test_mtmd_cli_lines(work: Path, ours) -> None:
     lines = doc_lines("llama-mtmd-cli")
-    assert len(lines) == 2  # auto, and the short-default template
-    for line, mode in zip(lines, ["auto", "no-think"]):
+    # auto, the short-default template, and auto with repacking off (docs/gguf.md's AMX section)
+    assert len(lines) == 3 and " -nr " in lines[2]
+    for line, mode in zip(lines, ["auto", "no-think", "auto"]):
         for _ in range(3):  # llama-mtmd-cli prints through its log thread; a run may exit before the flush
             p = subprocess.run(["bash", "-c", line.replace("llama-mtmd-cli", _bin("llama-mtmd-cli"), 1) + " -n 256"],
                                cwd=work, env=_env(), capture_output=True, text=True, timeout=300)
@@ -96,7 +97,8 @@ def _free_port() -> int:
 
 def test_llama_server_line_with_openai_client(work: Path, ours) -> None:
     openai = pytest.importorskip("openai")
-    (line,) = doc_lines("llama-server")
+    line, no_repack = doc_lines("llama-server")  # the second: the AMX section's, repacking off
+    assert " -nr " in no_repack
     port = _free_port()
     cmd = line.replace("llama-server", _bin("llama-server"), 1).replace("--port 8080", f"--port {port}")
     proc = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=work, env=_env(),
