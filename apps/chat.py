@@ -99,6 +99,10 @@ def _show(ev, args: argparse.Namespace, out: TextIO, dim: str, reset: str, resul
     elif isinstance(ev, Done):
         result = ev.result
         out.write("\n")
+        if result.stats.finish_reason == "stop_in_reasoning":
+            from r4b_edge.engine.events import STOPPED_IN_REASONING
+
+            print(f"{dim}[{STOPPED_IN_REASONING}]{reset}", file=out)
         if args.verbose:
             print(f"{dim}{result.stats.line()}{reset}", file=out)
     return result, in_reasoning

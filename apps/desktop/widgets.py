@@ -16,7 +16,9 @@ from PySide6.QtWidgets import (
     QFrame, QLabel, QPlainTextEdit, QSizePolicy, QTextBrowser, QToolButton, QVBoxLayout, QWidget,
 )
 
-from r4b_edge.engine.events import AnswerDelta, Decision, Done, Progress, ReasoningDelta, Result
+from r4b_edge.engine.events import (
+    STOPPED_IN_REASONING, AnswerDelta, Decision, Done, Progress, ReasoningDelta, Result,
+)
 
 
 def pil_to_qimage(img: Any) -> QImage:
@@ -59,6 +61,8 @@ def stats_text(result: Result) -> str:
         parts.append("budget hit")
     if s.finish_reason == "length":
         parts.append("max tokens hit")
+    if s.finish_reason == "stop_in_reasoning":
+        parts.append(STOPPED_IN_REASONING)
     if s.backend:
         parts.append(f"{s.backend}/{s.device}")
     return "  ·  ".join(parts)

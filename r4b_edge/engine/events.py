@@ -14,6 +14,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .logprobs import TokenLogprob
 
 
+#: the words every face shows for finish_reason "stop_in_reasoning"
+STOPPED_IN_REASONING = "the model stopped while reasoning, before writing an answer"
+
+
 @dataclass(frozen=True)
 class Progress:
     """How far the prompt has been read, before the `Decision`: `stage` "vision" counts the
@@ -94,7 +98,9 @@ class Stats:
     total_ms: float = 0.0
     peak_rss_mb: float = 0.0
     budget_hit: bool = False
-    finish_reason: str = ""  # "stop" | "length"
+    #: "stop" | "length" | "stop_in_reasoning" (the model wrote its end token inside the think
+    #: block: there is reasoning but no answer; `STOPPED_IN_REASONING` is what faces show)
+    finish_reason: str = ""
     backend: str = ""
     device: str = ""
 

@@ -232,8 +232,10 @@ class Engine:
         if t in self._marked:  # an end token or a think tag
             tok = self.tok
             if t in tok.eos_ids or (st.chat and st.phase == "answer"):
-                # A think tag in the answer ends the reply; the tag is not answer text.
-                st.done, st.finish_reason = True, "stop"
+                # A think tag in the answer ends the reply; the tag is not answer text. An end
+                # token inside the think block ends it too, without an answer: said so.
+                inside = st.thinks and st.phase == "reasoning"
+                st.done, st.finish_reason = True, "stop_in_reasoning" if inside else "stop"
                 return []
             if st.phase == "reasoning" and t == tok.end_think:
                 st.phase = "answer"

@@ -57,3 +57,16 @@ def test_repl_verbose_reports_reused_positions(tiny_ckpt, tmp_path) -> None:
     reused = [int(l.split(" evaluated, ")[1].split(" reused")[0]) for l in p.stdout.splitlines() if " reused)" in l]
     assert len(reused) == 2 and reused[0] == 0 and reused[1] > 0
     assert "\033[" not in p.stderr  # no progress line on a pipe
+
+
+def test_the_cli_says_when_a_reply_stopped_while_reasoning() -> None:
+    from types import SimpleNamespace
+
+    from r4b_edge import Done, Result, Stats
+    from r4b_edge.apps.chat import _show
+
+    r = Result(answer="", reasoning="circle", thought=True, p_think=0.99, mode="auto", forced=False,
+               stats=Stats(finish_reason="stop_in_reasoning"))
+    out = io.StringIO()
+    _show(Done(r), SimpleNamespace(verbose=False, hide_thinking=False), out, "", "", None, False)
+    assert "the model stopped while reasoning" in out.getvalue()

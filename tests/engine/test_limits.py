@@ -170,3 +170,16 @@ def test_forced_mode_measures_p_think_when_asked(tiny_tokenizer, mode):
 def test_reasoning_streams_in_forced_think(tiny_tokenizer):
     events, r, _ = run(tiny_tokenizer, 0.6, mode="think")
     assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == r.reasoning == REASONING.strip()
+
+
+def test_a_reply_that_ends_inside_its_think_block_says_so(tiny_tokenizer) -> None:
+    """#27 item 6: an end token before `</think>` gives finish_reason "stop_in_reasoning" (the
+    faces say "the model stopped while reasoning"), never an empty answer with "stop"."""
+    tok = tiny_tokenizer
+    be = ScriptedBackend(tok, 1.0)
+    be.think = tok.encode(REASONING) + [tok.im_end]
+    r = Engine(be).generate(Q, [], GenerationOptions(mode="auto", max_tokens=64))
+    assert r.thought and r.reasoning.strip() and r.answer == ""
+    assert r.stats.finish_reason == "stop_in_reasoning"
+    direct = Engine(ScriptedBackend(tok, 0.0)).generate(Q, [], GenerationOptions(mode="auto", max_tokens=64))
+    assert direct.stats.finish_reason == "stop" and direct.answer == ANSWER
