@@ -53,3 +53,28 @@ def write_random_checkpoint(out_dir: str | os.PathLike, config: RConfig,
     model = RForConditionalGeneration(config).eval()
     return save_checkpoint(model, config, tokenizer, out_dir,
                            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+
+
+def slow_down(backend, delay: float):
+    """Make every `forward` / `forward_last` of `backend` (the decision's and each decode step's)
+    take `delay` more seconds, as a big model would (tests of stopping, queues and timeouts).
+    Returns a function that undoes it."""
+    import time
+
+    fwd, last = backend.forward, backend.forward_last
+
+    def slow(ids):
+        time.sleep(delay)
+        return fwd(ids)
+
+    def slow_last(ids):
+        time.sleep(delay)
+        return last(ids)
+
+    backend.forward, backend.forward_last = slow, slow_last
+
+    def undo() -> None:
+        vars(backend).pop("forward", None)
+        vars(backend).pop("forward_last", None)
+
+    return undo

@@ -8,19 +8,14 @@ import time
 
 import r4b_edge
 from r4b_edge.apps.cli import main
+from r4b_edge.testing import slow_down
 
 _load = r4b_edge.load
 
 
 def _slow_load(*args, **kwargs):
     model = _load(*args, **kwargs)
-    forward, delay = model.backend.forward, float(os.environ.get("R4B_TEST_DELAY", "0.02"))
-
-    def slow(ids):
-        time.sleep(delay)
-        return forward(ids)
-
-    model.backend.forward = slow
+    slow_down(model.backend, float(os.environ.get("R4B_TEST_DELAY", "0.02")))
     return model
 
 

@@ -17,6 +17,7 @@ from PIL import Image  # noqa: E402
 pytest.importorskip("PySide6.QtWidgets")
 
 from tests.conftest import export_tiny
+from r4b_edge.testing import slow_down  # noqa: E402
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.desktop import main_window_class, qt_app, wait_until  # noqa: E402
 from r4b_edge.apps.desktop.widgets import badge_text, save_screenshot  # noqa: E402
@@ -113,13 +114,7 @@ def test_options_from_controls(window):
 def test_stop_mid_stream_then_ask_again(window, png, ref):
     win = window
     win.set_image(str(png))
-    fwd = win.model.backend.forward
-
-    def slow(ids):
-        time.sleep(0.02)
-        return fwd(ids)
-
-    win.model.backend.forward = slow
+    undo = slow_down(win.model.backend, 0.02)
     win.mode_box.setCurrentText("think")
     win.max_tokens_spin.setValue(2000)
     win.question.setText("Think for a long time")
@@ -142,7 +137,7 @@ def test_stop_mid_stream_then_ask_again(window, png, ref):
     assert "stopped" in win.reply.stats.text()
     assert win.conv is not None and win.conv.messages == []  # the stopped turn is not kept
     # the model is consistent: the next question gets exactly the API's reply
-    win.model.backend.forward = fwd
+    undo()
     win.max_tokens_spin.setValue(20)
     _ask(win, "What colour is the square?")
     want = ref.chat(png, "What colour is the square?", mode="think", max_tokens=20)
@@ -250,13 +245,7 @@ def test_image_while_loading_and_close_while_generating(app, tiny_ckpt, png):
     assert win.set_image(str(png))  # allowed while the model loads
     assert wait_until(lambda: not win.busy, 60) and win.model is not None
     model = win.model
-    fwd = model.backend.forward
-
-    def slow(ids):
-        time.sleep(0.02)
-        return fwd(ids)
-
-    model.backend.forward = slow
+    slow_down(model.backend, 0.02)
     win.max_tokens_spin.setValue(2000)
     win.question.setText("q")
     win.ask()

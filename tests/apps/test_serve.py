@@ -24,6 +24,7 @@ from tests.conftest import export_tiny
 import r4b_edge  # noqa: E402
 from r4b_edge.apps.server.app import ServerThread, create_app  # noqa: E402
 from r4b_edge.apps.server.request import Limits  # noqa: E402
+from r4b_edge.testing import slow_down  # noqa: E402
 
 
 def _png(seed: int = 0, size: tuple[int, int] = (40, 60)) -> bytes:
@@ -207,13 +208,7 @@ def test_sixteen_concurrent_clients(server, ref):
 
 def test_tiny_queue_gives_503_and_stays_up(tiny_ckpt):
     model = r4b_edge.load(tiny_ckpt)
-    fwd = model.backend.forward
-
-    def slow_forward(ids):  # make each reply take a while so requests pile up
-        time.sleep(0.01)
-        return fwd(ids)
-
-    model.backend.forward = slow_forward
+    slow_down(model.backend, 0.01)  # make each reply take a while so requests pile up
     codes: list = []
     with ServerThread(create_app(model, "tiny", max_queue=1, limits=LIMITS)) as s:
         def one() -> None:

@@ -31,13 +31,9 @@ ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _slow(model, delay: float = 0.02):
-    fwd = model.backend.forward
+    from r4b_edge.testing import slow_down
 
-    def slow(ids):
-        time.sleep(delay)
-        return fwd(ids)
-
-    model.backend.forward = slow
+    slow_down(model.backend, delay)
     return model
 
 
