@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import r4b_edge
 from r4b_edge.apps.cli import main
