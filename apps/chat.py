@@ -176,6 +176,10 @@ def _repl(model, conv, opts: dict, args: argparse.Namespace) -> None:
           "Ctrl-D or /exit to quit, Ctrl-C during an answer stops it, "
           + ("every question on its own (--fresh)" if args.fresh else "/reset to forget the conversation"),
           flush=True)
+    if model.is_bundled:
+        from r4b_edge.api import BUNDLED_MODEL_NOTE
+
+        print(f"[note: {BUNDLED_MODEL_NOTE}]", flush=True)
     last = None
     while True:
         try:
@@ -208,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
             r = conv.ask(args.prompt, **opts)
             print(json.dumps(r.to_dict(), indent=2, ensure_ascii=False))
         else:
+            if model.is_bundled and sys.stderr.isatty():  # a person, not a script: say what it can read
+                from r4b_edge.api import BUNDLED_MODEL_NOTE
+
+                print(f"{DIM}[note: {BUNDLED_MODEL_NOTE}]{RESET}", file=sys.stderr, flush=True)
             _render(conv.stream(args.prompt, **opts), args, sys.stdout)
         return 0
     finally:

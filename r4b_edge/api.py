@@ -32,6 +32,12 @@ from .store import resolve_model
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "model"
 EXAMPLE_IMAGE = ASSETS / "example.png"
+#: what every face says about the bundled model (README, `r4b-edge chat`, the app)
+BUNDLED_MODEL_NOTE = (
+    "the bundled model is a small demo trained only on r4b-edge's synthetic world: it reads the 2x2 "
+    "grid scenes of digits and shapes that docs/world.md describes, asked in that world's words, and "
+    "nothing else (photos and other questions get confident nonsense); for real images use the real "
+    "R-4B: `r4b-edge pull YannQi/R-4B` (docs/pull.md)")
 
 ImageInput = Any  # path, bytes, PIL.Image, numpy array
 
@@ -96,6 +102,14 @@ class Model:
     @property
     def config(self):
         return self.backend.config
+
+    @property
+    def is_bundled(self) -> bool:
+        """True for the demo model shipped in the package (see `BUNDLED_MODEL_NOTE`)."""
+        try:
+            return Path(self.backend.model_path).resolve() == BUNDLED_MODEL.resolve()
+        except OSError:
+            return False
 
     @property
     def tokenizer(self):

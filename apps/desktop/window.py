@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (
     QLineEdit, QMainWindow, QPushButton, QSpinBox, QSplitter, QTextBrowser, QVBoxLayout, QWidget,
 )
 
-from r4b_edge.api import BUNDLED_MODEL
+from r4b_edge.api import BUNDLED_MODEL, BUNDLED_MODEL_NOTE
 from r4b_edge.backends import BACKENDS
 from r4b_edge.backends.runtime import DEVICE_ALIASES
 from r4b_edge.model.processing import load_image
@@ -46,6 +46,11 @@ class MainWindow(QMainWindow):
 
     # ---- layout ---------------------------------------------------------------------------
     def _build(self, model_path: Optional[str], backend: str, device: str) -> None:
+        # shown while the bundled demo model is loaded: what it can and cannot read
+        self.demo_label = QLabel("demo model: reads only the synthetic world's 2x2 grid scenes")
+        self.demo_label.setToolTip(BUNDLED_MODEL_NOTE)
+        self.demo_label.setVisible(False)
+        self.statusBar().addPermanentWidget(self.demo_label)
         self.preview = ImagePreview()
         self.image_info = QLabel("")
         self.open_button = QPushButton("Open image…", clicked=self.choose_image)
@@ -206,6 +211,7 @@ class MainWindow(QMainWindow):
         self.model, self.conv = model, None
         info = model.info()
         self.statusBar().showMessage(f"model ready: {info['backend']}/{info['device']} — {info['model']}")
+        self.demo_label.setVisible(bool(getattr(model, "is_bundled", False)))
         self._reset_transcript()
 
     def _on_load_failed(self, message: str) -> None:

@@ -348,3 +348,19 @@ def test_missing_x11_library_is_a_message(monkeypatch):
     doc = " ".join((Path(__file__).resolve().parents[2] / "docs" / "app.md").read_text().split())
     missing = [p for p in desktop.X11_PACKAGES if f" {p} " not in doc]
     assert not missing, f"docs/app.md does not list {missing}"
+
+
+def test_the_demo_note_shows_for_the_bundled_model_only(app, window) -> None:
+    """#27 item 7: the status bar says what the bundled model can read, only while it is loaded."""
+    from r4b_edge.api import BUNDLED_MODEL, BUNDLED_MODEL_NOTE
+
+    assert window.demo_label.isHidden() and window.demo_label.toolTip() == BUNDLED_MODEL_NOTE  # tiny model
+    if not (BUNDLED_MODEL / "config.json").exists():
+        pytest.skip("no bundled model")
+    win = main_window_class()()
+    win.show()
+    try:
+        assert wait_until(lambda: not win.busy, 60) and win.model is not None
+        assert not win.demo_label.isHidden() and "2x2 grid" in win.demo_label.text()
+    finally:
+        win.shutdown()

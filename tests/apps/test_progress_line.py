@@ -70,3 +70,24 @@ def test_the_cli_says_when_a_reply_stopped_while_reasoning() -> None:
     out = io.StringIO()
     _show(Done(r), SimpleNamespace(verbose=False, hide_thinking=False), out, "", "", None, False)
     assert "the model stopped while reasoning" in out.getvalue()
+
+
+def test_the_bundled_model_says_what_it_can_read(tiny_ckpt) -> None:
+    """#27 item 7: the REPL banner of the bundled model (and only of it) carries the note."""
+    from r4b_edge.api import BUNDLED_MODEL, BUNDLED_MODEL_NOTE
+
+    if not (BUNDLED_MODEL / "config.json").exists():
+        import pytest
+
+        pytest.skip("no bundled model")
+    assert "r4b-edge pull YannQi/R-4B" in BUNDLED_MODEL_NOTE and "2x2 grid" in BUNDLED_MODEL_NOTE
+    shown = []
+    for model in (None, str(tiny_ckpt)):
+        cmd = [sys.executable, "-m", "r4b_edge.apps.cli", "chat", "none", "--max-tokens", "2"]
+        p = subprocess.run(cmd + (["--model", model] if model else []), input="/exit\n", capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        shown.append(BUNDLED_MODEL_NOTE in p.stdout)
+    assert shown == [True, False]
+    readme = (BUNDLED_MODEL.parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "What the bundled model can read" in readme.split("## Quick start")[0]
