@@ -19,14 +19,20 @@ MODES = ("think", "direct")
 
 
 def make_record(rid: str, image: str | None, question: str, answer: str | None,
-                trace: str | None = None, meta: dict | None = None, mode: str | None = None) -> dict:
-    """A single-turn record: user '<image>\\n{question}', assistant '{answer}'."""
+                trace: str | None = None, meta: dict | None = None, mode: str | None = None, *,
+                system: str | None = None, check: dict | None = None) -> dict:
+    """A single-turn record: user '<image>\\n{question}', assistant '{answer}' (`system` and
+    `check` only when given)."""
     user = f"{IMAGE_PLACEHOLDER}\n{question}" if image else question
     rec: dict[str, Any] = {
         "id": rid, "images": [image] if image else [],
         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer or ""}],
         "answer": answer, "trace": trace, "mode": mode, "meta": meta or {},
     }
+    if system is not None:
+        rec["system"] = system
+    if check is not None:
+        rec["check"] = check
     return rec
 
 
