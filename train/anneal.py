@@ -15,6 +15,7 @@ from tqdm import tqdm
 from r4b_edge.errors import TrainingError
 from r4b_edge.model.reply import ENDOFTEXT
 
+from .checks import PASS
 from .data import read_jsonl, write_jsonl
 from .dist import barrier, is_main, rank, world_size
 from .metrics import Metrics
@@ -27,7 +28,8 @@ from .world import GRADED, PERCEPTION, REASONING
 
 
 def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Recipe) -> list[dict]:
-    """The paper's rule on every objective record; returns records with `mode` set.
+    """The paper's rule on every objective record; returns records with `mode` set. A sample is
+    wrong when its `checks.check` score is below `checks.PASS`.
 
     Records without an answer (subjective) stay direct. Item k's sample j uses seed
     hash(seed, k, j), so the outcome does not depend on batching or the rank count."""
@@ -45,7 +47,7 @@ def curate(model: Any, tok: Any, cfg: Any, recs: list[dict], root: Path, r: Reci
         ro = roller.run([items[k] for k in ks], "no-think", repeats=n, temperature=r.an_temperature,
                         seeds=seeds, max_new=8, chunk=chunk)
         for i, k in enumerate(ks):
-            fails[k] = sum(1 for x in ro[i * n:(i + 1) * n] if x.reward == 0.0)
+            fails[k] = sum(1 for x in ro[i * n:(i + 1) * n] if x.reward < PASS)
         bar.update(len(mine[c:c + chunk // n]))
     bar.close()
     if dist.is_initialized():

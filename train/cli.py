@@ -1,7 +1,7 @@
 """`r4b-edge train <stage> ...` and `python -m r4b_edge.train <stage> ...`.
 
-Stages: world, lm, pretrain, anneal, bpo, grpo, eval, ship, reproduce. Each forwards its
-remaining arguments to the stage's `main(argv: list[str] | None) -> int`."""
+Stages: world, check-data, lm, pretrain, anneal, bpo, grpo, eval, ship, reproduce. Each forwards
+its remaining arguments to the stage's `main(argv: list[str] | None) -> int`."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from typing import Callable
 
 STAGES: dict[str, tuple[str, str]] = {  # name -> (module, function)
     "world": ("r4b_edge.train.world", "main"),
+    "check-data": ("r4b_edge.train.data", "main"),
     "lm": ("r4b_edge.train.lm", "main"),
     "pretrain": ("r4b_edge.train.pretrain", "main"),
     "anneal": ("r4b_edge.train.anneal", "main"),

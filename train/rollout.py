@@ -9,10 +9,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from r4b_edge.model.reply import END_TOKENS, ENDOFTEXT, THINK_CLOSE, forced_opening, split_reply
+from r4b_edge.errors import TrainingError
+from r4b_edge.model.reply import END_TOKENS, ENDOFTEXT, IMAGE_PLACEHOLDER, THINK_CLOSE, forced_opening, split_reply
 from r4b_edge.model.template import Message, render_prompt, template_mode
 
+from .checks import check
 from .losses import embed_inputs
+from .world import CHECK
 
 
 @dataclass
@@ -25,17 +28,17 @@ class Generation:
 
 
 def encode_prompt(tok: Any, question: str, mode: str, image_id: int, n_image_tokens: int,
-                  history: Sequence[tuple[str, str]] = ()) -> list[int]:
+                  history: Sequence[tuple[str, str]] = (), system: str | None = None) -> list[int]:
     """Prompt ids for `mode` (auto | think | no-think), image placeholder expanded. With
     `history` ((question, answer) turns before this one), the image goes with the first
     question and earlier answers sit behind empty think blocks, as the runtime renders them
-    (both are `render_prompt`)."""
+    (both are `render_prompt`); `system` first when given."""
     msgs: list[Message] = []
     for k, (q, a) in enumerate(history):
         msgs += [Message("user", q, images=int(k == 0)), Message("assistant", a)]
     msgs.append(Message("user", question, images=int(not history)))
     out: list[int] = []
-    for t in tok.encode(render_prompt(msgs, mode), add_special_tokens=False).ids:
+    for t in tok.encode(render_prompt(msgs, mode, system), add_special_tokens=False).ids:
         out += [t] * (n_image_tokens if t == image_id else 1)
     return out
 
@@ -72,8 +75,6 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], pixel_values: torch.T
     gens = None
     if temperature > 0:
         if seeds is None or len(seeds) != R:
-            from r4b_edge.errors import TrainingError
-
             raise TrainingError(f"sampling needs {R} row seeds, got {0 if seeds is None else len(seeds)}")
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     out: list[list[int]] = [[] for _ in range(R)]
@@ -152,7 +153,9 @@ class Rollout:
 
 
 class Roller:
-    """Runs prompts (question + image path + gold answer) through `generate` in chunks."""
+    """Runs prompts (question + image path + gold answer) through `generate` in chunks; each
+    rollout's reward is `checks.check(item's record, answer)` (an item without a `record` is a world
+    question: the world's check)."""
 
     def __init__(self, model: Any, tok: Any, cfg: Any, root: Any, pixels: Any) -> None:
         self.model, self.tok, self.cfg, self.root, self.pixels = model, tok, cfg, root, pixels
@@ -163,14 +166,12 @@ class Roller:
     def run(self, items: Sequence[dict], mode: str, *, repeats: int = 1, temperature: float = 0.0,
             seeds: Sequence[int] | None = None, max_new: int = 64, chunk: int = 256) -> list[Rollout]:
         """Rollouts for every item x repeats (row order: item-major). `seeds` per row when sampling."""
-        from .world import check_answer
-
         out: list[Rollout] = []
         per = max(1, chunk // repeats)
         for c in range(0, len(items), per):
             its = items[c:c + per]
             prompts = [encode_prompt(self.tok, it["question"], mode, self.cfg.image_token_index,
-                                     self.cfg.tokens_per_view, it.get("history", ())) for it in its]
+                                     self.cfg.tokens_per_view, it.get("history", ()), it.get("system")) for it in its]
             pv = torch.from_numpy(np.stack([self.pixels.get(self.root / it["image"]) for it in its]))
             rs = None if seeds is None else seeds[c * repeats:(c + len(its)) * repeats]
             g = generate(self.model, prompts, pv, max_new=max_new, eos_ids=self.eos, pad_id=self.pad,
@@ -179,18 +180,28 @@ class Roller:
             for r, toks in enumerate(g.tokens):
                 i = r // repeats
                 p = parse_response(self.tok, mode, toks, self.eos)
-                ok = p.answer is not None and check_answer(p.answer, its[i]["answer"])
+                rec = its[i].get("record") or {"id": its[i].get("id"), "answer": its[i]["answer"], "check": CHECK}
                 st = g.answer_step[r]
-                out.append(Rollout(c + i, mode, prompts[i], toks, p, 1.0 if ok else 0.0,
+                out.append(Rollout(c + i, mode, prompts[i], toks, p, check(rec, p.answer),
                                    g.step_times[min(st, len(g.step_times) - 1)] if st is not None else None))
         return out
 
 
 def items_from_records(recs: Sequence[dict]) -> list[dict]:
-    """{question, image, answer, tier, family, scene} of single-turn world records."""
+    """{question, image, answer, tier, family, scene, system, record} of single-turn one-image
+    records ('<image>\\n{question}'); `record` is what `checks.check` scores against (a world
+    record written before records named their check gets the world's)."""
     out = []
     for r in recs:
-        q = r["messages"][0]["content"].split("\n", 1)[-1]
-        out.append({"question": q, "image": r["images"][0], "answer": r["answer"], "tier": r["meta"].get("tier"),
-                    "family": r["meta"].get("family"), "id": r["id"], "scene": r["meta"].get("scene")})
+        q = r["messages"][0]["content"]
+        if len(r["messages"]) != 2 or len(r["images"]) != 1 or not q.startswith(IMAGE_PLACEHOLDER + "\n") \
+                or IMAGE_PLACEHOLDER in q[len(IMAGE_PLACEHOLDER):]:
+            raise TrainingError(f"record {r['id']!r}: rollouts take single-turn records with one image at the "
+                                f"start of the question today; it has {len(r['messages'])} turns and "
+                                f"{len(r['images'])} images")
+        meta = r.get("meta") or {}
+        rec = r if "check" in r or not meta.get("scene") else {**r, "check": CHECK}
+        out.append({"question": q.split("\n", 1)[-1], "image": r["images"][0], "answer": r["answer"],
+                    "tier": meta.get("tier"), "family": meta.get("family"), "id": r["id"], "scene": meta.get("scene"),
+                    "system": r.get("system"), "record": rec})
     return out

@@ -307,6 +307,15 @@ def check_answer(prediction: str, gold: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(gold)
 
 
+def check_record(answer: str, record: dict) -> bool:
+    """`check_answer` against a world record's gold answer: the world's `python` answer check."""
+    return check_answer(answer, record["answer"])
+
+
+#: The `check` of every world record (`train.checks`): the world's own rule, `check_record`.
+CHECK = {"kind": "python", "function": "r4b_edge.train.world:check_record"}
+
+
 # ---- the held-out eval set every report, table and benchmark asks -----------------------------
 #: World seed of the held-out eval split: training's recipe seed (1234, `train.recipe.Recipe`) +
 #: EVAL_SEED_OFFSET. `train/evaluate.py` (the model card's eval) scores exactly these items; the
@@ -359,7 +368,8 @@ def write_world(out_dir: str | Path, seed: int, counts: dict[str, int], split: s
                 render(scene).save(path, optimize=False)
             records.append(make_record(item_id(split, seed, family, i), name, q.question,
                                        q.answer, q.trace or None,
-                                       {"tier": q.tier, "family": family, "scene": scene.key(), **q.meta}))
+                                       {"tier": q.tier, "family": family, "scene": scene.key(), **q.meta},
+                                       check=CHECK))
     return write_jsonl(out / "records.jsonl", records)
 
 

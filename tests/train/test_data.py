@@ -24,7 +24,7 @@ def rec(mode=None, trace="3+4=7"):
 
 
 def test_jsonl_round_trip_and_validation(tmp_path):
-    recs = [rec(), rec("think"), D.make_record("t", None, "hi", None)]
+    recs = [rec(), dict(rec("think"), id="r2"), D.make_record("t", None, "hi", None)]  # ids unique in a file
     p = D.write_jsonl(tmp_path / "x.jsonl", recs)
     assert D.read_jsonl(p) == recs
     assert not list(tmp_path.glob("*.tmp"))
@@ -35,7 +35,7 @@ def test_jsonl_round_trip_and_validation(tmp_path):
     with pytest.raises(TrainingError, match="needs a non-empty trace"):
         D.validate_record(rec("think", trace=None))
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\nnot json\n')
-    with pytest.raises(TrainingError, match=r"bad.jsonl:1\) lacks field .images."):
+    with pytest.raises(TrainingError, match=r"bad.jsonl:1: field 'messages': missing.*\n.*bad.jsonl:2: not JSON"):
         D.read_jsonl(tmp_path / "bad.jsonl")
 
 
