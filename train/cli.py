@@ -1,7 +1,8 @@
 """`r4b-edge train <stage> ...` and `python -m r4b_edge.train <stage> ...`.
 
-Stages: world, check-data, lm, pretrain, anneal, bpo, grpo, eval, ship, reproduce. Each forwards
-its remaining arguments to the stage's `main(argv: list[str] | None) -> int`."""
+Stages: world, check-data, lm, pretrain, anneal, bpo, grpo, eval, ship, reproduce, and plan (the
+memory plan of a fine-tune). Each forwards its remaining arguments to the stage's
+`main(argv: list[str] | None) -> int`."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {  # name -> (module, function)
     "eval": ("r4b_edge.train.evaluate", "main"),
     "ship": ("r4b_edge.train.pipeline", "main_ship"),
     "reproduce": ("r4b_edge.train.pipeline", "main"),
+    "plan": ("r4b_edge.train.plan", "main"),
 }
 
 
