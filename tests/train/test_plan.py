@@ -1,7 +1,7 @@
 """`r4b-edge train plan`: counts from the meta model equal the real model's, the state bytes equal
 what a real tiny model + AdamW allocate after one step (full, LoRA-like, peft), FSDP2's padded
-shards, the activation formulas against autograd's saved tensors, R-4B's true size,
-flag errors and --json."""
+shards, the activation formulas against autograd's saved tensors, R-4B's true size, the README
+table, flag errors and --json."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from r4b_edge.train import plan as P  # noqa: E402
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
 
 def _nbytes(tensors) -> int:
     """Bytes of distinct tensors (by identity)."""
@@ -211,6 +214,14 @@ def test_r4b_true_size(tmp_path: Path) -> None:
     # the 1/N sharding: 16 bytes per trainable param over 8 GPUs, plus padding
     n = p.params["total"]
     assert 16 * n / 8 <= p.rows["weights"] + p.rows["gradients"] + p.rows["optimizer"] < 16 * n / 8 * 1.001
+
+
+def test_readme_table_is_the_tools_output(tmp_path: Path) -> None:
+    folder = P.write_r4b_config(tmp_path / "r4b")
+    text = README.read_text(encoding="utf-8")
+    m = re.search(r"<!-- train-plan-table -->\n(.*?)\n<!-- /train-plan-table -->", text, re.S)
+    assert m, "README.md lost its train-plan table markers"
+    assert m.group(1).strip() == P.table(folder), "regenerate: r4b-edge train plan --model DIR --table"
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
