@@ -112,10 +112,14 @@ class Backend(abc.ABC):
     def n_past(self) -> int:
         """Positions currently in the KV cache."""
 
+    #: the `n_ctx` the backend was loaded with (None: the model's whole context)
+    n_ctx_limit: int | None = None
+
     @property
     def n_ctx(self) -> int:
-        """Context length the backend can hold."""
-        return self.config.max_position_embeddings
+        """Context length the backend can hold: the model's context, or `n_ctx_limit` when smaller."""
+        limit = self.config.max_position_embeddings
+        return limit if self.n_ctx_limit is None else min(limit, int(self.n_ctx_limit))
 
     @abc.abstractmethod
     def image_token_count(self, image: "PreparedImage") -> int:
