@@ -21,12 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError
+from ..errors import BackendUnavailableError, ContextLengthError, ModelFormatError, context_fixes
 from ..formats import GGUF_HF_JSON_KEY as HF_JSON_KEY
 from ..formats import GGUF_IMAGE_NEWLINE
 from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from ..model.config import RConfig
-from ..model.processing import PreparedImage, count_image_tokens, pack_anyres
+from ..model.processing import PreparedImage, pack_anyres
 from ..model.reply import IM_END
 from ..model.tokenizer import Tokenizer
 from .base import Backend, BackendInfo, ImageCache, PrefillTimings, encode_segments
@@ -181,7 +181,7 @@ class LlamaBackend(Backend):
         return self._n_ctx
 
     def image_token_count(self, image: PreparedImage) -> int:
-        return count_image_tokens(image.orig_size, self.config)
+        return image.n_tokens  # the grid it was prepared with (a budget may choose a smaller one)
 
     def prefill(self, segments: Sequence[Any]) -> np.ndarray:
         self._ll.llama_memory_clear(self._mem, True)
@@ -195,7 +195,7 @@ class LlamaBackend(Backend):
             raise ContextLengthError("prefill got an empty prompt")
         if total > self._n_ctx:
             raise ContextLengthError(f"the prompt needs {total} positions but the llama context holds {self._n_ctx}: "
-                                     "pass n_ctx= (up to the model's context) or shorten the prompt")
+                                     + context_fixes(total, self._n_ctx, self.config.max_position_embeddings))
         logits = None
         for k, (kind, x) in enumerate(items):
             last = k == len(items) - 1
