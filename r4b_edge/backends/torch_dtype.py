@@ -1,4 +1,5 @@
-"""The torch backend's dtype (imports torch): the accepted names and what `auto` picks.
+"""The torch backend's dtype: the accepted names (no torch: the command line checks them) and
+what `auto` picks (imports torch when asked).
 
 `auto`: bf16 on CUDA (fp16 where the GPU has no bf16), fp16 on Apple MPS, and on a CPU bf16 only
 where this CPU runs bf16 matmuls faster than fp32, else fp32. The CPU question is answered by
@@ -15,18 +16,18 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import BackendOptionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: accepted names -> the canonical one (None: the backend's default, fp32 on CPU and fp16 on GPUs)
 DTYPE_NAMES = {"auto": "auto", "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 #: what the command line offers (`--dtype`)
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 #: rows of the prefill-shaped matmul the CPU check times (a decode step is one row)
 PREFILL_ROWS = 64
@@ -37,7 +38,7 @@ def check_dtype(dtype: Any) -> Optional[str]:
     anything else raises BackendOptionError naming the value and the accepted names."""
     if dtype is None:
         return None
-    if isinstance(dtype, torch.dtype):
+    if type(dtype).__name__ == "dtype" and str(dtype).startswith("torch."):  # a torch.dtype
         dtype = str(dtype).replace("torch.", "")
     name = DTYPE_NAMES.get(dtype.strip().lower()) if isinstance(dtype, str) else None
     if name is None:
@@ -66,7 +67,7 @@ class CpuBf16Timing:
                 f"for 1 row, {ratios[1]:.2f}x for {PREFILL_ROWS} rows")
 
 
-def _time_matmul(x: torch.Tensor, w: torch.Tensor, samples: int = 5) -> float:
+def _time_matmul(x: "torch.Tensor", w: "torch.Tensor", samples: int = 5) -> float:
     """Median ms of x @ w (each sample repeats it enough to last ~1 ms on a fast CPU)."""
     reps = max(1, int(2e6 // (x.shape[0] * w.shape[0] * w.shape[1])))
     x @ w  # warm-up (first-call dispatch, page faults)
@@ -81,6 +82,8 @@ def _time_matmul(x: torch.Tensor, w: torch.Tensor, samples: int = 5) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_bf16_timing(hidden: int, threads: int) -> CpuBf16Timing:
+    import torch
+
     g = torch.Generator().manual_seed(0)
     w = torch.randn(hidden, hidden, generator=g)
     xs = [torch.randn(rows, hidden, generator=g) for rows in (1, PREFILL_ROWS)]
@@ -93,24 +96,30 @@ def _cpu_bf16_timing(hidden: int, threads: int) -> CpuBf16Timing:
 
 def cpu_bf16_timing(hidden: int) -> CpuBf16Timing:
     """The CPU check at `hidden` with torch's current thread count (timed once per process)."""
+    import torch
+
     return _cpu_bf16_timing(int(hidden), torch.get_num_threads())
 
 
 def cuda_bf16() -> bool:
+    """A CUDA GPU with bf16 is here."""
+    import torch
+
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def resolve_dtype(dtype: Any, device: str, hidden: Callable[[], int],
-                  cpu_check: Optional[Callable[[int], CpuBf16Timing]] = None) -> tuple[torch.dtype, str]:
+                  cpu_check: Optional[Callable[[int], CpuBf16Timing]] = None) -> tuple["torch.dtype", str]:
     """(torch dtype, why) for `dtype` on the torch `device` ("cpu", "cuda", "mps"). `hidden()`
     gives the model's hidden size, asked only when auto must time the CPU; `cpu_check` replaces
     `cpu_bf16_timing` (tests)."""
+    import torch
+
     name = check_dtype(dtype)
     if name is None:
-        name = "float32" if device == "cpu" else "float16"
-        return TORCH_DTYPES[name], f"default on {device}"
+        return (torch.float32 if device == "cpu" else torch.float16), f"default on {device}"
     if name != "auto":
-        return TORCH_DTYPES[name], "asked"
+        return getattr(torch, name), "asked"
     if device == "cuda":
         return (torch.bfloat16, "auto: CUDA with bf16") if cuda_bf16() else \
             (torch.float16, "auto: this CUDA GPU has no bf16")
@@ -120,7 +129,7 @@ def resolve_dtype(dtype: Any, device: str, hidden: Callable[[], int],
     return (torch.bfloat16 if t.faster else torch.float32), f"auto: {t.line()}"
 
 
-def dtype_label(dtype: torch.dtype) -> str:
+def dtype_label(dtype: Any) -> str:
     """fp32 / fp16 / bf16."""
     name = str(dtype).replace("torch.", "")
     return SHORT_NAMES.get(name, name)

@@ -310,6 +310,8 @@ def test_threads_one_name(gguf_dir: Path) -> None:
     with pytest.raises(BackendOptionError, match="unknown argument.s. n_threads for the llama backend: it takes "
                                                  "device, threads, n_ctx"):
         create_backend(gguf_dir, backend="llama", device="cpu", n_threads=1)
+    with pytest.raises(BackendOptionError, match=r"dtype \(--dtype\) is a torch backend option .*the GGUF quant"):
+        create_backend(gguf_dir, backend="llama", device="cpu", dtype="bf16")
 
 
 def test_devices(gguf_dir: Path) -> None:
