@@ -72,6 +72,7 @@ def test_image_embedding_cache_and_stats(pair):
 
 # ---- dtype (issue 28) ------------------------------------------------------------------------------
 def _timing(faster: bool):
+    """A CPU check that says bf16 is faster (0.5x, 0.3x fp32's time) or not (1.5x for a decode step)."""
     from r4b_edge.backends.torch_dtype import CpuBf16Timing
 
     return lambda hidden: CpuBf16Timing(hidden, 2, (1.0, 10.0), (0.5, 3.0) if faster else (1.5, 3.0))
@@ -107,7 +108,7 @@ def test_cpu_bf16_check_is_timed_once(monkeypatch):
     a = torch_dtype.cpu_bf16_timing(32)
     assert torch_dtype.cpu_bf16_timing(32) is a  # cached per process
     assert a.hidden == 32 and all(t > 0 for t in a.fp32_ms + a.bf16_ms)
-    assert a.faster == (a.bf16_ms[0] < a.fp32_ms[0] and a.bf16_ms[1] < a.fp32_ms[1])
+    assert a.ratios == (a.bf16_ms[0] / a.fp32_ms[0], a.bf16_ms[1] / a.fp32_ms[1])
 
 
 def test_backend_takes_dtype_and_reports_it(tiny_ckpt, monkeypatch):
@@ -134,3 +135,11 @@ def test_n_ctx_bounds_the_torch_sequence(tiny_ckpt):
     assert be.n_ctx == 40
     r = Engine(be).generate([Message("user", "describe")], [], GenerationOptions(mode="think", max_tokens=500))
     assert r.stats.finish_reason == "length" and be.n_past <= 40
+
+
+@pytest.mark.parametrize("decode,prefill,bf16", [(0.5, 0.3, True), (1.1, 0.3, True), (1.3, 0.3, False),
+                                                 (0.5, 0.95, False), (2.0, 2.0, False)])
+def test_cpu_rule_thresholds(decode, prefill, bf16):
+    from r4b_edge.backends.torch_dtype import CpuBf16Timing
+
+    assert CpuBf16Timing(2560, 1, (1.0, 10.0), (decode, 10.0 * prefill)).faster is bf16
