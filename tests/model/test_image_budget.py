@@ -134,3 +134,38 @@ def test_bad_values_are_clear_errors(bad) -> None:
 def test_prepare_image_refuses_auto() -> None:
     with pytest.raises(ImageTokensError, match="resolve_image_tokens"):
         prepare_image(np.zeros((8, 8, 3), np.uint8), tiny_config(), "auto")
+
+
+def _num(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_docs_table_matches_the_code(true_cfg) -> None:
+    """docs/images.md's table of what a 1920x1080 photo costs per budget is the code's arithmetic:
+    every range's ends give the row, the next budget outside it does not, the ranges cover every N,
+    and each auto thread count's budget lands in its row."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "images.md").read_text(encoding="utf-8")
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and "base view" in line]
+    assert len(rows) == 6
+    covered = []
+    for row in rows:
+        n, auto, grid, views, positions = (c.strip() for c in row.strip().strip("|").split("|"))
+        m = re.fullmatch(r"(\d)x(\d) \+ base view", grid)
+        want = ((int(m[1]), int(m[2])) if m else (0, 0), int(views), _num(positions))
+        assert m or grid == "base view only"
+        if n.startswith("`full`"):
+            lo, hi = _num(n.split(">= ")[1]), 10**9
+            assert grid_cost(PHOTO, true_cfg, None) == want
+        else:
+            lo, hi = (_num(x) for x in n.split("-"))
+        assert grid_cost(PHOTO, true_cfg, lo) == grid_cost(PHOTO, true_cfg, hi) == want, row
+        assert lo == 1 or grid_cost(PHOTO, true_cfg, lo - 1) != want, row
+        covered.append((lo, hi))
+        for k, budget in re.findall(r"(\d) threads? \(([\d,]+)\)", auto):
+            assert _num(budget) == int(k) * AUTO_CPU_POSITIONS_PER_THREAD and lo <= _num(budget) <= hi, row
+        assert ("on a GPU" in auto) == (auto_image_tokens("cuda", 2) is None and n.startswith("`full`"))
+    covered.sort()
+    assert covered[0][0] == 1 and all(a[1] + 1 == b[0] for a, b in zip(covered, covered[1:]))
