@@ -237,7 +237,10 @@ class Model:
 
 def check_options(**options: Any) -> GenerationOptions:
     """The options `Model.stream` and the others take, checked now (names, types, ranges;
-    GenerationOptionError names the bad one), e.g. to refuse a request before queueing it."""
+    GenerationOptionError names the bad one), e.g. to refuse a request before queueing it.
+    `image_tokens` is checked too (it is not a generation option: it is not in the result)."""
+    if "image_tokens" in options:
+        check_image_tokens(options.pop("image_tokens"))
     return options_from(options).validate()
 
 

@@ -327,3 +327,11 @@ def test_n_ctx_is_checked(tiny_ckpt):
             r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", n_ctx=bad)
     with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", n_ctx=10**6) as m:
         assert m.backend.n_ctx == 2048  # capped at the model's context
+
+
+def test_check_options_checks_image_tokens():
+    from r4b_edge.errors import ImageTokensError
+
+    assert r4b_edge.check_options(image_tokens=1280, mode="think").mode == "think"
+    with pytest.raises(ImageTokensError, match="got 0"):
+        r4b_edge.check_options(image_tokens=0)
