@@ -37,7 +37,9 @@ def register(sub) -> None:
     add_model_args(p)
     add_generation_args(p)
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
-    p.add_argument("--verbose", "-v", action="store_true", help="print the stats line after each reply")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the model's settings (precision, context, image budget) and the image's grid first, "
+                        "and the stats line after each reply")
     p.add_argument("--json", action="store_true", help="print the result object as JSON (one-shot)")
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="largest image, width x height (default 64,000,000: the decompression-bomb guard)")
@@ -106,6 +108,23 @@ def _show(ev, args: argparse.Namespace, out: TextIO, dim: str, reset: str, resul
         if args.verbose:
             print(f"{dim}{result.stats.line()}{reset}", file=out)
     return result, in_reasoning
+
+
+def verbose_lines(model, image) -> list[str]:
+    """What --verbose prints before the first reply: the backend and its settings, the image budget
+    and how the image was tiled (`image 1920x1080 -> grid 1x2 + base view, 2052 positions (budget 2560)`)."""
+    from r4b_edge.model.image_budget import describe_image
+
+    info = model.info()
+    precision = info.get("dtype") or info["precision"]
+    threads = f", {info['threads']} thread(s)" if info.get("threads") else ""
+    budget = info["image_budget"]
+    asked = "full" if info["image_tokens"] is None else info["image_tokens"]
+    lines = [f"model: {info['backend']}/{info['device']}, {precision}, n_ctx {info['n_ctx']}{threads}",
+             f"image tokens: {asked} -> " + ("the full grid" if budget is None else f"budget {budget} positions")]
+    if image is not None:
+        lines.append(describe_image(image))
+    return lines
 
 
 def read_image(image: str, max_pixels: int | None) -> Any:
@@ -206,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
         if args.max_image_pixels is not None:
             model.max_pixels = args.max_image_pixels
         conv = model.conversation(image)
+        if args.verbose and not args.json:
+            dim, reset = (DIM, RESET) if sys.stdout.isatty() else ("", "")
+            for line in verbose_lines(model, conv.image):
+                print(f"{dim}[{line}]{reset}", flush=True)
         if args.prompt is None:
             _repl(model, conv, opts, args)
         elif args.json:

@@ -8,7 +8,10 @@ from typing import Any
 from r4b_edge.backends import BACKENDS
 from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.backends.runtime import DEVICE_ALIASES
+from r4b_edge.backends.torch_dtype import DTYPE_CHOICES, check_dtype
 from r4b_edge.engine.options import GenerationOptions
+from r4b_edge.errors import R4BError
+from r4b_edge.model.image_budget import AUTO_CPU_POSITIONS_PER_THREAD, DEFAULT_IMAGE_TOKENS, parse_image_tokens
 from r4b_edge.model.template import API_MODES
 
 _DEFAULT = GenerationOptions()  # the flags' defaults are the engine's
@@ -22,14 +25,51 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=list(DEVICE_ALIASES), metavar="DEVICE",
                    help="auto (CUDA, then Apple MPS/Metal/CoreML, then CPU), cpu, cuda, gpu, mps, metal (torch/llama), "
                         "coreml (onnx)")
+    add_load_args(p)
     add_repack_arg(p)
 
 
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """--image-tokens, --n-ctx and --dtype (docs/images.md), shared by chat, serve, app and bench."""
+    p.add_argument("--image-tokens", type=image_tokens_arg, default=DEFAULT_IMAGE_TOKENS, metavar="N|auto|full",
+                   help="positions an image may take: the AnyRes grid is the best one that fits N (the base view "
+                        f"is always kept); auto (default): the full grid on a GPU, {AUTO_CPU_POSITIONS_PER_THREAD} "
+                        "x threads on a CPU; full: the model's full grid")
+    p.add_argument("--n-ctx", type=int, default=None, metavar="N",
+                   help="context in positions (llama: the KV cache it allocates, default 8192; torch/onnx: a bound "
+                        "on the sequence; at most the model's own)")
+    p.add_argument("--dtype", type=dtype_arg, default=None, metavar="|".join(DTYPE_CHOICES),
+                   help="torch models only: auto (bf16 on CUDA, fp16 on MPS, bf16 on a CPU only where it is faster "
+                        "than fp32), bf16, fp16, fp32 (default: fp32 on CPU, fp16 on a GPU)")
+
+
+def image_tokens_arg(text: str) -> Any:
+    """argparse type of --image-tokens: N, "auto" or None (full)."""
+    try:
+        return parse_image_tokens(text)
+    except R4BError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def dtype_arg(text: str) -> str:
+    """argparse type of --dtype: the canonical name of auto, bf16, fp16, fp32 (or the long names)."""
+    try:
+        return str(check_dtype(text))
+    except R4BError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Backend load options from the command line; `repack` only when given (a llama option)."""
+    """Backend load options from the command line; `repack`, `n_ctx` and `dtype` only when given
+    (so a backend that has no use for one is never handed it)."""
     opts: dict[str, Any] = {"threads": args.threads}
     if getattr(args, "llama_repack", None) is not None:
         opts["repack"] = args.llama_repack
+    for name in ("n_ctx", "dtype"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    if hasattr(args, "image_tokens"):
+        opts["image_tokens"] = args.image_tokens
     return opts
 
 

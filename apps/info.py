@@ -12,6 +12,8 @@ def register(sub) -> None:
     p = sub.add_parser("info", help="show the model, its size, available backends and devices", description=__doc__)
     p.add_argument("--model", default=None, help="model path (default: the bundled model)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads the auto image budget and the torch dtype check assume (default: as a load would)")
     add_repack_arg(p)
     p.set_defaults(func=run)
 
@@ -42,7 +44,43 @@ def llama_cpu(path: Path | None, fmt: str | None, setting: str | None) -> dict:
     return out
 
 
-def collect(model: str | None, repack: str | None = None) -> dict:
+#: the photo `info` prices at the auto budget (width, height)
+PHOTO = (1920, 1080)
+
+
+def image_tokens_info(cfg, threads: int | None) -> dict:
+    """The auto image budget here (docs/images.md) and, for a model whose config is known, what a
+    1920x1080 photo costs at it and at the full grid."""
+    from r4b_edge.backends.runtime import check_threads
+    from r4b_edge.model.image_budget import AUTO_CPU_POSITIONS_PER_THREAD, auto_image_tokens, grid_cost
+
+    threads = check_threads(threads)
+    out: dict = {"rule": f"auto: the full grid on a GPU (cuda, mps, metal, coreml); on a CPU "
+                         f"{AUTO_CPU_POSITIONS_PER_THREAD} positions per thread",
+                 "threads": threads, "cpu_budget": auto_image_tokens("cpu", threads)}
+    if cfg is not None:
+        for key, budget in (("cpu", out["cpu_budget"]), ("full", None)):
+            grid, views, positions = grid_cost((PHOTO[1], PHOTO[0]), cfg, budget)
+            out[f"photo_{key}"] = {"grid": list(grid), "views": views, "positions": positions}
+    return out
+
+
+def torch_dtype_info(cfg, threads: int | None) -> dict:
+    """What `--dtype auto` picks for this torch model on the device `auto` picks, and why."""
+    import torch
+
+    from r4b_edge.backends.runtime import check_threads
+    from r4b_edge.backends.torch_backend import resolve_torch_device
+    from r4b_edge.backends.torch_dtype import dtype_label, resolve_dtype
+
+    device = resolve_torch_device("auto")
+    if device == "cpu":
+        torch.set_num_threads(check_threads(threads))  # as the backend would: the check times these threads
+    dtype, why = resolve_dtype("auto", device, lambda: cfg.hidden_size)
+    return {"device": device, "auto": dtype_label(dtype), "why": why}
+
+
+def collect(model: str | None, repack: str | None = None, threads: int | None = None) -> dict:
     from r4b_edge import __version__
     from r4b_edge.api import default_model_path
     from r4b_edge.backends import BACKENDS, available_backends, backend_devices, detect_format
@@ -50,6 +88,7 @@ def collect(model: str | None, repack: str | None = None) -> dict:
     from r4b_edge.store import resolve_model
 
     info: dict = {"version": __version__, "backends": {}}
+    cfg = None
     for name, ok in available_backends().items():
         info["backends"][name] = {"installed": ok, "extra": BACKENDS[name][1],
                                   "devices": backend_devices(name) if ok else []}
@@ -68,13 +107,22 @@ def collect(model: str | None, repack: str | None = None) -> dict:
     except R4BError as e:
         info["model"] = {"error": str(e)}
         path = fmt = None
+    info["image_tokens"] = image_tokens_info(cfg, threads)
+    if cfg is not None and fmt == "torch" and info["backends"]["torch"]["installed"]:
+        info["torch_dtype"] = torch_dtype_info(cfg, threads)
     if info["backends"].get("llama", {}).get("installed"):
         info["llama_cpu"] = llama_cpu(path, fmt, repack)
     return info
 
 
+def _tiles(c: dict) -> str:
+    rows, cols = c["grid"]
+    grid = "base view only" if rows == 0 else f"grid {rows}x{cols} + base view"
+    return f"{grid}, {c['views']} view(s), {c['positions']} positions"
+
+
 def run(args: argparse.Namespace) -> int:
-    info = collect(args.model, args.llama_repack)
+    info = collect(args.model, args.llama_repack, args.threads)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -87,6 +135,14 @@ def run(args: argparse.Namespace) -> int:
         for k in ("text_hidden", "vocab", "context", "image_size", "image_tokens_per_view", "anyres"):
             if k in m:
                 print(f"  {k}: {m[k]}")
+    it = info["image_tokens"]
+    print(f"image tokens: {it['rule']}; here on the CPU with {it['threads']} thread(s): {it['cpu_budget']} positions")
+    if "photo_cpu" in it:
+        c, f = it["photo_cpu"], it["photo_full"]
+        print(f"  a {PHOTO[0]}x{PHOTO[1]} photo: {_tiles(c)} at that budget; {_tiles(f)} on a GPU (the full grid)")
+    td = info.get("torch_dtype")
+    if td:
+        print(f"torch --dtype auto here: {td['auto']} on {td['device']} ({td['why']})")
     print("backends:")
     for name, b in info["backends"].items():
         state = ", ".join(b["devices"]) if b["installed"] else f"not installed (pip install '{b['extra']}')"

@@ -137,10 +137,12 @@ def run(args: argparse.Namespace) -> int:
         if warning:
             print(warning, file=sys.stderr, flush=True)
         info = model.info()
+        budget = ("each image's full grid" if info["image_budget"] is None
+                  else f"{info['image_budget']} positions per image")
 
         def banner() -> None:  # once the socket listens: a script may connect as soon as it reads this
             print(f"r4b-edge serve: {args.model_name} ({info['backend']}/{info['device']}, {info['model']}) "
-                  f"on {server.url}/v1  (queue {args.max_queue}, images up to {pixels:,} pixels"
+                  f"on {server.url}/v1  (queue {args.max_queue}, images up to {pixels:,} pixels, {budget}"
                   f"{', API key required' if args.api_key else ''}; Ctrl-C to stop)", flush=True)
 
         server = ServerThread(app, log_level=args.log_level, max_connections=args.max_connections,

@@ -25,6 +25,10 @@ from r4b_edge.backends.llama_repack import ENV as REPACK_ENV
 from r4b_edge.backends.llama_repack import add_cli_arg as add_repack_arg
 from r4b_edge.model.template import API_MODES
 
+from r4b_edge.apps.common import add_load_args
+
+#: --dtype (its canonical name) -> the torch precision the bench names
+TORCH_PRECISION_OF = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEFAULT_PRECISIONS = {"torch": "fp32", "llama": "F16,Q8_0,Q4_K_M", "onnx": "fp32,int8,int4"}
 QUICK_PRECISIONS = {"torch": "fp32", "llama": "Q4_K_M", "onnx": "int8"}
 OVERHEAD_MIN_RUNS = 7  # interleaved ours/raw run pairs behind the headline ratio, --quick too
@@ -37,7 +41,7 @@ def register(subparsers: Any) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="R-4B checkpoint folder (default: the bundled model)")
     p.add_argument("--backends", default="torch,llama,onnx", help="comma list of torch, llama, onnx")
-    p.add_argument("--torch-precisions", default=None, help="fp32, bf16 (default fp32)")
+    p.add_argument("--torch-precisions", default=None, help="fp32, bf16, fp16, auto (default fp32; --dtype X: X alone)")
     p.add_argument("--gguf-quants", default=None, help="GGUF quants (default F16,Q8_0,Q4_K_M)")
     p.add_argument("--onnx-precisions", default=None, help="ONNX precisions (default fp32,int8,int4)")
     p.add_argument("--modes", default="auto,think,no-think", help="modes for the accuracy-per-token table")
@@ -54,6 +58,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: physical cores not busy by the load average; 1 with --quick)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, metal")
+    add_load_args(p)
     add_repack_arg(p)
     p.add_argument("--quick", action="store_true", help="one precision per backend, small grid (< 2 min)")
     p.add_argument("--roofline", action="store_true",
@@ -120,9 +125,12 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
     if any(m not in API_MODES for m in modes):
         raise R4BError(f"--modes takes auto, think, no-think; got {a.modes!r}")
     prec = QUICK_PRECISIONS if q else DEFAULT_PRECISIONS
+    if a.dtype is not None and a.torch_precisions:
+        raise R4BError("--dtype and --torch-precisions both choose the torch precisions: give one of them")
+    dtype = TORCH_PRECISION_OF.get(a.dtype) if a.dtype is not None else None
     s = {
         "backends": backends,
-        "precisions": {"torch": _list(a.torch_precisions or prec["torch"]),
+        "precisions": {"torch": _list(dtype or a.torch_precisions or prec["torch"]),
                        "llama": _list(a.gguf_quants or prec["llama"]),
                        "onnx": _list(a.onnx_precisions or prec["onnx"])},
         "modes": modes,
@@ -143,6 +151,9 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
         "device": a.device,
         "quick": q, "roofline": a.roofline, "baselines": not a.no_baselines, "modes_table": not a.no_modes,
         "llama_repack": a.llama_repack or os.environ.get(REPACK_ENV) or "auto",
+        # every configuration's image budget (resolved in its worker: "auto" depends on device and threads)
+        "image_tokens": "full" if a.image_tokens is None else a.image_tokens,
+        "n_ctx": a.n_ctx,
     }
     if s["repeats"] < 1 or s["warmup"] < 0 or s["eval_per_family"] < 1 or s["max_tokens"] < 1:
         raise R4BError("--repeats, --eval-per-family and --max-tokens must be >= 1, --warmup >= 0")
@@ -213,14 +224,17 @@ def prepare_configs(model: Path, s: dict, cache: Path, log: Callable[[str], None
 
     for b in s["backends"]:
         for prec in s["precisions"][b]:
-            base = {"backend": b, "precision": prec, "device": s["device"], "threads": s["threads"]}
+            base = {"backend": b, "precision": prec, "device": s["device"], "threads": s["threads"],
+                    "image_tokens": s.get("image_tokens", "auto")}
+            if s.get("n_ctx") is not None:
+                base["kwargs"] = {"n_ctx": s["n_ctx"]}
             if not is_installed(b):
                 skip(b, prec, f"backend not installed: pip install '{BACKENDS[b][1]}'")
             elif b == "torch":
-                if prec in ("fp32", "bf16", "fp16"):
+                if prec in ("fp32", "bf16", "fp16", "auto"):
                     specs.append({**base, "path": str(model)})
                 else:
-                    skip(b, prec, f"unknown torch precision {prec!r}: use fp32, bf16 or fp16")
+                    skip(b, prec, f"unknown torch precision {prec!r}: use fp32, bf16, fp16 or auto")
             else:
                 jobs.append({**base, "out": str(root / f"{'gguf' if b == 'llama' else 'onnx'}-{prec}")})
     if jobs:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 RESULT_TAG = "@@R4B_BENCH_RESULT "
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": "auto"}
 _FILLER = ("What is the sum of all the digits? How many shapes are there? What colour is the item in "
            "the top-left cell? Which row has the larger digit sum? Describe the image. ")
 
@@ -130,12 +130,21 @@ def filler_ids(tokenizer: Any, n: int) -> list[int]:
     return (base * (n // len(base) + 1))[:n]
 
 
-def world_images(config: Any, n: int, seed: int = 7) -> list[Any]:
-    """`n` distinct prepared world images (distinct, so the backend's image cache never hits)."""
+def world_images(config: Any, n: int, seed: int = 7, image_tokens: int | None = None) -> list[Any]:
+    """`n` distinct prepared world images (distinct, so the backend's image cache never hits),
+    tiled within `image_tokens` positions (None: the full grid)."""
     from r4b_edge.model.processing import prepare_image
     from r4b_edge.train.world import make_example, render
 
-    return [prepare_image(render(make_example(seed, i, "caption", "eval")[0]), config) for i in range(n)]
+    return [prepare_image(render(make_example(seed, i, "caption", "eval")[0]), config, image_tokens)
+            for i in range(n)]
+
+
+def spec_budget(spec: dict, be: Any) -> int | None:
+    """The configuration's image budget (--image-tokens) resolved for its backend's device and threads."""
+    from r4b_edge.model.image_budget import resolve_image_tokens
+
+    return resolve_image_tokens(spec.get("image_tokens", "auto"), be.device, getattr(be, "threads", None))
 
 
 
@@ -152,7 +161,8 @@ def pp_tg_worker(p: dict) -> dict:
     load_ms = (time.perf_counter() - t0) * 1000.0
     rss_loaded = peak_rss_mb()
     try:
-        imgs = world_images(be.config, warmup + repeats, seed=int(p.get("seed", 7))) if image else []
+        imgs = world_images(be.config, warmup + repeats, seed=int(p.get("seed", 7)),
+                            image_tokens=spec_budget(p["spec"], be)) if image else []
         n_img = be.image_token_count(imgs[0]) if imgs else 0
         need = n_prompt + n_img + n_gen + 2
         if need > be.n_ctx:

@@ -34,7 +34,7 @@ def modes_worker(p: dict) -> dict:
         items = eval_items(per_family=int(p["per_family"]), seed=seed, families=p.get("families"), interleaved=True)
     except R4BError as e:
         raise BenchSkip(str(e)) from None
-    model = Model(open_backend(p["spec"]))
+    model = Model(open_backend(p["spec"]), image_tokens=p["spec"].get("image_tokens", "auto"))
     try:
         images = [model.prepare(it["image"]) for it in items]
         model.chat(images[0], items[0]["question"], mode="no-think", max_tokens=4)  # warm-up

@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from .engine.events import AnswerDelta, Decision, Done, Event, Progress, ReasoningDelta, Result, Stats
 from .errors import (
     BackendOptionError, BackendUnavailableError, ContextLengthError, DownloadError, ExportError,
-    GenerationOptionError, ImageError, ModelFormatError, ModelNotFoundError, R4BError, StoreError, TrainingError,
+    GenerationOptionError, ImageError, ImageTokensError, ModelFormatError, ModelNotFoundError, R4BError, StoreError,
+    TrainingError,
 )
 from .model.template import Message
 
@@ -18,8 +19,8 @@ __all__ = [
     "Score", "TokenLogprob", "TopLogprob",
     "Progress", "Decision", "ReasoningDelta", "AnswerDelta", "Done", "Event", "Result", "Stats",
     "R4BError", "ImageError", "ModelFormatError", "ModelNotFoundError", "BackendUnavailableError",
-    "BackendOptionError", "ContextLengthError", "GenerationOptionError", "ExportError", "TrainingError", "StoreError",
-    "DownloadError",
+    "BackendOptionError", "ContextLengthError", "GenerationOptionError", "ImageTokensError", "ExportError",
+    "TrainingError", "StoreError", "DownloadError",
 ]
 
 

@@ -23,7 +23,8 @@ from .engine.generate import Engine, GenerationOptions
 from .engine.logprobs import Score
 from .engine.score import score_prompt
 from .engine.options import check_text, options_from
-from .errors import ModelNotFoundError
+from .errors import ImageTokensError, ModelNotFoundError
+from .model.image_budget import DEFAULT_IMAGE_TOKENS, ImageTokens, check_image_tokens, resolve_image_tokens
 from .model.processing import DEFAULT_MAX_PIXELS, PreparedImage, load_image, prepare_image
 from .model.reply_lengths import read_reply_lengths
 from .model.template import Message, render_prompt
@@ -40,6 +41,17 @@ BUNDLED_MODEL_NOTE = (
     "R-4B: `r4b-edge pull YannQi/R-4B` (docs/pull.md)")
 
 ImageInput = Any  # path, bytes, PIL.Image, numpy array
+
+
+class _ModelDefault:
+    """The `image_tokens` of a call that gives none: the model's own (`Model.image_tokens`)."""
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+#: `image_tokens=MODEL_DEFAULT` (what a call that names none gets) is `Model.image_tokens`
+MODEL_DEFAULT: Any = _ModelDefault()
 
 
 def default_model_path() -> Path:
@@ -65,6 +77,10 @@ class Conversation:
     def stream(self, prompt: str, **options: Any) -> Iterator[Event]:
         """Ask the next question; yields events; the turn is recorded at Done.
         Bad options or text raise here, not at the first event."""
+        if "image_tokens" in options:
+            raise ImageTokensError("image_tokens applies where the image is prepared: pass it to "
+                                   "Model.conversation(image, image_tokens=...); a conversation keeps its image "
+                                   "as it was prepared")
         return self._stream(prompt, options_from(options))
 
     def _stream(self, prompt: str, opts: GenerationOptions) -> Iterator[Event]:
@@ -93,11 +109,29 @@ class Conversation:
 class Model:
     """A loaded model with its backend and engine."""
 
-    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, backend: Backend, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 image_tokens: ImageTokens = DEFAULT_IMAGE_TOKENS):
         self.backend = backend
         # deadline mode's priors: the model's own reply lengths (from its eval results), if it has them
         self.engine = Engine(backend, read_reply_lengths(backend.model_path, backend.tokenizer))
         self.max_pixels = max_pixels
+        self.image_tokens = image_tokens
+
+    @property
+    def image_tokens(self) -> int | str | None:
+        """The image-token budget of calls that give none: N positions, "auto" (the full grid on
+        a GPU, `AUTO_CPU_POSITIONS_PER_THREAD` x threads on a CPU) or None (the full grid)."""
+        return self._image_tokens
+
+    @image_tokens.setter
+    def image_tokens(self, value: ImageTokens) -> None:
+        self._image_tokens = check_image_tokens(value)
+
+    def image_budget(self, image_tokens: ImageTokens = MODEL_DEFAULT) -> int | None:
+        """The positions budget an image gets (`image_tokens`, else the model's; "auto" resolved
+        for this backend's device and threads); None: the full grid."""
+        value = self._image_tokens if image_tokens is MODEL_DEFAULT else image_tokens
+        return resolve_image_tokens(value, self.backend.device, getattr(self.backend, "threads", None))
 
     @property
     def config(self):
@@ -115,15 +149,20 @@ class Model:
     def tokenizer(self):
         return self.backend.tokenizer
 
-    def prepare(self, image: ImageInput) -> PreparedImage:
-        """Load and preprocess an image (path, bytes, PIL image or array)."""
+    def prepare(self, image: ImageInput, image_tokens: ImageTokens = MODEL_DEFAULT) -> PreparedImage:
+        """Load and preprocess an image (path, bytes, PIL image or array), tiled within
+        `image_tokens` (default: `Model.image_tokens`); a `PreparedImage` is returned as it is."""
+        budget = self.image_budget(image_tokens)  # a bad value fails before the image is read
         if isinstance(image, PreparedImage):
             return image
-        return prepare_image(load_image(image, max_pixels=self.max_pixels), self.config)
+        return prepare_image(load_image(image, max_pixels=self.max_pixels), self.config, budget)
 
-    def conversation(self, image: ImageInput | None = None, system: str | None = None) -> Conversation:
-        """Start a multi-turn conversation about `image`."""
-        return Conversation(self, self.prepare(image) if image is not None else None, system)
+    def conversation(self, image: ImageInput | None = None, system: str | None = None,
+                     image_tokens: ImageTokens = MODEL_DEFAULT) -> Conversation:
+        """Start a multi-turn conversation about `image` (tiled within `image_tokens`)."""
+        if image is None:
+            self.image_budget(image_tokens)  # checked all the same
+        return Conversation(self, self.prepare(image, image_tokens) if image is not None else None, system)
 
     def stream(self, image: ImageInput | None, prompt: str, **options: Any) -> Iterator[Event]:
         """One question; yields Decision, ReasoningDelta/AnswerDelta, Done.
@@ -131,14 +170,17 @@ class Model:
         max_think_tokens, max_tokens, temperature, top_p, top_k, seed,
         budget_closing, measure_p_think, stop (str or list: ends the answer),
         logprobs / top_logprobs (per-token entries on the deltas and the
-        Result; README "Log-probabilities"). Bad options raise GenerationOptionError
-        here, before the image is read."""
+        Result; README "Log-probabilities"), image_tokens (N, "auto" or "full"/None:
+        the image's positions budget for this call; default `Model.image_tokens`).
+        Bad options raise GenerationOptionError here, before the image is read."""
+        image_tokens = options.pop("image_tokens", MODEL_DEFAULT)
         opts = options_from(options)
-        return self.conversation(image)._stream(prompt, opts)
+        return self.conversation(image, image_tokens=image_tokens)._stream(prompt, opts)
 
     def chat(self, image: ImageInput | None, prompt: str, **options: Any) -> Result:
         """Blocking one-shot reply; see `stream` for the options."""
-        return self.conversation(image).ask(prompt, **options)
+        image_tokens = options.pop("image_tokens", MODEL_DEFAULT)
+        return self.conversation(image, image_tokens=image_tokens).ask(prompt, **options)
 
     def stream_messages(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
                         system: str | None = None, **options: Any) -> Iterator[Event]:
@@ -146,11 +188,14 @@ class Model:
         events as `stream` does and takes the same options. Earlier assistant turns are
         answers (their reasoning is not rendered). `images`: one per `<image>` the user
         turns' `Message.images` count, in order: anything `prepare` takes (a `PreparedImage`
-        is used as it is). `system`: a system prompt before the turns. Unknown option names
+        is used as it is). `system`: a system prompt before the turns. `image_tokens` (an
+        option): the images' positions budget for this call. Unknown option names
         raise GenerationOptionError before an image is read; values, texts and the image
         count raise at the call, never at the first event."""
+        image_tokens = options.pop("image_tokens", MODEL_DEFAULT)
         opts = options_from(options)
-        return self._stream_messages(messages, [self.prepare(im) for im in images], opts, system)
+        self.image_budget(image_tokens)
+        return self._stream_messages(messages, [self.prepare(im, image_tokens) for im in images], opts, system)
 
     def chat_messages(self, messages: Sequence[Message], images: Sequence[ImageInput] = (), *,
                       system: str | None = None, **options: Any) -> Result:
@@ -190,7 +235,9 @@ class Model:
 
     def info(self) -> dict:
         i = self.backend.info()
-        return {"backend": i.name, "device": i.device, "model": i.model_path, "precision": i.precision, **i.extra}
+        return {"backend": i.name, "device": i.device, "model": i.model_path, "precision": i.precision,
+                "n_ctx": self.backend.n_ctx, "image_tokens": self.image_tokens,
+                "image_budget": self.image_budget(), **i.extra}
 
     def close(self) -> None:
         self.backend.close()
@@ -204,7 +251,10 @@ class Model:
 
 def check_options(**options: Any) -> GenerationOptions:
     """The options `Model.stream` and the others take, checked now (names, types, ranges;
-    GenerationOptionError names the bad one), e.g. to refuse a request before queueing it."""
+    GenerationOptionError names the bad one), e.g. to refuse a request before queueing it.
+    `image_tokens` is checked too (it is not a generation option: it is not in the result)."""
+    if "image_tokens" in options:
+        check_image_tokens(options.pop("image_tokens"))
     return options_from(options).validate()
 
 
@@ -215,13 +265,18 @@ def _result(events: Iterable[Event]) -> Result:
     raise RuntimeError("generation ended without a result")  # pragma: no cover
 
 
-def load(path: str | Path | None = None, backend: str = "auto", device: str = "auto", **kwargs: Any) -> Model:
+def load(path: str | Path | None = None, backend: str = "auto", device: str = "auto",
+         image_tokens: ImageTokens = DEFAULT_IMAGE_TOKENS, **kwargs: Any) -> Model:
     """Load a model: an R-4B folder (torch), a .gguf file or folder (llama),
     or an ONNX export folder (onnx), or a model-store name (`r4b-edge pull`), which wins over a
     path. `path=None` loads the bundled model.
-    `device`: auto (CUDA, then Apple MPS/Metal, then CPU), cpu, cuda, mps."""
+    `device`: auto (CUDA, then Apple MPS/Metal, then CPU), cpu, cuda, mps.
+    `image_tokens`: the images' positions budget (`Model.image_tokens`): N, "auto" (default: the
+    full grid on a GPU, `AUTO_CPU_POSITIONS_PER_THREAD` x threads on a CPU) or "full"/None.
+    Backend options: `threads`, `n_ctx` (every backend), torch `dtype`, ... (`backends.LOAD_OPTIONS`)."""
+    check_image_tokens(image_tokens)  # before minutes of loading
     if path is None:
         path = default_model_path()
     else:
         path = resolve_model(path, backend)
-    return Model(create_backend(path, backend=backend, device=device, **kwargs))
+    return Model(create_backend(path, backend=backend, device=device, **kwargs), image_tokens=image_tokens)

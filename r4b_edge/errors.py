@@ -41,8 +41,34 @@ class ContextLengthError(R4BError, ValueError):
     """Prompt plus image tokens do not fit the model's context."""
 
 
+def context_fixes(need: int, n_ctx: int, model_ctx: int, n_text: int | None = None, n_images: int = 0,
+                  image_positions: int = 0, min_image: int = 1) -> str:
+    """What a ContextLengthError says to do, with the numbers: a larger `--n-ctx` (load(n_ctx=))
+    where the model's own context allows `need` positions, fewer image positions (`--image-tokens`,
+    image_tokens=) where the text plus `min_image` positions an image (its base view) would fit,
+    or a shorter conversation. `n_text`: the positions that are not images (None: unknown)."""
+    fixes = []
+    if need <= model_ctx:
+        fixes.append(f"load with a larger context: --n-ctx {need} (load(n_ctx={need})), up to the model's {model_ctx}")
+    else:
+        fixes.append(f"(the model's own context is {model_ctx}, so --n-ctx cannot hold it)")
+    if n_text is None:
+        fixes.append("give images fewer positions: --image-tokens N (image_tokens=N)")
+    elif n_images:
+        per_image = (n_ctx - n_text) // n_images
+        if min_image <= per_image < image_positions // n_images:
+            fixes.append(f"give the image{'s' if n_images > 1 else ''} fewer positions: --image-tokens {per_image} "
+                         f"(image_tokens={per_image}; now {image_positions} for {n_images} image(s))")
+    fixes.append("shorten the conversation")
+    return "; or ".join(fixes)
+
+
 class GenerationOptionError(R4BError, ValueError):
     """A generation option (mode, threshold, budget, sampling) is invalid."""
+
+
+class ImageTokensError(GenerationOptionError):
+    """`image_tokens` (load, prepare or a call) is not a whole number >= 1, "auto", "full" or None."""
 
 
 class ServerBindError(R4BError, OSError):

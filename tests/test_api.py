@@ -1,6 +1,7 @@
 """The public API: load, chat, stream, conversation, and its errors."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -239,3 +240,100 @@ def test_faces_enter_through_the_api():
     bad = [f"{f.name}: {line.strip()}" for f in root.rglob("*.py") for line in f.read_text().splitlines()
            if re.search(r"(?<!r4b_edge)\.engine\b|\bEngine\(|GenerationOptions\([^)]|options_from", line)]
     assert not bad, bad
+
+
+# ---- image_tokens, n_ctx (issue 28) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wide_png(tmp_path_factory):
+    """50 x 70 (h x w): the tiny model tiles it 2x2 (70 positions); a budget of 50 gives 1x2 (44),
+    of 20 the base view alone (16)."""
+    p = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_image_tokens_default_and_per_call(model, wide_png):
+    from r4b_edge.model.image_budget import AUTO_CPU_POSITIONS_PER_THREAD
+
+    assert model.image_tokens == "auto"
+    assert model.image_budget() == AUTO_CPU_POSITIONS_PER_THREAD * model.backend.threads
+    assert model.prepare(wide_png).grid == (2, 2)  # the tiny model's images all fit the auto budget
+    assert [model.prepare(wide_png, image_tokens=n).n_tokens for n in (None, "full", 50, 20)] == [70, 70, 44, 16]
+    assert model.chat(wide_png, "q", max_tokens=2).stats.image_tokens == 70
+    assert model.chat(wide_png, "q", max_tokens=2, image_tokens=50).stats.image_tokens == 44
+    events = list(model.stream(wide_png, "q", max_tokens=2, image_tokens=20))
+    assert events[-1].result.stats.image_tokens == 16
+    msgs = [r4b_edge.Message("user", "q", images=1)]
+    assert model.chat_messages(msgs, [wide_png], max_tokens=2, image_tokens=50).stats.image_tokens == 44
+    assert model.conversation(wide_png, image_tokens=20).ask("q", max_tokens=2).stats.image_tokens == 16
+    info = model.info()
+    assert info["image_tokens"] == "auto" and info["image_budget"] == model.image_budget()
+    assert info["n_ctx"] == 2048
+
+
+def test_load_sets_the_default_budget(tiny_ckpt, wide_png):
+    with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", image_tokens=50) as m:
+        assert m.image_tokens == 50 and m.prepare(wide_png).grid == (1, 2)
+        assert m.chat(wide_png, "q", max_tokens=2).stats.image_tokens == 44
+        assert m.chat(wide_png, "q", max_tokens=2, image_tokens=None).stats.image_tokens == 70
+        m.image_tokens = "full"
+        assert m.image_tokens is None and m.prepare(wide_png).n_tokens == 70
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "many", True])
+def test_image_tokens_errors(model, tiny_ckpt, wide_png, bad):
+    from r4b_edge.errors import ImageTokensError
+
+    msg = rf"image_tokens must be a whole number >= 1 .*'auto' or 'full'.*got {re.escape(repr(bad))}"
+    with pytest.raises(ImageTokensError, match=msg):
+        r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", image_tokens=bad)
+    with pytest.raises(ImageTokensError, match=msg):
+        model.chat(wide_png, "q", image_tokens=bad)
+    with pytest.raises(ImageTokensError, match=msg):
+        model.stream(wide_png, "q", image_tokens=bad)
+    with pytest.raises(ImageTokensError, match=msg):
+        model.stream_messages([r4b_edge.Message("user", "q")], [], image_tokens=bad)
+    with pytest.raises(ImageTokensError, match=msg):
+        model.image_tokens = bad
+    assert isinstance(ImageTokensError("x"), GenerationOptionError)
+
+
+def test_image_tokens_on_a_conversation_turn_is_refused(model, wide_png):
+    from r4b_edge.errors import ImageTokensError
+
+    with pytest.raises(ImageTokensError, match=r"Model.conversation\(image, image_tokens=...\)"):
+        model.conversation(wide_png).ask("q", image_tokens=20)
+
+
+def test_context_error_names_both_fixes(tiny_ckpt, wide_png):
+    """A prompt over --n-ctx: the message names a --n-ctx that fits and an --image-tokens that fits."""
+    with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", n_ctx=60, image_tokens=None) as m:
+        assert m.backend.n_ctx == 60
+        with pytest.raises(ContextLengthError) as e:
+            m.chat(wide_png, "q")
+        msg = str(e.value)
+        need = int(re.search(r"--n-ctx (\d+) \(load\(n_ctx=\1\)\), up to the model's 2048", msg).group(1))
+        per_image = int(re.search(r"--image-tokens (\d+) \(image_tokens=\1; now 70 for 1 image", msg).group(1))
+        assert need > 60 and 16 <= per_image < 70
+        r = m.chat(wide_png, "q", max_tokens=2, image_tokens=per_image)  # the named budget fits
+        assert r.stats.image_tokens <= per_image
+    with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", n_ctx=need, image_tokens=None) as m:
+        assert m.chat(wide_png, "q", max_tokens=2).stats.image_tokens == 70  # and so does the named n_ctx
+
+
+def test_n_ctx_is_checked(tiny_ckpt):
+    from r4b_edge.errors import BackendOptionError
+
+    for bad in (0, -3, "big", 1.5):
+        with pytest.raises(BackendOptionError, match=rf"n_ctx \(--n-ctx\) must be a whole number .*got {re.escape(repr(bad))}"):
+            r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", n_ctx=bad)
+    with r4b_edge.load(tiny_ckpt, backend="torch", device="cpu", n_ctx=10**6) as m:
+        assert m.backend.n_ctx == 2048  # capped at the model's context
+
+
+def test_check_options_checks_image_tokens():
+    from r4b_edge.errors import ImageTokensError
+
+    assert r4b_edge.check_options(image_tokens=1280, mode="think").mode == "think"
+    with pytest.raises(ImageTokensError, match="got 0"):
+        r4b_edge.check_options(image_tokens=0)

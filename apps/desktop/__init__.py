@@ -92,6 +92,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = 60.0) -> bool:
 
 def _apply_args(win: Any, args: argparse.Namespace) -> None:
     win.mode_box.setCurrentText(args.mode)
+    win.image_tokens_box.setCurrentText("full" if args.image_tokens is None else str(args.image_tokens))
     win.max_tokens_spin.setValue(args.max_tokens)
     if args.max_think_tokens is not None:
         win.budget_spin.setValue(args.max_think_tokens)
@@ -121,7 +122,8 @@ def screenshot(args: argparse.Namespace) -> int:
         raise R4BError("--screenshot needs --image and --prompt")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     qt_app()
-    win = main_window_class()(args.model, args.backend, args.device, threads=args.threads)
+    win = main_window_class()(args.model, args.backend, args.device, threads=args.threads,
+                              load_options=window_load_options(args))
     try:
         _apply_args(win, args)
         win.show()
@@ -145,6 +147,14 @@ def screenshot(args: argparse.Namespace) -> int:
     finally:
         win.shutdown()
         win.close()
+
+
+def window_load_options(args: argparse.Namespace) -> dict:
+    """--n-ctx and --dtype, as given, for every model the window loads (--threads goes on its own;
+    --llama-repack through the environment; --image-tokens is the window's Image tokens setting)."""
+    from ..common import load_options
+
+    return {k: v for k, v in load_options(args).items() if k in ("n_ctx", "dtype")}
 
 
 def _repack_env(args: argparse.Namespace) -> None:
@@ -199,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise R4BError(problem)
     app = qt_app()
-    win = main_window_class()(args.model, args.backend, args.device, threads=args.threads)
+    win = main_window_class()(args.model, args.backend, args.device, threads=args.threads,
+                              load_options=window_load_options(args))
     _apply_args(win, args)
     if args.image:
         win.set_image(args.image)

@@ -217,16 +217,19 @@ class LoadThread(QThread):
     loaded = Signal(object)
     failed = Signal(str)
 
-    def __init__(self, path: Optional[str], backend: str, device: str, threads: Optional[int] = None):
+    def __init__(self, path: Optional[str], backend: str, device: str, threads: Optional[int] = None,
+                 options: Optional[dict] = None):
+        """`options`: more load options (n_ctx, dtype: --n-ctx, --dtype)."""
         super().__init__()
         self.path, self.backend, self.device, self.threads = path, backend, device, threads
+        self.options = dict(options or {})
 
     def run(self) -> None:
         import r4b_edge
 
         try:
             self.loaded.emit(r4b_edge.load(self.path or None, backend=self.backend, device=self.device,
-                                           threads=self.threads))
+                                           threads=self.threads, **self.options))
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the window
             self.failed.emit(_message(e))
 

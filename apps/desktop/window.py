@@ -13,6 +13,8 @@ from PySide6.QtWidgets import (
 from r4b_edge.api import BUNDLED_MODEL, BUNDLED_MODEL_NOTE
 from r4b_edge.backends import BACKENDS
 from r4b_edge.backends.runtime import DEVICE_ALIASES
+from r4b_edge.errors import R4BError
+from r4b_edge.model.image_budget import parse_image_tokens
 from r4b_edge.model.processing import load_image
 
 from . import DEFAULT_MAX_TOKENS, MODES, image_filter
@@ -23,9 +25,10 @@ class MainWindow(QMainWindow):
     """The demo window. Public state for tests: `model`, `conv`, `busy`, `error_label`, `reply`."""
 
     def __init__(self, model_path: Optional[str] = None, backend: str = "auto", device: str = "auto",
-                 autoload: bool = True, threads: Optional[int] = None):
+                 autoload: bool = True, threads: Optional[int] = None, load_options: Optional[dict] = None):
         super().__init__()
         self.threads = threads  # --threads: CPU threads for the backend (None: its default)
+        self.load_options = dict(load_options or {})  # --n-ctx, --dtype: every model this window loads
         self.setWindowTitle("r4b-edge — auto-thinking VLM")
         self.setAcceptDrops(True)
         self.model: Any = None
@@ -92,6 +95,12 @@ class MainWindow(QMainWindow):
         self.budget_spin.setSpecialValueText("unlimited")
         self.budget_spin.setSuffix(" tokens")
         self.max_tokens_spin = QSpinBox(minimum=1, maximum=65536, value=DEFAULT_MAX_TOKENS, singleStep=64)
+        self.image_tokens_box = QComboBox(editable=True)
+        self.image_tokens_box.addItems(["auto", "full"])
+        self.image_tokens_box.setToolTip(
+            "positions an image may take (N, auto or full; --image-tokens): the AnyRes grid is the best one that "
+            "fits; auto is the full grid on a GPU and a budget per CPU thread on a CPU. Applies to the next image "
+            "or new chat")
         form = QFormLayout()
         form.addRow("Model", mrow)
         form.addRow("Backend", brow)
@@ -99,6 +108,7 @@ class MainWindow(QMainWindow):
         form.addRow("Think threshold", trow)
         form.addRow("Thinking budget", self.budget_spin)
         form.addRow("Max tokens", self.max_tokens_spin)
+        form.addRow("Image tokens", self.image_tokens_box)
         settings = QGroupBox("Settings")
         settings.setLayout(form)
         left.addWidget(settings)
@@ -195,7 +205,7 @@ class MainWindow(QMainWindow):
         self.show_error("")
         self.statusBar().showMessage("loading model…")
         self.loader = LoadThread(self.model_edit.text().strip() or None, self.backend_box.currentText(),
-                                 self.device_box.currentText().strip() or "auto", self.threads)
+                                 self.device_box.currentText().strip() or "auto", self.threads, self.load_options)
         self.loader.loaded.connect(self._on_loaded)
         self.loader.failed.connect(self._on_load_failed)
         self.loader.finished.connect(self._on_loader_finished)
@@ -285,6 +295,11 @@ class MainWindow(QMainWindow):
             return
         if not q:
             self.show_error("type a question first")
+            return
+        try:  # the model's default budget: a new chat's image is prepared with it
+            self.model.image_tokens = parse_image_tokens(self.image_tokens_box.currentText(), "image tokens")
+        except R4BError as e:
+            self.show_error(str(e))
             return
         self.show_error("")
         if self._pending_turn:

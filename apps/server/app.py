@@ -194,10 +194,11 @@ class ChatServer:
         """In the decode pool, after admission: bound the text, then decode and prepare the images."""
         check_text_fits(self.model.tokenizer.encode, req.messages, self.model.backend.n_ctx)
         out = []
+        budget = {} if req.image_tokens is None else {"image_tokens": req.image_tokens}  # else the server's
         for data, param in zip(req.images, req.image_params):
             pil = check_image(data, param, self.limits)
             try:  # a queued request keeps only the model's views, not the full-size RGB image
-                out.append(replace(self.model.prepare(pil), image=None))
+                out.append(replace(self.model.prepare(pil, **budget), image=None))
             except ImageError as e:
                 raise bad(f"invalid image: {e}", param, "invalid_image") from None
             del pil

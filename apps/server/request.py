@@ -75,6 +75,7 @@ class ChatRequest:
     include_usage: bool = False
     model: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    image_tokens: Any = None  # the request's image budget: N, "auto" or "full"; None: the server's (--image-tokens)
 
 
 # ---- field checkers ----------------------------------------------------------------------------
@@ -136,6 +137,23 @@ def _integer(body: dict, name: str, lo: int, hi: int = 2**31 - 1) -> Optional[in
     if not lo <= v <= hi:
         raise bad(f"'{name}' must be between {lo} and {hi}, got {v}", name)
     return v
+
+
+def _image_tokens(body: dict) -> Any:
+    """The r4b-edge extension `image_tokens`: N (positions an image may take), "auto" or "full";
+    absent or null: the server's default (--image-tokens)."""
+    from r4b_edge.errors import ImageTokensError
+    from r4b_edge.model.image_budget import check_image_tokens
+
+    v = body.get("image_tokens")
+    if v is None:
+        return None
+    try:
+        check_image_tokens(v)
+    except ImageTokensError:
+        raise bad(f"'image_tokens' must be a whole number >= 1 (positions an image may take), \"auto\" or \"full\" "
+                  f"(or absent: the server's default), got {v!r}", "image_tokens") from None
+    return v.strip().lower() if isinstance(v, str) else v
 
 
 def _mode(body: dict) -> str:
@@ -353,8 +371,9 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     include_usage = bool(so and so.get("include_usage"))
     _refuse_unimplemented(body)
     options = _options(body, limits)
+    image_tokens = _image_tokens(body)
     messages, images, params = _messages(body, limits)
-    return ChatRequest(messages, images, params, options, stream, include_usage, model)
+    return ChatRequest(messages, images, params, options, stream, include_usage, model, image_tokens=image_tokens)
 
 
 # ---- text bound --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import BackendOptionError, BackendUnavailableError, ModelFormatError, ModelNotFoundError
 from ..formats import ONNX_GENAI_CONFIG
 from .base import Backend
+from .runtime import check_n_ctx
 
 # name -> (module that must be importable, extra that installs it, implementation)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -54,11 +55,12 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-#: what every backend is loaded with (backends/runtime.py), then each one's own keyword arguments
-COMMON_LOAD_OPTIONS = ("device", "threads")
+#: what every backend is loaded with (backends/runtime.py; `n_ctx`: llama allocates that KV cache,
+#: torch and onnx take it as a bound), then each one's own keyword arguments
+COMMON_LOAD_OPTIONS = ("device", "threads", "n_ctx")
 LOAD_OPTIONS: dict[str, tuple[str, ...]] = {
     "torch": ("dtype", "use_cache"),
-    "llama": ("n_ctx", "n_batch", "mmproj", "verbose", "repack"),
+    "llama": ("n_batch", "mmproj", "verbose", "repack"),
     "onnx": (),
 }
 
@@ -82,6 +84,12 @@ def create_backend(path: str | Path, backend: str = "auto", device: str = "auto"
     if unknown == ["repack"]:
         raise BackendOptionError(f"repack (--llama-repack) is a llama backend option (GGUF models); {path} runs on "
                                  f"the {name} backend: leave it out, or pass a GGUF model")
+    if unknown == ["dtype"]:
+        raise BackendOptionError(f"dtype (--dtype) is a torch backend option (R-4B folders); {path} runs on the "
+                                 f"{name} backend, whose precision is the exported file's ("
+                                 f"{'the GGUF quant' if name == 'llama' else 'the ONNX export precision'}): "
+                                 "leave it out, or pass an R-4B folder")
+    check_n_ctx(kwargs.get("n_ctx"))
     if unknown:
         raise BackendOptionError(
             f"unknown argument(s) {', '.join(unknown)} for the {name} backend: it takes "

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generator, Sequence, Union
 import numpy as np
 
 from ..engine.events import Progress
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, context_fixes
 from .kvcache import MIN_SAVED_POSITIONS, KVSnapshot, PrefixCache, common_prefix, segment_keys
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,13 +114,18 @@ class Backend(abc.ABC):
     def n_past(self) -> int:
         """Positions currently in the KV cache."""
 
+    #: the `n_ctx` the backend was loaded with (None: the model's whole context)
+    n_ctx_limit: int | None = None
+
     @property
     def n_ctx(self) -> int:
-        """Context length the backend can hold."""
-        return self.config.max_position_embeddings
+        """Context length the backend can hold: the model's context, or `n_ctx_limit` when smaller."""
+        limit = self.config.max_position_embeddings
+        return limit if self.n_ctx_limit is None else min(limit, int(self.n_ctx_limit))
 
     def image_token_count(self, image: "PreparedImage") -> int:
-        """Positions an image takes in the sequence."""
+        """Positions an image takes in the sequence (the grid it was prepared with: a budget may
+        have chosen a smaller one than the model's full grid)."""
         return int(image.n_tokens)
 
     @property
@@ -155,9 +160,8 @@ class Backend(abc.ABC):
             raise ContextLengthError("prefill got an empty prompt: pass at least one token or image")
         if len(keys) > self.n_ctx:
             raise ContextLengthError(
-                f"the prompt needs {len(keys)} positions but the {self.name} context holds {self.n_ctx}: pass a "
-                f"larger context (--n-ctx / n_ctx=, up to the model's {self.config.max_position_embeddings}), "
-                "fewer image positions (--image-tokens / image_tokens=) or a shorter prompt")
+                f"the prompt needs {len(keys)} positions but the {self.name} context holds {self.n_ctx}: "
+                + context_fixes(len(keys), self.n_ctx, self.config.max_position_embeddings))
         keep = self._reusable(keys) if reuse else 0
         keep = min(keep, len(keys) - 1)
         if keep == 0:

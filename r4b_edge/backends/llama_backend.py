@@ -25,7 +25,7 @@ from ..formats import GGUF_HF_JSON_KEY as HF_JSON_KEY
 from ..formats import GGUF_IMAGE_NEWLINE
 from ..formats import GGUF_R4B_CONFIG_KEY as R4B_CONFIG_KEY
 from ..model.config import RConfig
-from ..model.processing import PreparedImage, count_image_tokens
+from ..model.processing import PreparedImage
 from ..model.reply import IM_END
 from ..model.tokenizer import Tokenizer
 from .base import Backend, BackendInfo, numpy_pack
@@ -178,9 +178,6 @@ class LlamaBackend(Backend):
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
-
-    def image_token_count(self, image: PreparedImage) -> int:
-        return count_image_tokens(image.orig_size, self.config)
 
     # ---- hooks (see Backend) ----------------------------------------------------------------
     def _reset(self) -> None:

@@ -23,7 +23,7 @@ from ..model.config import RConfig
 from ..model.processing import PreparedImage
 from ..model.tokenizer import Tokenizer
 from .base import Backend, BackendInfo, numpy_pack
-from .runtime import canonical_device, check_threads, resolve_device
+from .runtime import canonical_device, check_n_ctx, check_threads, resolve_device
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "coreml": "CoreMLExecutionProvider", "cpu": "CPUExecutionProvider"}
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -72,9 +72,12 @@ class OnnxBackend(Backend):
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None) -> None:
-        """`threads`: onnxruntime's intra-op threads; None: `runtime.default_threads()`."""
+    def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 n_ctx: int | None = None) -> None:
+        """`threads`: onnxruntime's intra-op threads; None: `runtime.default_threads()`. `n_ctx`: a
+        bound on the sequence (the KV cache grows as it goes; None: the model's context)."""
         threads = check_threads(threads)
+        self.n_ctx_limit = check_n_ctx(n_ctx)
         folder = Path(model_path).expanduser()
         if folder.is_file():
             folder = folder.parent

@@ -111,5 +111,16 @@ def check_threads(threads: Any) -> int:
     return threads
 
 
+def check_n_ctx(n_ctx: Any) -> Any:
+    """`n_ctx` (the context a backend is loaded with) as an int >= 1, or None for the backend's
+    default; every backend caps it at the model's own context (`max_position_embeddings`)."""
+    if n_ctx is None:
+        return None
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise BackendOptionError(f"n_ctx (--n-ctx) must be a whole number of positions >= 1 (or None for the "
+                                 f"backend's default), got {n_ctx!r}")
+    return n_ctx
+
+
 def is_macos() -> bool:
     return sys.platform == "darwin"

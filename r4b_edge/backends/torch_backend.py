@@ -12,14 +12,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import BackendOptionError
 from ..model.checkpoint import load_checkpoint
+from ..model.config import RConfig
 from ..model.modeling import truncate_cache
 from ..model.processing import PreparedImage
 from .base import Backend, BackendInfo, numpy_pack
-from .runtime import check_threads, resolve_device
-
-_DTYPES = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .runtime import check_n_ctx, check_threads, resolve_device
+from .torch_dtype import check_dtype, dtype_label, resolve_dtype
 
 
 def resolve_torch_device(device: str = "auto") -> str:
@@ -30,24 +29,30 @@ def resolve_torch_device(device: str = "auto") -> str:
                           {"cuda": "install a CUDA build of torch", "mps": "torch's MPS needs macOS on Apple silicon"})
 
 
+def _hidden_size(model_path: str | Path) -> int:
+    """The decoder width in a folder's config.json (R-4B's 2560 where it has none: loading fails next)."""
+    f = Path(model_path).expanduser() / "config.json"
+    return RConfig.from_file(f).hidden_size if f.is_file() else 2560
+
+
 class TorchBackend(Backend):
     """R-4B in torch from a checkpoint folder in the R-4B layout."""
 
     name = "torch"
 
     def __init__(self, model_path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 dtype: str | None = None, use_cache: bool = True):
+                 n_ctx: int | None = None, dtype: str | None = None, use_cache: bool = True):
         """`threads`: torch's intra-op threads on CPU (torch.set_num_threads, which
-        is process-wide); None: `runtime.default_threads()`."""
+        is process-wide); None: `runtime.default_threads()`. `n_ctx`: a bound on the sequence
+        (the cache grows as it goes; None: the model's context). `dtype`: auto, bf16, fp16, fp32
+        (or bfloat16, float16, float32; `torch_dtype.resolve_dtype`); None: fp32 on CPU, fp16 on a GPU."""
         self.device = resolve_torch_device(device)
         self.threads = check_threads(threads)
-        if dtype not in _DTYPES:
-            raise BackendOptionError(f"dtype must be one of float32, float16, bfloat16 (or None), got {dtype!r}")
+        self.n_ctx_limit = check_n_ctx(n_ctx)
+        check_dtype(dtype)
         if self.device == "cpu":
             torch.set_num_threads(self.threads)
-        torch_dtype = _DTYPES[dtype]
-        if torch_dtype is None:
-            torch_dtype = torch.float32 if self.device == "cpu" else torch.float16
+        torch_dtype, self.dtype_reason = resolve_dtype(dtype, self.device, lambda: _hidden_size(model_path))
         self.model, self.config, self.tokenizer = load_checkpoint(model_path, device=self.device, dtype=torch_dtype)
         self.model.eval()
         self.dtype = torch_dtype
@@ -143,4 +148,5 @@ class TorchBackend(Backend):
     def info(self) -> BackendInfo:
         return BackendInfo(self.name, self.device, str(self.model_path), precision=str(self.dtype).replace("torch.", ""),
                            extra={"parameters": sum(p.numel() for p in self.model.parameters()),
-                                  "kv_cache": self.use_cache, "threads": self.threads})
+                                  "kv_cache": self.use_cache, "threads": self.threads,
+                                  "dtype": f"{dtype_label(self.dtype)} ({self.dtype_reason})"})

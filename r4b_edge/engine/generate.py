@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..backends.base import Backend
-from ..errors import ContextLengthError, GenerationOptionError
+from ..errors import ContextLengthError, GenerationOptionError, context_fixes
 from ..model.processing import PreparedImage
 from ..model.reply import (
     ANSWER_SEPARATOR, EMPTY_THINK_CONTINUATION, IM_START, IMAGE_PLACEHOLDER, THINK_OPEN, THINK_TAGS, forced_opening,
@@ -123,14 +123,17 @@ class Engine:
     def _check_context(self, segs: list, reserve: int) -> None:
         """The prompt plus `reserve` positions (the think block's opening and
         one reply token) must fit the context, or nothing is generated."""
-        n_img = sum(self.backend.image_token_count(s) for s in segs if isinstance(s, PreparedImage))
+        images = [s for s in segs if isinstance(s, PreparedImage)]
+        n_img = sum(self.backend.image_token_count(s) for s in images)
         n_txt = sum(len(s) for s in segs if not isinstance(s, PreparedImage))
         n_ctx = self.backend.n_ctx
         if n_img + n_txt + reserve > n_ctx:
+            cfg = self.backend.config
+            fixes = context_fixes(n_img + n_txt + reserve, n_ctx, cfg.max_position_embeddings, n_txt + reserve,
+                                  len(images), n_img, getattr(cfg, "tokens_per_view", 1))
             raise ContextLengthError(
                 f"the prompt needs {n_txt} text + {n_img} image = {n_txt + n_img} tokens, plus {reserve} for "
-                f"the reply to start, but the model's context is {n_ctx} tokens: shorten the conversation "
-                "or use a smaller image"
+                f"the reply to start, but the context is {n_ctx} tokens: {fixes}"
             )
 
     def _probe_pace(self, worth: Callable[[float], bool]) -> None:

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..errors import BackendUnavailableError, ContextLengthError, ImageError, ModelFormatError
 from .config import RConfig
-from .processing import anyres_layout
+from .processing import check_grid, grid_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from .processing import PreparedImage
@@ -159,12 +159,14 @@ class RForConditionalGeneration(nn.Module):
     def image_features(self, pixel_values: torch.Tensor | np.ndarray, grid: Sequence[int],
                        orig_size: Sequence[int]) -> torch.Tensor:
         """Projected, packed image features [n_tokens, hidden]: base view, then the AnyRes tile
-        feature map unpadded to the image's aspect with `image_newline` after every row."""
+        feature map unpadded to the image's aspect with `image_newline` after every row, computed
+        from `grid` (the one the image was prepared with: a budget may choose a smaller one than
+        the full pinpoint list; (0, 0) is the base view alone)."""
         pv = torch.as_tensor(pixel_values).to(device=self.device, dtype=self.dtype)
         S, P = self.config.image_size, self.config.image_size // self.config.patch_size
         if pv.ndim != 4 or tuple(pv.shape[1:]) != (3, S, S):
             raise ImageError(f"pixel_values must be [views, 3, {S}, {S}] (got {tuple(pv.shape)})")
-        rows, cols = int(grid[0]), int(grid[1])
+        rows, cols = check_grid(grid)
         if pv.shape[0] != 1 + rows * cols:
             raise ImageError(f"pixel_values has {pv.shape[0]} views; grid {rows}x{cols} needs {1 + rows * cols}")
         feats = self.model.multi_modal_projector(self.vision_hidden_states(pv))  # [V, P*P, H]
@@ -173,10 +175,7 @@ class RForConditionalGeneration(nn.Module):
             return base
         H = feats.shape[-1]
         fmap = feats[1:].view(rows, cols, P, P, H).permute(4, 0, 2, 1, 3).reshape(H, rows * P, cols * P)
-        lay = anyres_layout((int(orig_size[0]), int(orig_size[1])), self.config)
-        if tuple(lay["grid"]) != (rows, cols):
-            raise ImageError(f"grid {rows}x{cols} does not match image size {tuple(orig_size)} "
-                             f"(expected {lay['grid'][0]}x{lay['grid'][1]})")
+        lay = grid_layout((int(orig_size[0]), int(orig_size[1])), self.config, (rows, cols))
         uh, uw = lay["unpadded"]
         top, left = (rows * P - uh) // 2, (cols * P - uw) // 2
         fmap = fmap[:, top:top + uh, left:left + uw]

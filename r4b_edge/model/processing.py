@@ -55,9 +55,10 @@ class PreparedImage:
     grid: tuple[int, int]         # (rows, cols) of AnyRes tiles, (0, 0) for base-only
     orig_size: tuple[int, int]    # (height, width) of the RGB image
     n_tokens: int                 # sequence positions the image takes (incl. image_newline tokens)
-    key: str                      # sha256 of the RGB pixels (+ size): cache key for embeddings
+    key: str                      # sha256 of the RGB pixels (+ size) + ":RxC" grid: embeddings cache key
     image: Image.Image | None     # the RGB image (None where a holder dropped it to save memory,
                                   # as the server does for queued requests; the model never reads it)
+    budget: int | None = None     # the positions budget that chose `grid` (None: the model's full grid)
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -245,14 +246,24 @@ def unpadded_feature_size(orig_size: tuple[int, int], feat_hw: tuple[int, int]) 
     return ch, cw - 2 * pad
 
 
-def anyres_layout(orig_size: tuple[int, int], config: "RConfig") -> dict:
-    """Grid and feature sizes of an image: grid (rows, cols), best (h, w), unpadded (rows, cols),
-    downsampled (rows, cols) after `anyres_max_N` (equal to unpadded when not applied)."""
-    if not config.anyres:
+def check_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) as ints: both >= 1, or (0, 0) for the base view alone; else ImageError."""
+    rows, cols = int(grid[0]), int(grid[1])
+    if (rows, cols) != (0, 0) and (rows < 1 or cols < 1):
+        raise ImageError(f"an AnyRes grid is (rows, cols) with both >= 1, or (0, 0) for the base view alone "
+                         f"(got {rows}x{cols})")
+    return rows, cols
+
+
+def grid_layout(orig_size: tuple[int, int], config: "RConfig", grid: tuple[int, int]) -> dict:
+    """Feature sizes of an image tiled as `grid` (rows, cols): grid, best (h, w) = the tiled
+    canvas, unpadded (rows, cols) of the tile feature map, feature (rows, cols) after `anyres_max_N`
+    (equal to unpadded when not applied). Grid (0, 0) is the base view alone: {"grid": (0, 0)}.
+    Every grid's arithmetic is this one, whichever pinpoints it was chosen among."""
+    rows, cols = check_grid(grid)
+    if (rows, cols) == (0, 0):
         return {"grid": (0, 0)}
     S, P = config.image_size, config.image_size // config.patch_size
-    bh, bw = select_best_resolution(orig_size, config.image_grid_pinpoints)
-    rows, cols = bh // S, bw // S
     uh, uw = unpadded_feature_size(orig_size, (rows * P, cols * P))
     dh, dw = uh, uw
     n_max = config.anyres_max_patches
@@ -260,19 +271,53 @@ def anyres_layout(orig_size: tuple[int, int], config: "RConfig") -> dict:
         ratio = math.sqrt(uh * uw / (n_max * P * P))
         if ratio > 1.1:
             dh, dw = int(uh // ratio), int(uw // ratio)
-    return {"grid": (rows, cols), "best": (bh, bw), "unpadded": (uh, uw), "feature": (dh, dw)}
+    return {"grid": (rows, cols), "best": (rows * S, cols * S), "unpadded": (uh, uw), "feature": (dh, dw)}
 
 
-def count_image_tokens(orig_size: tuple[int, int], config: "RConfig") -> int:
-    """Positions an image of (height, width) takes: base view + unpadded tile features + newlines.
+def anyres_layout(orig_size: tuple[int, int], config: "RConfig",
+                  pinpoints: list[list[int]] | None = None) -> dict:
+    """The layout (`grid_layout`) of the grid `select_best_resolution` picks for an image among
+    `pinpoints` (None: all of the config's); base-only configs and an empty list give grid (0, 0)."""
+    if not config.anyres:
+        return {"grid": (0, 0)}
+    pins = config.image_grid_pinpoints if pinpoints is None else pinpoints
+    if not pins:
+        return {"grid": (0, 0)}
+    S = config.image_size
+    bh, bw = select_best_resolution(orig_size, pins)
+    return grid_layout(orig_size, config, (bh // S, bw // S))
 
-    Base-only configs (no AnyRes) take exactly `tokens_per_view` positions (no newline).
-    """
-    lay = anyres_layout(orig_size, config)
+
+def layout_tokens(lay: dict, config: "RConfig") -> int:
+    """Positions of a layout: base view + feature rows x cols + one newline per row; the base
+    view alone (grid (0, 0)) is `tokens_per_view` positions, no newline."""
     if lay["grid"] == (0, 0):
         return config.tokens_per_view
     fh, fw = lay["feature"]
     return config.tokens_per_view + fh * fw + fh
+
+
+def count_image_tokens(orig_size: tuple[int, int], config: "RConfig", grid: tuple[int, int] | None = None) -> int:
+    """Positions an image of (height, width) takes: base view + unpadded tile features + newlines,
+    tiled as `grid` (None: the grid the config's full pinpoint list picks).
+
+    Base-only configs (no AnyRes) and grid (0, 0) take exactly `tokens_per_view` positions (no newline).
+    """
+    lay = anyres_layout(orig_size, config) if grid is None else grid_layout(orig_size, config, grid)
+    return layout_tokens(lay, config)
+
+
+def budget_layout(orig_size: tuple[int, int], config: "RConfig", budget: int | None) -> dict:
+    """The layout of an image under a positions budget: the grid `select_best_resolution` picks
+    among the pinpoints whose whole image (base view + tiles + newlines) fits `budget`; the base
+    view alone when none fits (it is always kept, so an image takes at least `tokens_per_view`).
+    `budget` None: every pinpoint (the model's full grid)."""
+    if budget is None or not config.anyres:
+        return anyres_layout(orig_size, config)
+    S = config.image_size
+    fits = [[h, w] for h, w in config.image_grid_pinpoints
+            if layout_tokens(grid_layout(orig_size, config, (h // S, w // S)), config) <= budget]
+    return anyres_layout(orig_size, config, fits)
 
 
 def _bilinear(fmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -294,9 +339,10 @@ def pack_anyres(feats: np.ndarray, grid: tuple[int, int], orig_size: tuple[int, 
     """Per-view projected features [V, P*P, H] -> the image's sequence [n_tokens, H] (numpy, as
     `RForConditionalGeneration.image_features` does in torch): base view, then the tile feature
     map unpadded to the image's aspect (downsampled for `anyres_max_N`) with `newline` after every
-    row. The llama and onnx backends both pack with this."""
+    row, all computed from `grid` (the one the image was prepared with, budgeted or not). The
+    llama and onnx backends both pack with this."""
     P = config.image_size // config.patch_size
-    rows, cols = int(grid[0]), int(grid[1])
+    rows, cols = check_grid(grid)
     if feats.shape[0] != 1 + rows * cols:
         raise ModelFormatError(f"the vision encoder returned {feats.shape[0]} views; grid {rows}x{cols} "
                                f"needs {1 + rows * cols}")
@@ -308,7 +354,7 @@ def pack_anyres(feats: np.ndarray, grid: tuple[int, int], orig_size: tuple[int, 
                                "image_newline: re-export them")
     H = feats.shape[-1]
     fmap = feats[1:].reshape(rows, cols, P, P, H).transpose(4, 0, 2, 1, 3).reshape(H, rows * P, cols * P)
-    lay = anyres_layout((int(orig_size[0]), int(orig_size[1])), config)
+    lay = grid_layout((int(orig_size[0]), int(orig_size[1])), config, (rows, cols))
     uh, uw = lay["unpadded"]
     top, left = (rows * P - uh) // 2, (cols * P - uw) // 2
     fmap = fmap[:, top:top + uh, left:left + uw]
@@ -326,8 +372,21 @@ def _normalize(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return ((a - mean) / std).transpose(2, 0, 1)
 
 
-def prepare_image(img: ImageSource, config: "RConfig") -> PreparedImage:
-    """Base view (resized to S x S) + AnyRes tiles, SigLIP-normalised, as float32 [V, 3, S, S]."""
+def prepare_image(img: ImageSource, config: "RConfig", image_tokens: int | None = None) -> PreparedImage:
+    """Base view (resized to S x S) + AnyRes tiles, SigLIP-normalised, as float32 [V, 3, S, S].
+
+    `image_tokens`: a positions budget (int >= 1) that picks the grid (`budget_layout`), or None
+    for the model's full grid. ("auto" depends on the device: `Model.prepare` resolves it with
+    `image_budget.resolve_image_tokens`.)"""
+    from .image_budget import check_image_tokens
+
+    budget = check_image_tokens(image_tokens)
+    if budget == "auto":
+        from ..errors import ImageTokensError
+
+        raise ImageTokensError("prepare_image takes a positions budget (int >= 1) or None; 'auto' depends on the "
+                               "device and threads: use Model.prepare, or resolve it first with "
+                               "r4b_edge.model.image_budget.resolve_image_tokens('auto', device, threads)")
     if not (isinstance(img, Image.Image) and img.mode == "RGB"):
         img = load_image(img)
     w, h = img.size
@@ -335,7 +394,7 @@ def prepare_image(img: ImageSource, config: "RConfig") -> PreparedImage:
     mean = np.asarray(config.image_mean, dtype=np.float32)
     std = np.asarray(config.image_std, dtype=np.float32)
     views = [_normalize(img.resize((S, S), Image.BICUBIC), mean, std)]
-    lay = anyres_layout((h, w), config)
+    lay = budget_layout((h, w), config, budget)
     if lay["grid"] != (0, 0):
         bh, bw = lay["best"]
         nh, nw = _resized_size((h, w), (bh, bw))
@@ -347,6 +406,8 @@ def prepare_image(img: ImageSource, config: "RConfig") -> PreparedImage:
             for c in range(cols):
                 views.append(padded[:, r * S:(r + 1) * S, c * S:(c + 1) * S])
     pv = np.ascontiguousarray(np.stack(views).astype(np.float32, copy=False))
-    digest = hashlib.sha256(f"{w}x{h}:".encode() + img.tobytes()).hexdigest()
-    return PreparedImage(pixel_values=pv, grid=tuple(lay["grid"]), orig_size=(h, w),
-                         n_tokens=count_image_tokens((h, w), config), key=digest, image=img)
+    rows, cols = lay["grid"]
+    # the grid is part of the key: the same pixels at two budgets are two different embeddings
+    digest = hashlib.sha256(f"{w}x{h}:".encode() + img.tobytes()).hexdigest() + f":{rows}x{cols}"
+    return PreparedImage(pixel_values=pv, grid=(rows, cols), orig_size=(h, w),
+                         n_tokens=layout_tokens(lay, config), key=digest, image=img, budget=budget)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -261,3 +262,74 @@ def test_fresh_process_deadline_thinks_on_its_first_call():
             return
         seen.append("\n".join(lines[:2] + lines[-1:]))
     pytest.fail("no fresh process thought and answered 18 at --deadline 400:\n" + "\n---\n".join(seen))
+
+
+# ---- --image-tokens, --n-ctx, --dtype (issue 28) ---------------------------------------------------
+@pytest.mark.parametrize("verb,argv", [("chat", ["{png}", "q"]), ("serve", ["--port", "0"])])
+def test_load_flags_reach_load(monkeypatch, png, capsys, verb, argv):
+    import r4b_edge
+    from r4b_edge.errors import R4BError
+
+    seen: list[dict] = []
+
+    def fake_load(path=None, backend="auto", device="auto", **kw):
+        seen.append(kw)
+        raise R4BError("stopped before loading")
+
+    monkeypatch.setattr(r4b_edge, "load", fake_load)
+    argv = [verb] + [a.replace("{png}", str(png)) for a in argv]
+    assert main(argv) == 1
+    assert main(argv + ["--image-tokens", "2560", "--n-ctx", "4096", "--dtype", "bf16"]) == 1
+    assert main(argv + ["--image-tokens", "full", "--dtype", "float16"]) == 1
+    assert seen == [{"threads": None, "image_tokens": "auto"},
+                    {"threads": None, "image_tokens": 2560, "n_ctx": 4096, "dtype": "bfloat16"},
+                    {"threads": None, "image_tokens": None, "dtype": "float16"}]
+    assert "stopped before loading" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--image-tokens", "0", "--image-tokens must be a whole number >= 1 (a positions budget), 'auto' or 'full'"),
+    ("--image-tokens", "lots", "got 'lots'"),
+    ("--dtype", "int8", "dtype (--dtype) must be auto, bf16, fp16 or fp32"),
+    ("--n-ctx", "many", "invalid int value"),
+])
+@pytest.mark.parametrize("verb", ["chat", "serve", "app", "bench"])
+def test_bad_load_flags_are_usage_errors(png, capsys, verb, flag, value, needle):
+    argv = [verb] + ([str(png), "q"] if verb == "chat" else [])
+    with pytest.raises(SystemExit) as e:
+        main(argv + [flag, value])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_n_ctx_zero_is_a_one_line_error(tiny_ckpt, png, capsys):
+    assert main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--n-ctx", "0"]) == 1
+    assert "n_ctx (--n-ctx) must be a whole number of positions >= 1" in capsys.readouterr().err
+
+
+def test_verbose_prints_the_settings_and_the_grid(tiny_ckpt, png, capsys):
+    rc = main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "3", "--verbose",
+               "--image-tokens", "20", "--n-ctx", "1000", "--dtype", "fp32", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[model: torch/cpu, fp32 (asked), n_ctx 1000, 1 thread(s)]" in out
+    assert "[image tokens: 20 -> budget 20 positions]" in out
+    assert re.search(r"\[image 40x20 -> (grid \dx\d \+ base view|base view only), \d+ positions \(budget 20\)\]", out)
+    rc = main(["chat", str(png), "q", "--model", str(tiny_ckpt), "--max-tokens", "3", "--verbose", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "[image tokens: auto -> budget 640 positions]" in out and "(budget 640)]" in out
+
+
+def test_info_shows_the_auto_budget_and_dtype(tiny_ckpt, capsys):
+    assert main(["info", "--model", str(tiny_ckpt), "--json", "--threads", "2"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    it = info["image_tokens"]
+    assert it["threads"] == 2 and it["cpu_budget"] == 1280 and "640 positions per thread" in it["rule"]
+    assert it["photo_full"]["views"] == 5 and it["photo_cpu"]["positions"] <= 1280  # the tiny model's 2x2 grid
+    td = info["torch_dtype"]
+    assert td["device"] == "cpu" and td["auto"] in ("fp32", "bf16")
+    assert "CPU bf16 matmul at hidden 64, 2 thread(s)" in td["why"]
+    assert main(["info", "--model", str(tiny_ckpt), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "on a CPU 640 positions per thread; here on the CPU with 1 thread(s): 640 positions" in out
+    assert "a 1920x1080 photo: grid 2x2 + base view, 5 view(s)" in out and "torch --dtype auto here:" in out

@@ -364,3 +364,38 @@ def test_the_demo_note_shows_for_the_bundled_model_only(app, window) -> None:
         assert not win.demo_label.isHidden() and "2x2 grid" in win.demo_label.text()
     finally:
         win.shutdown()
+
+
+def test_image_tokens_setting_and_load_options(app, tiny_ckpt, tmp_path):
+    """--n-ctx/--dtype reach the model the window loads; the Image tokens setting budgets the next chat's
+    image (issue 28); a bad value is a message, not a traceback."""
+    import argparse
+
+    from r4b_edge.apps.desktop import _apply_args, window_load_options
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(wide)
+    args = argparse.Namespace(mode="no-think", max_tokens=2, max_think_tokens=None, think_threshold=None,
+                              image_tokens=20, n_ctx=300, dtype="float32", threads=1, llama_repack=None)
+    assert window_load_options(args) == {"n_ctx": 300, "dtype": "float32"}
+    win = main_window_class()(str(tiny_ckpt), threads=1, load_options=window_load_options(args))
+    try:
+        _apply_args(win, args)
+        assert win.image_tokens_box.currentText() == "20"
+        assert wait_until(lambda: not win.busy, 60) and win.model is not None, win.error_label.text()
+        assert win.model.backend.n_ctx == 300 and win.model.info()["precision"] == "float32"
+        assert win.set_image(str(wide))
+        _ask(win, "q")
+        assert win.last_result.stats.image_tokens == 16  # the base view alone under 20 positions
+        win.new_chat_button.click()
+        win.image_tokens_box.setCurrentText("full")
+        _ask(win, "q")
+        assert win.last_result.stats.image_tokens == 70
+        win.new_chat_button.click()
+        win.image_tokens_box.setCurrentText("lots")
+        win.question.setText("q")
+        win.ask_button.click()
+        assert not win.busy and "image tokens must be a whole number >= 1" in win.error_label.text()
+    finally:
+        win.shutdown()
+        win.close()

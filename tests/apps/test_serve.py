@@ -358,13 +358,19 @@ BAD = {
     "surrogate_stream": ({"messages": [_m({"type": "text", "text": "a\ud800"})], "stream": True},
                          "messages[0].content[0].text", "invalid_value"),
     "surrogate_ignored_field": ({"messages": [_m(_TEXT)], "user": "\ud800"}, "user", "invalid_value"),
+    "image_tokens_zero": ({"messages": [_m(_IMG, _TEXT)], "image_tokens": 0}, "image_tokens", "invalid_value"),
+    "image_tokens_word": ({"messages": [_m(_IMG, _TEXT)], "image_tokens": "lots"}, "image_tokens", "invalid_value"),
+    "image_tokens_float": ({"messages": [_m(_TEXT)], "image_tokens": 2.5}, "image_tokens", "invalid_value"),
+    "image_tokens_bool": ({"messages": [_m(_TEXT)], "image_tokens": True}, "image_tokens", "invalid_value"),
 }
 
 #: What the message must say, besides the param and code.
 BAD_MESSAGES = {"over_178_mp": "--max-image-pixels", "too_many_pixels": "--max-image-pixels",
                 "image_in_system": "system message", "image_in_assistant": "assistant message",
                 "eps_as_png": "accepted format", "tiff": "accepted format",
-                **{k: "lone surrogate" for k in BAD if k.startswith("surrogate_")}}
+                **{k: "lone surrogate" for k in BAD if k.startswith("surrogate_")},
+                **{k: "'image_tokens' must be a whole number >= 1 (positions an image may take), \"auto\" or "
+                      "\"full\" (or absent: the server's default), got " for k in BAD if k.startswith("image_tokens_")}}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -377,6 +383,20 @@ def test_bad_requests_get_400(server, case):
     assert err["type"] == "invalid_request_error" and err["message"]
     assert (err["param"], err["code"]) == (param, code)
     assert BAD_MESSAGES.get(case, "") in err["message"]
+
+
+def test_image_tokens_field_reaches_the_model(client, server):
+    """The request's `image_tokens` (r4b-edge extension) budgets its image; absent: the server's default."""
+    img = _png(3, (50, 70))  # the tiny model tiles it 2x2 (70 positions); 1x2 (44) under 50; 16 under 20
+    assert server.model.image_tokens == "auto"
+
+    def positions(**extra) -> int:
+        r = client.chat.completions.create(model="tiny", messages=[_user("q", img)], max_tokens=2,
+                                           extra_body=extra or None)
+        return r.model_extra["stats"]["image_tokens"]
+
+    assert [positions(), positions(image_tokens=50), positions(image_tokens=20), positions(image_tokens="full"),
+            positions(image_tokens="auto"), positions(image_tokens=None)] == [70, 44, 16, 70, 70, 70]
 
 
 def test_bad_request_through_openai_client(client):

@@ -184,6 +184,33 @@ def test_image_embeddings_match_torch(backends, hw) -> None:
     assert np.abs(got - ref).max() < EMB_BOUND
 
 
+
+@pytest.mark.parametrize("budget,grid", [(50, (1, 2)), (30, (2, 1)), (20, (0, 0))])
+def test_budgeted_image_matches_torch(backends, budget, grid) -> None:
+    """An image prepared under an image-token budget (issue 28): llama counts and packs the chosen grid
+    (it counted the full grid before), and its logits follow torch's."""
+    from r4b_edge.model.processing import prepare_image
+
+    tb, lb = backends
+    pi = prepare_image(_image(50, 70, seed=5), tb.config, budget)
+    assert pi.grid == grid
+    got, _ = lb.image_embeddings(pi)
+    assert lb.image_token_count(pi) == pi.n_tokens == got.shape[0]
+    segs = prompt_segments(tb.tokenizer, pi, "what colour is it?")
+    assert np.abs(tb.prefill(segs) - lb.prefill(segs)).max() < LOGITS_BOUND
+    assert lb.n_past == tb.n_past and lb.timings.image_tokens == pi.n_tokens
+
+
+def test_budget_through_the_api(gguf_dir: Path) -> None:
+    import r4b_edge
+
+    img = _image(50, 70, seed=6)
+    with r4b_edge.load(gguf_dir, device="cpu", threads=1, image_tokens=50) as m:
+        assert m.info()["image_budget"] == 50
+        assert m.chat(img, "q", max_tokens=2).stats.image_tokens == 44
+        assert m.chat(img, "q", max_tokens=2, image_tokens="full").stats.image_tokens == 70
+        assert m.chat(img, "q", max_tokens=2, image_tokens=20).stats.image_tokens == 16
+
 def test_logits_forward_truncate_match_torch(backends) -> None:
     from r4b_edge.model.processing import prepare_image
 
@@ -283,6 +310,8 @@ def test_threads_one_name(gguf_dir: Path) -> None:
     with pytest.raises(BackendOptionError, match="unknown argument.s. n_threads for the llama backend: it takes "
                                                  "device, threads, n_ctx"):
         create_backend(gguf_dir, backend="llama", device="cpu", n_threads=1)
+    with pytest.raises(BackendOptionError, match=r"dtype \(--dtype\) is a torch backend option .*the GGUF quant"):
+        create_backend(gguf_dir, backend="llama", device="cpu", dtype="bf16")
 
 
 def test_devices(gguf_dir: Path) -> None:

@@ -107,6 +107,30 @@ def test_image_cache_and_timings(pair):
     assert np.array_equal(a, b)
 
 
+
+@pytest.mark.parametrize("budget,grid", [(None, (2, 2)), (50, (1, 2)), (30, (2, 1)), (20, (0, 0))])
+def test_budgeted_image_matches_torch(pair, budget, grid):
+    """An image prepared under an image-token budget (issue 28): the numpy packing of the chosen grid,
+    the positions it takes and the logits equal torch's; each grid is its own cache entry."""
+    ob, tb = pair
+    img = prepare_image(_img(11, (70, 50)), tb.config, budget)
+    assert img.grid == grid
+    segs = [tb.tokenizer.encode("<|im_start|>user\n"), img, tb.tokenizer.encode("hi<|im_end|>")]
+    assert np.abs(ob.prefill(segs) - tb.prefill(segs)).max() < LOGIT_BOUND
+    assert ob.timings.image_tokens == ob.image_token_count(img) == img.n_tokens
+    assert ob.n_past == tb.n_past == len(segs[0]) + img.n_tokens + len(segs[2])
+    assert ob.timings.cached_images == 0  # not the features of another grid of the same pixels
+
+
+def test_n_ctx_bounds_the_onnx_sequence(onnx_dir):
+    be = create_backend(onnx_dir, backend="onnx", device="cpu", threads=1, n_ctx=24)
+    try:
+        assert be.n_ctx == 24
+        r = Engine(be).generate([Message("user", "hi")], [], GenerationOptions(mode="think", max_tokens=500))
+        assert r.stats.finish_reason == "length" and be.n_past <= 24
+    finally:
+        be.close()
+
 def test_kv_cache_stays_in_ortvalues(pair):
     """Decode feeds the bound present outputs back as OrtValues (no numpy round trip)."""
     import onnxruntime as ort
@@ -155,8 +179,12 @@ def test_threads_and_unknown_arguments(onnx_dir):
         assert be._dec.get_session_options().intra_op_num_threads == 1
     finally:
         be.close()
-    with pytest.raises(BackendOptionError, match="unknown argument.s. n_ctx for the onnx backend: it takes device, threads"):
-        create_backend(onnx_dir, backend="onnx", device="cpu", n_ctx=512)  # was swallowed by **_
+    with pytest.raises(BackendOptionError, match="unknown argument.s. n_batch for the onnx backend: it takes device, "
+                                                 "threads, n_ctx"):
+        create_backend(onnx_dir, backend="onnx", device="cpu", n_batch=512)  # was swallowed by **_
+    with pytest.raises(BackendOptionError, match=r"dtype \(--dtype\) is a torch backend option .*the ONNX export "
+                                                 "precision"):
+        create_backend(onnx_dir, backend="onnx", device="cpu", dtype="bf16")
     with pytest.raises(BackendOptionError, match="threads must be a whole number >= 1"):
         OnnxBackend(onnx_dir, device="cpu", threads=0)
 

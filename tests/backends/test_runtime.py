@@ -87,14 +87,16 @@ def test_torch_backend_takes_threads(tiny_ckpt):
     (dict(n_threads=2), "unknown argument(s) n_threads for the torch backend"),
     (dict(mmproj="x.gguf"), "unknown argument(s) mmproj for the torch backend"),
     (dict(threads="4"), "threads must be a whole number >= 1"),
-    (dict(dtype="int3"), "dtype must be one of float32, float16, bfloat16"),
+    (dict(dtype="int3"), "dtype (--dtype) must be auto, bf16, fp16 or fp32 (or bfloat16, float16, float32; None for "
+                         "the default: fp32 on CPU, fp16 on a GPU), got 'int3'"),
+    (dict(n_ctx=0), "n_ctx (--n-ctx) must be a whole number of positions >= 1"),
 ])
 def test_torch_backend_refuses_unknown_or_bad_arguments(tiny_ckpt, kw, msg):
     with pytest.raises(BackendOptionError) as e:
         create_backend(tiny_ckpt, backend="torch", device="cpu", **kw)
     assert msg in str(e.value)
     if "unknown" in msg:
-        assert "device, threads, dtype, use_cache" in str(e.value)
+        assert "device, threads, n_ctx, dtype, use_cache" in str(e.value)
 
 
 def test_load_passes_threads(tiny_ckpt):

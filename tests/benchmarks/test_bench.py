@@ -201,3 +201,44 @@ def test_quick_bench_lets_the_bundled_models_replies_finish(tmp_path: Path, caps
     auto = next(t for t in doc["targets"] if t["name"].startswith("auto/think"))
     assert auto["value"] is not None and "accuracy auto" in auto["note"]
     assert "cut" not in out.out
+
+
+def _bench_args(*flags: str):
+    import argparse
+
+    from r4b_edge.benchmarks.bench import register
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    return p.parse_args(["bench", *flags])
+
+
+def test_load_flags_reach_every_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--image-tokens, --n-ctx and --dtype (issue 28) reach the specs the workers load."""
+    import r4b_edge.backends as backends
+    from r4b_edge.benchmarks.bench import _settings, prepare_configs
+    from r4b_edge.errors import R4BError
+
+    monkeypatch.setattr(backends, "is_installed", lambda name: name == "torch")
+    s = _settings(_bench_args("--backends", "torch", "--dtype", "auto", "--image-tokens", "1280", "--n-ctx", "4096"))
+    assert (s["precisions"]["torch"], s["image_tokens"], s["n_ctx"]) == (["auto"], 1280, 4096)
+    specs, _ = prepare_configs(tmp_path / "model", s, tmp_path / "cache", lambda m: None)
+    assert [(x["precision"], x["image_tokens"], x["kwargs"]) for x in specs] == [("auto", 1280, {"n_ctx": 4096})]
+    s = _settings(_bench_args("--backends", "torch"))
+    assert (s["precisions"]["torch"], s["image_tokens"], s["n_ctx"]) == (["fp32"], "auto", None)
+    assert _settings(_bench_args("--image-tokens", "full"))["image_tokens"] == "full"
+    with pytest.raises(R4BError, match="--dtype and --torch-precisions"):
+        _settings(_bench_args("--dtype", "bf16", "--torch-precisions", "fp32"))
+
+
+def test_latency_worker_prepares_images_within_the_budget(tiny_ckpt: Path) -> None:
+    pytest.importorskip("torch")
+    from r4b_edge.benchmarks.latency import pp_tg_worker
+
+    base = {"backend": "torch", "precision": "fp32", "path": str(tiny_ckpt), "device": "cpu", "threads": 1,
+            "kwargs": {"n_ctx": 512}}
+    p = {"n_prompt": 8, "n_gen": 1, "image": True, "warmup": 0, "repeats": 1}
+    full = pp_tg_worker(dict(p, spec=dict(base, image_tokens="full")))
+    small = pp_tg_worker(dict(p, spec=dict(base, image_tokens=16)))
+    assert small["image_tokens"] == 16 < full["image_tokens"]  # the base view alone
+    assert small["runs"][0]["image_tokens"] == 16
