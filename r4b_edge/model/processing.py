@@ -309,14 +309,19 @@ def count_image_tokens(orig_size: tuple[int, int], config: "RConfig", grid: tupl
 
 def budget_layout(orig_size: tuple[int, int], config: "RConfig", budget: int | None) -> dict:
     """The layout of an image under a positions budget: the grid `select_best_resolution` picks
-    among the pinpoints whose whole image (base view + tiles + newlines) fits `budget`; the base
-    view alone when none fits (it is always kept, so an image takes at least `tokens_per_view`).
-    `budget` None: every pinpoint (the model's full grid)."""
+    among the pinpoints whose whole image (base view + tiles + newlines) fits `budget` and that
+    have no more tiles than the model's full grid for this image (a budget never makes the vision
+    tower encode more views: a wide photo's 2x3 is not traded for a 3x3 that unpads to fewer
+    positions); the base view alone when none fits (it is always kept, so an image takes at least
+    `tokens_per_view`). `budget` None: every pinpoint (the model's full grid)."""
+    full = anyres_layout(orig_size, config)
     if budget is None or not config.anyres:
-        return anyres_layout(orig_size, config)
+        return full
     S = config.image_size
+    most = full["grid"][0] * full["grid"][1]
     fits = [[h, w] for h, w in config.image_grid_pinpoints
-            if layout_tokens(grid_layout(orig_size, config, (h // S, w // S)), config) <= budget]
+            if (h // S) * (w // S) <= most
+            and layout_tokens(grid_layout(orig_size, config, (h // S, w // S)), config) <= budget]
     return anyres_layout(orig_size, config, fits)
 
 

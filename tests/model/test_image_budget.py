@@ -149,7 +149,7 @@ def test_docs_table_matches_the_code(true_cfg) -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "images.md").read_text(encoding="utf-8")
     rows = [line for line in doc.splitlines() if line.startswith("| ") and "base view" in line]
-    assert len(rows) == 6
+    assert len(rows) == 5
     covered = []
     for row in rows:
         n, auto, grid, views, positions = (c.strip() for c in row.strip().strip("|").split("|"))
@@ -169,3 +169,13 @@ def test_docs_table_matches_the_code(true_cfg) -> None:
         assert ("on a GPU" in auto) == (auto_image_tokens("cuda", 2) is None and n.startswith("`full`"))
     covered.sort()
     assert covered[0][0] == 1 and all(a[1] + 1 == b[0] for a, b in zip(covered, covered[1:]))
+
+
+def test_a_budget_never_encodes_more_views_than_the_full_grid(true_cfg) -> None:
+    """A wide photo's full grid is 2x3 (7 views); no budget swaps it for 3x3 (10 views, 4,419
+    positions once unpadded), for any image shape."""
+    for size in (PHOTO, (1080, 1920), (1000, 1000), (500, 1900), (384, 1152)):
+        full_views = grid_cost(size, true_cfg, None)[1]
+        for budget in range(700, 12_000, 37):
+            grid, views, positions = grid_cost(size, true_cfg, budget)
+            assert views <= full_views and positions <= budget or views == 1, (size, budget, grid)
