@@ -10,7 +10,7 @@
    `r4b-edge pull` (HF_ENDPOINT -> that hub, R4B_EDGE_HOME -> the work folder) to GGUF Q4_K_M +
    the F16 mmproj. ONNX int8 at true size is not attempted (see `ONNX_NOTE`).
 2. Measures a chat through the public API (`r4b_edge.load(path, backend="llama", threads=2)`,
-   `Model.conversation(image)`, `Conversation.stream(q, mode="no-think", max_tokens=16)`) about
+   `Model.conversation(image, image_tokens=B)`, `Conversation.stream(q, mode="no-think", max_tokens=16)`) about
    a 1920x1080 photo-like image and two follow-ups, per image-token budget (`auto` and explicit
    ones), one fresh process per budget (its own peak RSS).
 3. Side by side, on the same GGUF files, llama.cpp's own tools: `llama-mtmd-cli` on the
@@ -244,9 +244,6 @@ class PreMerge:
             if not hasattr(Stats(), f):
                 self.missing.append(f"Stats.{f}")
 
-    def load_kwargs(self, budget: str | int) -> dict:
-        return {"image_tokens": budget} if self.conversation_budget else {}
-
     def conversation_kwargs(self, budget: str | int) -> dict:
         return {"image_tokens": budget} if self.conversation_budget else {}
 
@@ -284,16 +281,14 @@ def chat_worker(p: dict) -> dict:
     if budget != "auto" and not shim.conversation_budget:
         raise BenchSkip(f"image_tokens={budget}: this r4b_edge has no image-token budget yet (pre-merge)")
     t0 = time.perf_counter()
-    model = r4b_edge.load(p["path"], backend="llama", device="cpu", threads=int(p["threads"]),
-                          **shim.load_kwargs(budget))
+    model = r4b_edge.load(p["path"], backend="llama", device="cpu", threads=int(p["threads"]))
     load_ms = (time.perf_counter() - t0) * 1e3
     be = model.backend
     out: dict[str, Any] = {"budget": budget, "threads": int(p["threads"]), "import_ms": (t0 - t_start) * 1e3,
                            "load_ms": load_ms, "n_ctx": be.n_ctx, "kv_bytes": kv_bytes(model.config, be.n_ctx),
                            "repack": getattr(getattr(be, "repack", None), "use_extra_bufts", None),
                            "repack_reason": be.repack.line() if hasattr(be, "repack") else "", "missing": shim.missing,
-                           "budget_applied": budget == "auto" and shim.conversation_budget or
-                           (budget != "auto" and shim.conversation_budget), "turns": []}
+                           "budget_applied": shim.conversation_budget, "turns": []}
     try:
         t0 = time.perf_counter()
         conv = model.conversation(p["image"], **shim.conversation_kwargs(budget))
@@ -763,10 +758,13 @@ def _gib(b: Any) -> str:
 def markdown(doc: dict) -> str:
     """The results page (the `true_size.md` body; the JSON holds every number)."""
     m, b = doc.get("machine", {}), doc["build"]
+    what = ("A random-weight R-4B at full size (36 layers x 2560, SigLIP-So400m 27 layers at 384 px, 3x3 "
+            "pinpoints, vocab 151,936)." if doc["size"] == "full" else
+            "A tiny random model (`--quick`: a harness check, the numbers mean nothing).")
     L = [f"Measured {doc.get('created', '')} ({doc.get('duration_s', 0):.0f} s) on {m.get('cpu', '?')}, "
          f"{m.get('cores_physical') or '?'} physical / {m.get('cores_logical', '?')} logical cores, "
          f"{m.get('ram_gib', '?')} GiB RAM; load average at start {m.get('load_avg')}. "
-         f"{'A tiny random model (`--quick`: a harness check, the numbers mean nothing).' if doc['size'] != 'full' else 'A random-weight R-4B at full size (36 layers x 2560, SigLIP-So400m 27 layers at 384 px, 3x3 pinpoints, vocab 151,936).'}",
+         f"{what}",
          "", "Commands:", "", "```bash", doc.get("command", ""), "```", ""]
     if doc.get("missing"):
         L += ["**Not measured (features not merged into this r4b-edge yet):** " + "; ".join(doc["missing"]) + ".", ""]
