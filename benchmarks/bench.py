@@ -85,6 +85,22 @@ def register(subparsers: Any) -> None:
                    help="only measure llama.cpp's weight repacking on this CPU: prefill/decode with it on and off "
                         "side by side (bundled and true-shape models, Q4_K_M and Q8_0) and the auto probe's cost: "
                         "writes repack.json/.md into --out (models cached in --cache)")
+    p.add_argument("--true-size", action="store_true",
+                   help="only run issue 28's true-size measurement: build (once, cached in --true-size-dir) a "
+                        "random full-size R-4B, pull it from a local hub to GGUF Q4_K_M, chat about a 1920x1080 "
+                        "photo with two follow-ups per image-token budget, side by side with llama-mtmd-cli and "
+                        "llama-server: writes true_size.json/.md into --out (--quick: a tiny model, a harness check)")
+    p.add_argument("--true-size-dir", default=None,
+                   help="work folder of --true-size (checkpoint, store, images; default <cache>/true-size)")
+    p.add_argument("--true-size-budgets", default="auto,729,4501",
+                   help="--true-size: image-token budgets, one process each (default auto,729,4501: the default, "
+                        "base view only, the photo's full 3x3 grid)")
+    p.add_argument("--true-size-build-only", action="store_true", help="--true-size: build the model, measure nothing")
+    p.add_argument("--no-scaling", action="store_true",
+                   help="--true-size: skip the 1-thread run that measures thread scaling for the 8-core extrapolation")
+    p.add_argument("--llama-bin", default=None,
+                   help="--true-size: folder with llama-mtmd-cli and llama-server (default $R4B_LLAMA_CPP_BIN, "
+                        "else PATH; without them the side-by-side is reported as skipped)")
     p.add_argument("--true-shape-layers", type=int, default=2,
                    help="decoder layers of the --true-shape model (default 2; R-4B has 36)")
     p.add_argument("--no-baselines", action="store_true", help="skip raw llama-cpp-python and bandwidth")
@@ -482,6 +498,34 @@ def _repack_main(args: argparse.Namespace) -> int:
     return 0 if d["rows"] else 1
 
 
+def _true_size_main(args: argparse.Namespace) -> int:
+    """`r4b-edge bench --true-size`: issue 28's measurement at R-4B's true size (--quick: tiny model)."""
+    from r4b_edge.errors import R4BError
+
+    from . import true_size
+
+    size = "tiny" if args.quick else "full"
+    work = Path(args.true_size_dir or Path(args.cache) / "true-size").expanduser().resolve()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.true_size_build_only:
+        rec = true_size.build(work, size, args.llama_repack, log=log)
+        print(f"built: {rec['text']} ({rec['text_bytes'] / 2**30:.2f} GiB) + {rec['mmproj']} "
+              f"({rec['mmproj_bytes'] / 2**30:.2f} GiB)")
+        return 0
+    try:
+        budgets = true_size.parse_budgets(args.true_size_budgets)
+    except ValueError as e:
+        raise R4BError(f"--true-size-budgets: {e}") from None
+    bin_dir = true_size.llama_bin_dir(args.llama_bin)
+    out = Path(args.out).expanduser()
+    doc = true_size.run_true_size(work, out, size, budgets, threads=args.threads or 2, bin_dir=bin_dir,
+                                  scaling=not args.no_scaling, llama_repack=args.llama_repack,
+                                  command=_command(args), log=log)
+    print(true_size.markdown(doc))
+    print(f"results: {out / 'true_size.json'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `r4b-edge bench`."""
     from r4b_edge.api import default_model_path
@@ -499,6 +543,8 @@ def main(args: argparse.Namespace) -> int:
         return _true_shape_main(args)
     if args.repack:
         return _repack_main(args)
+    if args.true_size:
+        return _true_size_main(args)
     s = _settings(args)
     model = Path(args.model).expanduser() if args.model else default_model_path()
     if not (model / "config.json").is_file():

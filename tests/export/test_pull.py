@@ -27,7 +27,7 @@ from r4b_edge.errors import DownloadError, ModelNotFoundError
 from r4b_edge.export import hub as hubmod
 from r4b_edge.export.pull import conversion_bytes, pull
 
-from .hubserver import Repo, LocalHub
+from r4b_edge.benchmarks.hubserver import Repo, LocalHub
 
 pytest.importorskip("huggingface_hub")
 REPO = "test/tiny-r4b"

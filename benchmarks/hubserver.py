@@ -1,5 +1,7 @@
-"""A tiny Hugging Face Hub on 127.0.0.1 for tests (no network): the routes huggingface_hub
-uses to list a repository and download its files, with hooks that misbehave on purpose.
+"""A tiny Hugging Face Hub on 127.0.0.1 for tests and benchmarks (no network): the routes
+huggingface_hub uses to list a repository and download its files, with hooks that misbehave on
+purpose. Files are held in memory (bytes) or, with `Repo.from_folder(..., in_memory=False)`,
+read from disk on each request, so a multi-GB checkpoint (the true-size bench) costs no RAM.
 
 Routes (as huggingface_hub 2.4 calls them):
 - GET  /api/models/{repo}[/revision/{rev}][?blobs=true]  -> {"id", "sha", "siblings": [...]}
@@ -21,32 +23,71 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 
+_CHUNK = 8 << 20
+
+
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+
+
+def _size(data: bytes | Path) -> int:
+    return data.stat().st_size if isinstance(data, Path) else len(data)
+
+
+def _chunks(data: bytes | Path, start: int = 0, end: int | None = None):
+    """The bytes [start, end) of an in-memory or on-disk file, in chunks of at most 8 MiB."""
+    end = _size(data) if end is None else end
+    if not isinstance(data, Path):
+        for i in range(start, end, _CHUNK):
+            yield data[i:min(i + _CHUNK, end)]
+        return
+    with open(data, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            b = f.read(min(_CHUNK, end - pos))
+            if not b:
+                return
+            pos += len(b)
+            yield b
 
 
 @dataclass
 class Repo:
     commit: str
-    files: dict[str, bytes]
+    files: dict[str, bytes | Path]
     lfs: set[str] = field(default_factory=set)
     gated: bool = False
+    _hashes: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_folder(cls, folder: Path, commit: str, lfs_suffixes=(".safetensors", "tokenizer.json")) -> "Repo":
-        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    def from_folder(cls, folder: Path, commit: str, lfs_suffixes=(".safetensors", "tokenizer.json"),
+                    in_memory: bool = True) -> "Repo":
+        files = {p.name: (p.read_bytes() if in_memory else p.resolve())
+                 for p in sorted(folder.iterdir()) if p.is_file()}
         return cls(commit, files, {n for n in files if n.endswith(lfs_suffixes)})
 
-    def etag(self, name: str) -> str:
+    def _hash(self, name: str, kind: str) -> str:
+        """sha256 or git blob sha1 of a file, streamed; kept for on-disk files (tests swap bytes in place)."""
         data = self.files[name]
-        return hashlib.sha256(data).hexdigest() if name in self.lfs else git_blob_sha1(data)
+        key = (kind, data) if isinstance(data, Path) else None
+        if key is None or key not in self._hashes:
+            h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(f"blob {_size(data)}\0".encode())
+            for b in _chunks(data):
+                h.update(b)
+            if key is None:
+                return h.hexdigest()
+            self._hashes[key] = h.hexdigest()
+        return self._hashes[key]
+
+    def etag(self, name: str) -> str:
+        return self._hash(name, "sha256" if name in self.lfs else "sha1")
 
     def sibling(self, name: str) -> dict:
-        data = self.files[name]
-        d = {"rfilename": name, "size": len(data), "blobId": git_blob_sha1(data)}
+        n = _size(self.files[name])
+        d = {"rfilename": name, "size": n, "blobId": self._hash(name, "sha1")}
         if name in self.lfs:
-            d["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
-            d["size"] = len(data)
+            d["lfs"] = {"size": n, "sha256": self._hash(name, "sha256"), "pointerSize": 134}
         return d
 
 
@@ -159,7 +200,7 @@ class LocalHub:
         h.send_header("Location", f"http://{self.cdn_host}:{port}/cdn/{repo_id}/{repo.commit}/{name}")
         h.send_header("X-Repo-Commit", repo.commit)
         h.send_header("X-Linked-Etag", f'"{repo.etag(name)}"')
-        h.send_header("X-Linked-Size", str(len(repo.files[name])))
+        h.send_header("X-Linked-Size", str(_size(repo.files[name])))
         h.send_header("ETag", f'"{repo.etag(name)}"')
         h.send_header("Content-Length", "0")
         h.end_headers()
@@ -175,38 +216,42 @@ class LocalHub:
 
     def _file(self, h, repo: Repo, name: str, head: bool) -> None:
         data = repo.files[name]
+        size = _size(data)
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{repo.etag(name)}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         if name in repo.lfs:
             headers["X-Linked-Etag"] = f'"{repo.etag(name)}"'
-            headers["X-Linked-Size"] = str(len(data))
-        if head:
-            return self._send(h, data, headers, head=True)
-        if name in self.corrupt:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            headers["X-Linked-Size"] = str(size)
         start, status = 0, 200
         rng = h.headers.get("Range")
-        if rng and rng.startswith("bytes=") and rng.endswith("-"):
+        if not head and rng and rng.startswith("bytes=") and rng.endswith("-"):
             start, status = int(rng[len("bytes="):-1]), 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        body = data[start:]
-        if name in self.drop_once or name in self.stall:
-            h.send_response(status)
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.send_header("Content-Length", str(len(body)))
-            h.end_headers()
-            h.wfile.write(body[: len(body) // 2])
-            h.wfile.flush()
-            if name in self.stall:
-                self.stall.discard(name)
-                self.stalled.set()
-                self.release.wait(60)
-            self.drop_once.discard(name)
-            h.close_connection = True
-            try:
-                h.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(size - start))
+        h.end_headers()
+        if head:
             return
-        self._send(h, body, headers, head=False, status=status)
+        cut = name in self.drop_once or name in self.stall
+        end = start + (size - start) // 2 if cut else size
+        first = True
+        for b in _chunks(data, start, end):
+            if first and start == 0 and name in self.corrupt:
+                b = bytes([b[0] ^ 0xFF]) + b[1:]
+            first = False
+            h.wfile.write(b)
+        if not cut:
+            return
+        h.wfile.flush()
+        if name in self.stall:
+            self.stall.discard(name)
+            self.stalled.set()
+            self.release.wait(60)
+        self.drop_once.discard(name)
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
