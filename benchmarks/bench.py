@@ -502,7 +502,7 @@ def _true_size_main(args: argparse.Namespace) -> int:
     """`r4b-edge bench --true-size`: issue 28's measurement at R-4B's true size (--quick: tiny model)."""
     from r4b_edge.errors import R4BError
 
-    from . import true_size
+    from . import llamacpp_tools, true_size, true_size_report
 
     size = "tiny" if args.quick else "full"
     work = Path(args.true_size_dir or Path(args.cache) / "true-size").expanduser().resolve()
@@ -516,12 +516,12 @@ def _true_size_main(args: argparse.Namespace) -> int:
         budgets = true_size.parse_budgets(args.true_size_budgets)
     except ValueError as e:
         raise R4BError(f"--true-size-budgets: {e}") from None
-    bin_dir = true_size.llama_bin_dir(args.llama_bin)
+    bin_dir = llamacpp_tools.llama_bin_dir(args.llama_bin)
     out = Path(args.out).expanduser()
     doc = true_size.run_true_size(work, out, size, budgets, threads=args.threads or 2, bin_dir=bin_dir,
                                   scaling=not args.no_scaling, llama_repack=args.llama_repack,
                                   command=_command(args), log=log)
-    print(true_size.markdown(doc))
+    print(true_size_report.markdown(doc))
     print(f"results: {out / 'true_size.json'}")
     return 0
 

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .llamacpp_tools import run_llama_server, run_mtmd_cli
+from .true_size_report import SCHEMA, SCHEMA_VERSION, ratios_and_targets, run_n_ctx, write_results
+
 Log = Callable[[str], None]
 
 REPO = "r4b-edge-bench/R-4B-random"
@@ -218,44 +221,6 @@ def write_images(folder: Path) -> dict:
             "sha256": hashlib.sha256(full.read_bytes()).hexdigest()}
 
 
-# ---- PRE-MERGE SHIM (issue 28's runtime features, built on other branches) ------------------------
-# Everything that tolerates the absence of `image_tokens=`, `r4b_edge.Progress` and
-# `Stats.positions_evaluated` / `Stats.positions_reused` lives in this class. A missing feature is
-# recorded as missing (None in the JSON, "missing" in the markdown), never estimated. Once they are
-# merged, delete this class and use the features directly where `PreMerge` is called.
-class PreMerge:
-    def __init__(self) -> None:
-        import inspect
-
-        import r4b_edge
-        from r4b_edge.api import Model
-
-        self.progress_cls = getattr(r4b_edge, "Progress", None)
-        self.conversation_budget = "image_tokens" in inspect.signature(Model.conversation).parameters
-        self.missing: list[str] = []
-        if self.progress_cls is None:
-            self.missing.append("r4b_edge.Progress (no progress events: time to first progress not measured)")
-        if not self.conversation_budget:
-            self.missing.append("image_tokens= (no image-token budget: explicit budgets not run, `auto` ran "
-                                "the model's full grid)")
-        from r4b_edge.engine.events import Stats
-
-        for f in ("positions_evaluated", "positions_reused"):
-            if not hasattr(Stats(), f):
-                self.missing.append(f"Stats.{f}")
-
-    def conversation_kwargs(self, budget: str | int) -> dict:
-        return {"image_tokens": budget} if self.conversation_budget else {}
-
-    def is_progress(self, ev: Any) -> bool:
-        return self.progress_cls is not None and isinstance(ev, self.progress_cls)
-
-    @staticmethod
-    def stat(stats: Any, name: str) -> Any:
-        return getattr(stats, name, None)
-# ---- end of the pre-merge shim -------------------------------------------------------------------
-
-
 def kv_bytes(config: Any, n_ctx: int, bytes_per: int = 2) -> int:
     """llama.cpp's f16 KV cache: layers x 2 (K, V) x kv heads x head_dim x n_ctx x 2 bytes."""
     tc = config.text_config
@@ -271,15 +236,10 @@ def chat_worker(p: dict) -> dict:
 
     t_start = time.perf_counter()
     import r4b_edge
-    from r4b_edge.engine.events import AnswerDelta, Decision, Done, ReasoningDelta
+    from r4b_edge.engine.events import AnswerDelta, Decision, Done, Progress, ReasoningDelta
     from r4b_edge.engine.memory import peak_rss_mb
 
-    from .latency import BenchSkip
-
-    shim = PreMerge()
     budget = p["budget"]
-    if budget != "auto" and not shim.conversation_budget:
-        raise BenchSkip(f"image_tokens={budget}: this r4b_edge has no image-token budget yet (pre-merge)")
     t0 = time.perf_counter()
     model = r4b_edge.load(p["path"], backend="llama", device="cpu", threads=int(p["threads"]))
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -287,11 +247,10 @@ def chat_worker(p: dict) -> dict:
     out: dict[str, Any] = {"budget": budget, "threads": int(p["threads"]), "import_ms": (t0 - t_start) * 1e3,
                            "load_ms": load_ms, "n_ctx": be.n_ctx, "kv_bytes": kv_bytes(model.config, be.n_ctx),
                            "repack": getattr(getattr(be, "repack", None), "use_extra_bufts", None),
-                           "repack_reason": be.repack.line() if hasattr(be, "repack") else "", "missing": shim.missing,
-                           "budget_applied": shim.conversation_budget, "turns": []}
+                           "repack_reason": be.repack.line() if hasattr(be, "repack") else "", "turns": []}
     try:
         t0 = time.perf_counter()
-        conv = model.conversation(p["image"], **shim.conversation_kwargs(budget))
+        conv = model.conversation(p["image"], image_tokens=budget)
         out["prepare_ms"] = (time.perf_counter() - t0) * 1e3
         for i, q in enumerate(p["questions"]):
             turn: dict[str, Any] = {"turn": i + 1, "question": q, "first_event_ms": None, "first_progress_ms": None,
@@ -303,11 +262,11 @@ def chat_worker(p: dict) -> dict:
                 t = (time.perf_counter() - t0) * 1e3
                 if turn["first_event_ms"] is None:
                     turn["first_event_ms"] = t
-                if shim.is_progress(ev):
+                if isinstance(ev, Progress):
                     turn["progress_events"] += 1
                     if turn["first_progress_ms"] is None:
                         turn["first_progress_ms"] = t
-                    stage = str(getattr(ev, "stage", ""))
+                    stage = ev.stage
                     if stage not in turn["progress_stages"]:
                         turn["progress_stages"].append(stage)
                     if last_progress is not None:
@@ -320,8 +279,8 @@ def chat_worker(p: dict) -> dict:
                 elif isinstance(ev, Done):
                     st = ev.result.stats
                     turn["stats"] = asdict(st)
-                    turn["positions_evaluated"] = shim.stat(st, "positions_evaluated")
-                    turn["positions_reused"] = shim.stat(st, "positions_reused")
+                    turn["positions_evaluated"] = st.positions_evaluated
+                    turn["positions_reused"] = st.positions_reused
                     turn["answer_tokens"] = len(ev.result.token_ids)
             turn["wall_ms"] = (time.perf_counter() - t0) * 1e3
             turn["peak_rss_mib"] = peak_rss_mb()
@@ -329,197 +288,6 @@ def chat_worker(p: dict) -> dict:
     finally:
         model.close()
     out["peak_rss_mib"] = peak_rss_mb()
-    return out
-
-
-# ---- llama.cpp's own tools -----------------------------------------------------------------------
-def llama_bin_dir(explicit: str | None = None) -> Path | None:
-    """The folder with llama-mtmd-cli and llama-server: `explicit`, else $R4B_LLAMA_CPP_BIN, else PATH."""
-    for cand in (explicit, os.environ.get("R4B_LLAMA_CPP_BIN")):
-        if cand and (Path(cand) / "llama-mtmd-cli").is_file() and (Path(cand) / "llama-server").is_file():
-            return Path(cand).resolve()
-    a, b = shutil.which("llama-mtmd-cli"), shutil.which("llama-server")
-    if a and b and Path(a).parent == Path(b).parent:
-        return Path(a).parent.resolve()
-    return None
-
-
-def _run_capture(cmd: list[str], timeout: float) -> tuple[int, str, str, float, float]:
-    """Run `cmd`; returns (exit code, stdout, stderr, wall s, its peak RSS MiB from wait4)."""
-    import threading
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-    bufs: dict[str, str] = {}
-
-    def read(name: str, stream: Any) -> None:
-        bufs[name] = stream.read()
-
-    readers = [threading.Thread(target=read, args=(n, s), daemon=True)
-               for n, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for th in readers:
-        th.start()
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        _, status, ru = os.wait4(proc.pid, 0)
-    finally:
-        timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for th in readers:
-        th.join()
-    return proc.returncode, bufs.get("out", ""), bufs.get("err", ""), time.perf_counter() - t0, ru.ru_maxrss / 1024
-
-
-def _lines_ms(text: str, pattern: str) -> list[float]:
-    import re
-
-    return [float(m) for m in re.findall(pattern, text)]
-
-
-def parse_mtmd_log(log: str) -> dict:
-    """llama-mtmd-cli's -v log: vision encode (`mtmd batch encoding done in N ms`), image embedding
-    decode (`image decoded ... in N ms`), `llama_perf_context_print` prompt eval / eval."""
-    import re
-
-    d: dict[str, Any] = {}
-    enc = _lines_ms(log, r"mtmd batch encoding done in (\d+) ms")
-    d["vision_encode_ms"] = sum(enc) if enc else None
-    dec = _lines_ms(log, r"image decoded \(batch \d+/\d+\) in (\d+) ms")
-    d["image_decode_ms"] = sum(dec) if dec else None
-    m = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", log)
-    d["prompt_eval_ms"], d["prompt_positions"] = (float(m.group(1)), int(m.group(2))) if m else (None, None)
-    m = re.search(r"\n[^\n]*?\beval time =\s*([\d.]+) ms /\s*(\d+) runs", log)
-    d["decode_ms"], d["decode_runs"] = (float(m.group(1)), int(m.group(2))) if m else (None, None)
-    d["decode_tps"] = d["decode_runs"] / d["decode_ms"] * 1e3 if d["decode_ms"] else None
-    m = re.search(r"load time =\s*([\d.]+) ms", log)
-    d["load_ms"] = float(m.group(1)) if m else None
-    # time to first token = vision encode + the prompt's evaluation (text and image positions;
-    # the first sample is in neither and is negligible next to them)
-    d["ttft_ms"] = (d["vision_encode_ms"] or 0.0) + d["prompt_eval_ms"] if d["prompt_eval_ms"] is not None else None
-    return d
-
-
-def _repack_flags(repack: bool | None) -> list[str]:
-    return ["-nr"] if repack is False else []
-
-
-def run_mtmd_cli(bin_dir: Path, text: str, mmproj: str, image: str, question: str, threads: int, n_ctx: int,
-                 max_tokens: int, repack: bool | None, tries: int = 3) -> dict:
-    """One `llama-mtmd-cli` run in no-think mode (the GGUF template with `short` as its default,
-    docs/gguf.md); its timings parsed from the -v log (retried: its log thread may exit unflushed)."""
-    from r4b_edge.model.template import chat_template_jinja
-
-    cmd = [str(bin_dir / "llama-mtmd-cli"), "-m", text, "--mmproj", mmproj, "--jinja",
-           "--chat-template", chat_template_jinja("short"), "--image", image, "-p", question, "--temp", "0",
-           "-n", str(max_tokens), "-t", str(threads), "-c", str(n_ctx), "--perf", "-v"] + _repack_flags(repack)
-    shown = (f"llama-mtmd-cli -m {text} --mmproj {mmproj} --jinja --chat-template \"$(python -c 'from "
-             "r4b_edge.model.template import chat_template_jinja; print(chat_template_jinja(\"short\"))')\" "
-             f"--image {image} -p {json.dumps(question)} --temp 0 -n {max_tokens} -t {threads} -c {n_ctx} --perf -v"
-             + (" -nr" if repack is False else ""))
-    last: dict = {}
-    for _ in range(tries):
-        rc, out, err, wall, peak = _run_capture(cmd, timeout=3600)
-        d = parse_mtmd_log(err)
-        last = d | {"command": shown, "wall_ms": wall * 1e3, "exit": rc, "peak_rss_mib": peak}
-        if rc != 0:
-            tail = err.strip().splitlines()[-1:] if err.strip() else []
-            last["error"] = f"exit {rc}: {' | '.join(tail)}"
-            return last
-        if d["ttft_ms"] is not None:
-            return last
-    last["error"] = "no llama_perf_context_print timings in its log (tried %d times)" % tries
-    return last
-
-
-def _post_json(url: str, body: dict, timeout: float = 3600.0) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vm_hwm_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def run_llama_server(bin_dir: Path, text: str, mmproj: str, image: str, questions: list[str], threads: int,
-                     n_ctx: int, max_tokens: int, repack: bool | None) -> dict:
-    """`llama-server` (one slot, its prompt cache on: the default) and one request per turn, each
-    resending the history + the next question as an OpenAI client does; per request its
-    `timings` (prompt_n: positions evaluated, prompt_ms, cache_n: positions reused, predicted)."""
-    import base64
-    import urllib.error
-    import urllib.request
-
-    port = _free_port()
-    cmd = [str(bin_dir / "llama-server"), "-m", text, "--mmproj", mmproj, "--jinja", "--chat-template-kwargs",
-           '{"thinking_mode":"short"}', "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-c", str(n_ctx), "-np", "1"] + _repack_flags(repack)
-    shown = (f"llama-server -m {text} --mmproj {mmproj} --jinja --chat-template-kwargs "
-             f"'{{\"thinking_mode\":\"short\"}}' --host 127.0.0.1 --port PORT -t {threads} -c {n_ctx} -np 1"
-             + (" -nr" if repack is False else ""))
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"r4b-true-size-llama-server-{port}.log"
-    with open(log, "w") as lf:
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
-    out: dict[str, Any] = {"command": shown, "requests": []}
-    try:
-        t0 = time.perf_counter()
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if proc.poll() is not None or time.perf_counter() - t0 > 600:
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                return out | {"error": f"llama-server did not start (exit {proc.poll()}): {' | '.join(tail)}"}
-            time.sleep(0.5)
-        out["load_ms"] = (time.perf_counter() - t0) * 1e3
-        uri = "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode()
-        msgs: list[dict] = []
-        for i, q in enumerate(questions):
-            content: Any = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": q}] if i == 0 else q
-            msgs.append({"role": "user", "content": content})
-            t1 = time.perf_counter()
-            r = _post_json(f"http://127.0.0.1:{port}/v1/chat/completions",
-                           {"model": "r4b", "messages": msgs, "temperature": 0, "max_tokens": max_tokens,
-                            "cache_prompt": True})
-            wall = (time.perf_counter() - t1) * 1e3
-            answer = r["choices"][0]["message"].get("content") or ""
-            msgs.append({"role": "assistant", "content": answer})
-            tm = r.get("timings") or {}
-            out["requests"].append({"turn": i + 1, "wall_ms": wall, "prompt_n": tm.get("prompt_n"),
-                                    "prompt_ms": tm.get("prompt_ms"), "cache_n": tm.get("cache_n"),
-                                    "predicted_n": tm.get("predicted_n"),
-                                    "predicted_per_second": tm.get("predicted_per_second"),
-                                    "prompt_tokens": (r.get("usage") or {}).get("prompt_tokens")})
-        out["peak_rss_mib"] = _vm_hwm_mib(proc.pid)
-    except Exception as e:  # reported in the JSON, never dropped
-        out["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     return out
 
 
@@ -586,287 +354,14 @@ def measure(build_rec: dict, work: Path, budgets: list, threads: int = 2, max_to
             log("true size: llama-mtmd-cli on the 384x384 image (one view)")
             doc["llama_cpp"]["mtmd_cli"] = run_mtmd_cli(bin_dir, build_rec["text"], build_rec["mmproj"],
                                                         imgs["base_view"], questions[0], threads,
-                                                        _n_ctx(doc), max_tokens, repack)
+                                                        run_n_ctx(doc), max_tokens, repack)
         else:
             log("true size: llama-server, one request per turn (history resent)")
             doc["llama_cpp"]["server"] = run_llama_server(bin_dir, build_rec["text"], build_rec["mmproj"],
                                                           imgs["base_view"], list(questions), threads,
-                                                          _n_ctx(doc), max_tokens, repack)
+                                                          run_n_ctx(doc), max_tokens, repack)
     doc["llama_cpp"]["repack"] = repack
     return doc
-
-
-def _n_ctx(doc: dict) -> int:
-    for r in doc["runs"]:
-        if r.get("n_ctx"):
-            return int(r["n_ctx"])
-    return 8192
-
-
-def _ttft(turn: dict) -> float | None:
-    st = turn.get("stats") or {}
-    return st.get("ttft_ms")
-
-
-def _budget_runs(doc: dict) -> list[dict]:
-    return [r for r in doc["runs"] if r.get("role") == "budget"]
-
-
-def _run_for(doc: dict, budget: Any) -> dict | None:
-    for r in _budget_runs(doc):
-        if r.get("budget") == budget and r.get("turns"):
-            return r
-    return None
-
-
-def _target(name: str, goal: str, value: float | None, met: bool | None, note: str = "") -> dict:
-    return {"name": name, "goal": goal, "value": value, "met": met, "note": note}
-
-
-def ratios_and_targets(doc: dict) -> None:
-    """The side-by-side ratios, the issue's five targets and the 8-core extrapolation, into `doc`."""
-    ratios: list[dict] = []
-    mt = doc["llama_cpp"].get("mtmd_cli") or {}
-    sv = doc["llama_cpp"].get("server") or {}
-    base = None
-    for r in _budget_runs(doc):  # our run whose first turn evaluates what mtmd's one view does (+-2%)
-        n = mt.get("prompt_positions")
-        if r.get("turns") and n and abs(r["turns"][0]["stats"]["prompt_tokens"] - n) <= max(8, 0.02 * n):
-            base = r if base is None else base
-    if base is not None and mt.get("ttft_ms"):
-        t = base["turns"][0]
-        ratios.append({"what": "first turn, time to first token (vision + prefill)", "ours": _ttft(t),
-                       "theirs": mt["ttft_ms"], "ratio": _ttft(t) / mt["ttft_ms"],
-                       "ours_positions": t["stats"]["prompt_tokens"], "theirs_positions": mt["prompt_positions"],
-                       "against": "llama-mtmd-cli", "budget": base["budget"]})
-        if mt.get("vision_encode_ms") and t["stats"]["vision_encode_ms"]:
-            ratios.append({"what": "first turn, vision encode", "ours": t["stats"]["vision_encode_ms"],
-                           "theirs": mt["vision_encode_ms"],
-                           "ratio": t["stats"]["vision_encode_ms"] / mt["vision_encode_ms"],
-                           "against": "llama-mtmd-cli", "budget": base["budget"]})
-        if mt.get("decode_tps") and t["stats"]["decode_tps"]:
-            ratios.append({"what": "decode tok/s (ours/theirs: > 1 is faster)", "ours": t["stats"]["decode_tps"],
-                           "theirs": mt["decode_tps"], "ratio": t["stats"]["decode_tps"] / mt["decode_tps"],
-                           "against": "llama-mtmd-cli", "budget": base["budget"]})
-    reqs = sv.get("requests") or []
-    if base is not None:
-        for t, q in zip(base["turns"][1:], reqs[1:]):
-            if q.get("prompt_ms") and _ttft(t):
-                ratios.append({"what": f"turn {t['turn']} (follow-up), time to first token vs prompt_ms",
-                               "ours": _ttft(t), "theirs": q["prompt_ms"], "ratio": _ttft(t) / q["prompt_ms"],
-                               "ours_positions": t.get("positions_evaluated"), "theirs_positions": q.get("prompt_n"),
-                               "against": "llama-server", "budget": base["budget"]})
-    doc["ratios"] = ratios
-
-    targets = []
-    auto = _run_for(doc, "auto")
-    runs = [r for r in _budget_runs(doc) if r.get("turns")]
-    # 1. follow-up TTFT <= 0.1x the first turn's (every budget; the worst)
-    worst = None
-    for r in runs:
-        if len(r["turns"]) > 1 and _ttft(r["turns"][0]):
-            for t in r["turns"][1:]:
-                q = _ttft(t) / _ttft(r["turns"][0])
-                worst = q if worst is None else max(worst, q)
-    evaluated_img = [t.get("positions_evaluated") for r in runs for t in r["turns"][1:]]
-    note = "worst follow-up over every budget"
-    if any(v is None for v in evaluated_img):
-        note += "; positions evaluated: missing (Stats.positions_evaluated not merged)"
-    targets.append(_target("follow-up time to first token / first turn's", "<= 0.1", worst,
-                           None if worst is None else worst <= 0.1, note))
-    # 2. first token within 30 s with the default budget; progress within 1 s
-    t1 = auto["turns"][0] if auto else None
-    v = _ttft(t1) / 1e3 if t1 else None
-    targets.append(_target("first turn's time to first token, default budget (s)", "<= 30", v,
-                           None if v is None else v <= 30,
-                           "" if auto is None or auto.get("budget_applied") else
-                           "pre-merge: no budget, the full grid"))
-    fp = [t["first_progress_ms"] for r in runs for t in r["turns"][:1]]
-    v = max(fp) / 1e3 if fp and all(x is not None for x in fp) else None
-    targets.append(_target("time to the first progress event (s)", "<= 1", v, None if v is None else v <= 1,
-                           "first turns of every budget; worst" if v is not None else
-                           "missing: no Progress events (pre-merge)"))
-    # 3. <= 1.05x llama-mtmd-cli at equal image positions
-    r0 = next((x for x in ratios if x["against"] == "llama-mtmd-cli" and "time to first" in x["what"]), None)
-    targets.append(_target("first-turn time to first token / llama-mtmd-cli's, equal image positions", "<= 1.05",
-                           r0["ratio"] if r0 else None, None if r0 is None else r0["ratio"] <= 1.05,
-                           "" if r0 else ("no base-view run or no llama-mtmd-cli timings"
-                                          + (f": {mt.get('error')}" if mt.get("error") else ""))))
-    # 4. peak RSS <= 1.2x files + KV
-    worst_rss = None
-    for r in runs:
-        lim = (doc["files_bytes"] + r["kv_bytes"]) / 2**20
-        q = r["peak_rss_mib"] / lim
-        worst_rss = q if worst_rss is None else max(worst_rss, q)
-    targets.append(_target("peak RSS / (GGUF files + f16 KV cache)", "<= 1.2", worst_rss,
-                           None if worst_rss is None else worst_rss <= 1.2, "worst over every budget"))
-    doc["targets"] = targets
-    doc["extrapolated_8_core"] = extrapolate(doc)
-
-
-def extrapolate(doc: dict) -> dict:
-    """What an 8-core laptop would see (EXTRAPOLATED, not measured): vision and prefill scaled by
-    the measured 1 -> 2 thread speed-up applied twice more (2 -> 4 -> 8), else by 4x (linear in
-    cores); decode is memory-bound and left as measured."""
-    one = next((r for r in doc["runs"] if r.get("role") == "scaling" and r.get("turns")), None)
-    two = _run_for(doc, one["budget"]) if one else None
-    factor, how = 4.0, "assumed 4x (vision and prefill linear in cores from 2 to 8; optimistic)"
-    if one and two:
-        s1, s2 = one["turns"][0]["stats"], two["turns"][0]["stats"]
-        c1 = s1["vision_encode_ms"] + s1["prefill_ms"]
-        c2 = s2["vision_encode_ms"] + s2["prefill_ms"]
-        if c1 > 0 and c2 > 0:
-            sp = c1 / c2
-            factor = max(1.0, sp) ** 2
-            how = (f"measured 1 -> 2 thread speed-up {sp:.2f}x on vision + prefill (image_tokens={one['budget']}), "
-                   f"assumed to repeat for 2 -> 4 -> 8 threads: {factor:.2f}x")
-    rows = []
-    for r in _budget_runs(doc):
-        if not r.get("turns"):
-            continue
-        t = r["turns"][0]
-        st = t["stats"]
-        rest = max(0.0, st["ttft_ms"] - st["vision_encode_ms"] - st["prefill_ms"])
-        rows.append({"budget": r["budget"], "image_positions": st["image_tokens"],
-                     "ttft_ms_measured": st["ttft_ms"],
-                     "ttft_ms_extrapolated": (st["vision_encode_ms"] + st["prefill_ms"]) / factor + rest,
-                     "follow_up_ttft_ms_extrapolated": [_ttft(x) / factor for x in r["turns"][1:] if _ttft(x)]})
-    return {"label": "extrapolated", "factor": factor, "how": how,
-            "decode": "not extrapolated: decode is memory-bandwidth bound (a laptop's bandwidth, not its cores)",
-            "rows": rows}
-
-
-# ---- the report ----------------------------------------------------------------------------------
-SCHEMA = "r4b-edge-true-size"
-SCHEMA_VERSION = 1
-
-
-def _f(v: Any, fmt: str = "{:.0f}", missing: str = "missing") -> str:
-    return missing if v is None else fmt.format(v)
-
-
-def _s(ms: Any) -> str:
-    if ms is not None and ms < 1000:
-        return f"{ms:.0f} ms"
-    return _f(None if ms is None else ms / 1e3, "{:.1f} s")
-
-
-def _gib(b: Any) -> str:
-    return _f(None if b is None else b / 2**30, "{:.2f} GiB")
-
-
-def markdown(doc: dict) -> str:
-    """The results page (the `true_size.md` body; the JSON holds every number)."""
-    m, b = doc.get("machine", {}), doc["build"]
-    what = ("A random-weight R-4B at full size (36 layers x 2560, SigLIP-So400m 27 layers at 384 px, 3x3 "
-            "pinpoints, vocab 151,936)." if doc["size"] == "full" else
-            "A tiny random model (`--quick`: a harness check, the numbers mean nothing).")
-    L = [f"Measured {doc.get('created', '')} ({doc.get('duration_s', 0):.0f} s) on {m.get('cpu', '?')}, "
-         f"{m.get('cores_physical') or '?'} physical / {m.get('cores_logical', '?')} logical cores, "
-         f"{m.get('ram_gib', '?')} GiB RAM; load average at start {m.get('load_avg')}. "
-         f"{what}",
-         "", "Commands:", "", "```bash", doc.get("command", ""), "```", ""]
-    if doc.get("missing"):
-        L += ["**Not measured (features not merged into this r4b-edge yet):** " + "; ".join(doc["missing"]) + ".", ""]
-    L += ["## Build", "", "| step | result |", "|---|---|",
-          f"| random checkpoint ({doc['size']}) | {_gib(b.get('checkpoint_bytes'))}, written in "
-          f"{_f(b.get('write_s'), '{:.0f} s')} |",
-          f"| `{(b.get('pull') or {}).get('command', 'r4b-edge pull')}` | {_f((b.get('pull') or {}).get('wall_s'), '{:.0f} s')}, "
-          f"peak RSS {_f((b.get('pull') or {}).get('peak_rss_mib'), '{:.0f} MiB')} |",
-          f"| GGUF text ({Path(b['text']).name}) | {_gib(b['text_bytes'])} |",
-          f"| mmproj ({Path(b['mmproj']).name}) | {_gib(b['mmproj_bytes'])} |",
-          f"| ONNX int8 | {b.get('onnx', '')} |", ""]
-    im = doc["image"]
-    L += ["## r4b-edge, a chat about the photo and two follow-ups", "",
-          f"`r4b_edge.load(path, backend=\"llama\", threads=N)`, `model.conversation(photo, image_tokens=B)`, "
-          f"`conv.stream(q, mode=\"no-think\", max_tokens={doc['settings']['max_tokens']})`; a "
-          f"{im['size'][0]}x{im['size'][1]} {im['kind']}; one fresh process per row group. Times from the "
-          "call; TTFT is `Stats.ttft_ms`.", "",
-          "| image_tokens | threads | turn | image pos. | prompt pos. | evaluated | reused | first event | "
-          "first progress | vision | prefill | TTFT | decode tok/s | peak RSS |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["runs"]:
-        if not r.get("turns"):
-            L.append(f"| {r.get('budget')} | {r.get('threads')} | not run: {r.get('skipped') or r.get('error')} "
-                     "|  |  |  |  |  |  |  |  |  |  |  |")
-            continue
-        for t in r["turns"]:
-            st = t["stats"]
-            L.append(f"| {r['budget']}{'' if r.get('budget_applied') else ' (not applied)'} | {r['threads']} | "
-                     f"{t['turn']} | {st['image_tokens']:,} | {st['prompt_tokens']:,} | "
-                     f"{_f(t.get('positions_evaluated'), '{:,}')} | {_f(t.get('positions_reused'), '{:,}')} | "
-                     f"{_s(t['first_event_ms'])} | {_s(t['first_progress_ms'])} | {_s(st['vision_encode_ms'])} | "
-                     f"{_s(st['prefill_ms'])} | {_s(st['ttft_ms'])} | {st['decode_tps']:.2f} | "
-                     f"{t['peak_rss_mib']:.0f} MiB |")
-    L.append("")
-    for r in doc["runs"]:
-        if r.get("turns"):
-            L.append(f"- image_tokens={r['budget']}, {r['threads']} thread(s): load {_s(r['load_ms'])}, image "
-                     f"prepared in {_f(r.get('prepare_ms'), '{:.0f} ms')}, n_ctx {r['n_ctx']:,}, KV cache (f16) "
-                     f"{_gib(r['kv_bytes'])}, GGUF files {_gib(doc['files_bytes'])}, peak RSS "
-                     f"{r['peak_rss_mib']:.0f} MiB = {r['peak_rss_mib'] * 2**20 / (doc['files_bytes'] + r['kv_bytes']):.2f}x "
-                     f"files + KV; llama.cpp {r.get('repack_reason') or ''}")
-    L.append("")
-    lc = doc["llama_cpp"]
-    L += ["## llama.cpp's own tools on the same GGUF files", ""]
-    if lc.get("skipped"):
-        L += [f"Not run: {lc['skipped']}.", ""]
-    mt = lc.get("mtmd_cli")
-    if mt:
-        L += ["llama-mtmd-cli on the photo resized to 384x384 (stock mtmd: one view):", "", "```bash",
-              mt["command"], "```", ""]
-        if mt.get("error"):
-            L += [f"Failed: {mt['error']}", ""]
-        L += ["| prompt pos. (text + image) | vision encode | prompt eval | TTFT (encode + prompt eval) | "
-              "decode tok/s | peak RSS |", "|---|---|---|---|---|---|",
-              f"| {_f(mt.get('prompt_positions'), '{:,}')} | {_s(mt.get('vision_encode_ms'))} | "
-              f"{_s(mt.get('prompt_eval_ms'))} | {_s(mt.get('ttft_ms'))} | {_f(mt.get('decode_tps'), '{:.2f}')} | "
-              f"{_f(mt.get('peak_rss_mib'), '{:.0f} MiB')} |", ""]
-    sv = lc.get("server")
-    if sv:
-        L += ["llama-server (one slot, prompt cache on), the 384x384 image, one request per turn resending the "
-              "history (`timings` of each response):", "", "```bash", sv["command"], "```", ""]
-        if sv.get("error"):
-            L += [f"Failed: {sv['error']}", ""]
-        L += ["| request | prompt_n (evaluated) | cache_n (reused) | prompt_ms | tok/s | wall |", "|---|---|---|---|---|---|"]
-        for q in sv.get("requests", []):
-            L.append(f"| {q['turn']} | {_f(q.get('prompt_n'), '{:,}')} | {_f(q.get('cache_n'), '{:,}')} | "
-                     f"{_s(q.get('prompt_ms'))} | {_f(q.get('predicted_per_second'), '{:.2f}')} | {_s(q.get('wall_ms'))} |")
-        L.append("")
-    if doc.get("ratios"):
-        L += ["| ours / theirs | ours | theirs | ratio | positions (ours / theirs) |", "|---|---|---|---|---|"]
-        for x in doc["ratios"]:
-            unit = (lambda v: f"{v:.2f}") if "tok/s" in x["what"] else _s
-            L.append(f"| {x['what']} (image_tokens={x['budget']}, vs {x['against']}) | {unit(x['ours'])} | "
-                     f"{unit(x['theirs'])} | {x['ratio']:.2f} | {_f(x.get('ours_positions'), '{:,}', '-')} / "
-                     f"{_f(x.get('theirs_positions'), '{:,}', '-')} |")
-        L.append("")
-    L += ["## Targets (issue 28)", "", "| target | goal | measured | met |", "|---|---|---|---|"]
-    for t in doc["targets"]:
-        met = {True: "pass", False: "**FAIL**", None: "not measured"}[t["met"]]
-        L.append(f"| {t['name']} | {t['goal']} | {_f(t['value'], '{:.2f}')} | {met}"
-                 + (f" ({t['note']})" if t["note"] else "") + " |")
-    e = doc["extrapolated_8_core"]
-    L += ["", "## An 8-core laptop (extrapolated, not measured)", "",
-          f"Vision and prefill divided by {e['factor']:.2f}: {e['how']}. {e['decode'].capitalize()}.", ""]
-    for x in e["rows"]:
-        fu = ", ".join(_s(v) for v in x["follow_up_ttft_ms_extrapolated"]) or "-"
-        L.append(f"- **extrapolated**, image_tokens={x['budget']} ({x['image_positions']:,} image positions): "
-                 f"first token ~{_s(x['ttft_ms_extrapolated'])} (measured here {_s(x['ttft_ms_measured'])}); "
-                 f"follow-ups ~{fu}")
-    return "\n".join(L) + "\n"
-
-
-def write_results(doc: dict, out: Path) -> tuple[Path, Path]:
-    from r4b_edge.fsutil import atomic_write
-
-    out.mkdir(parents=True, exist_ok=True)
-    j, md = out / "true_size.json", out / "true_size.md"
-    with atomic_write(j) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    with atomic_write(md) as tmp:
-        tmp.write_text("# True size: a random-weight R-4B on this machine (issue 28)\n\n" + markdown(doc))
-    return j, md
 
 
 def run_true_size(work: Path, out: Path | None, size: str = "full", budgets: list | None = None, threads: int = 2,
@@ -884,7 +379,6 @@ def run_true_size(work: Path, out: Path | None, size: str = "full", budgets: lis
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     doc |= measure(rec, work, budgets or ["auto", 729, 4501], threads, max_tokens, bin_dir=bin_dir,
                    scaling=scaling, log=log)
-    doc["missing"] = next((r["missing"] for r in doc["runs"] if "missing" in r), [])
     doc["onnx"] = rec.get("onnx")
     ratios_and_targets(doc)
     try:
