@@ -194,3 +194,16 @@ def test_repack_on_another_backend_is_a_clear_error(tiny_ckpt: Path) -> None:
 
     with pytest.raises(BackendOptionError, match=r"repack \(--llama-repack\) is a llama backend option .* torch backend"):
         create_backend(tiny_ckpt, backend="auto", device="cpu", repack="off")
+
+
+def test_auto_loads_a_big_model_without_repacking(tmp_path) -> None:
+    """A real-size text file (sparse here) is not repacked under auto, with no probe: measured at
+    R-4B's size, repacking costs ~1.6 GiB of RSS and a slower prefill (docs/gguf.md)."""
+    from r4b_edge.backends import llama_repack
+
+    big = tmp_path / "model-Q4_K_M.gguf"
+    with open(big, "wb") as f:
+        f.truncate(llama_repack.LARGE_MODEL_BYTES + 1)
+    c = llama_repack.choose("auto", big, ["Q4_K", "Q6_K", "F32"], features={}, cache_root=tmp_path)
+    assert not c.use_extra_bufts and c.probe is None and "1.0 GiB model" in c.reason
+    assert llama_repack.choose("on", big, ["Q4_K"], features={}).use_extra_bufts
