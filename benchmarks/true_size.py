@@ -247,7 +247,8 @@ def chat_worker(p: dict) -> dict:
     out: dict[str, Any] = {"budget": budget, "threads": int(p["threads"]), "import_ms": (t0 - t_start) * 1e3,
                            "load_ms": load_ms, "n_ctx": be.n_ctx, "kv_bytes": kv_bytes(model.config, be.n_ctx),
                            "repack": getattr(getattr(be, "repack", None), "use_extra_bufts", None),
-                           "repack_reason": be.repack.line() if hasattr(be, "repack") else "", "turns": []}
+                           "repack_reason": be.repack.line() if hasattr(be, "repack") else "",
+                           "image_budget": model.image_budget(), "turns": []}
     try:
         t0 = time.perf_counter()
         conv = model.conversation(p["image"], image_tokens=budget)

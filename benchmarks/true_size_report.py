@@ -195,7 +195,8 @@ def markdown(doc: dict) -> str:
             continue
         for t in r["turns"]:
             st = t["stats"]
-            L.append(f"| {r['budget']}{'' if r.get('budget_applied') else ' (not applied)'} | {r['threads']} | "
+            shown = f"auto ({r['image_budget']:,})" if r["budget"] == "auto" and r.get("image_budget") else r["budget"]
+            L.append(f"| {shown} | {r['threads']} | "
                      f"{t['turn']} | {st['image_tokens']:,} | {st['prompt_tokens']:,} | "
                      f"{_f(t.get('positions_evaluated'), '{:,}')} | {_f(t.get('positions_reused'), '{:,}')} | "
                      f"{_s(t['first_event_ms'])} | {_s(t['first_progress_ms'])} | {_s(st['vision_encode_ms'])} | "
