@@ -500,7 +500,7 @@ def run_bpo(a: argparse.Namespace) -> Path:
                 kl = torch.exp(d) - d - 1
             loss = (pg + a.kl * kl).sum()
             (loss * R.world / max(1.0, n_tok)).backward()
-            stats += torch.tensor([float(loss), float(kl.sum()), 0.0])
+            stats += torch.tensor([float(loss.detach()), float(kl.detach().sum()), 0.0])
         gn = clip_grad_norm(pol, 1.0)
         lr = lr_at(step, steps, a.lr, warmup=max(1, steps // 10))
         for gr in opt.param_groups:

@@ -243,3 +243,43 @@ def test_lora_ships_merged_with_the_unmerged_logits(tmp_path, narrow):
     print(f"\nLoRA merged (bf16) vs unmerged (fp32): max abs logit diff {float((a - b).abs().max()):.2e} of max {scale:.2e}")
     assert float((a - b).abs().max()) <= 2 ** -6 * scale  # bf16 rounding of the weights
     assert float((a - c).abs().max()) > 10 * float((a - b).abs().max())  # the adapters changed the model
+
+
+def test_chunked_head_equals_the_full_log_softmax_and_saves_no_logits(monkeypatch):
+    """The loss's log-probabilities in chunks: equal to one full fp32 log-softmax (values and the
+    hidden states' gradient), and autograd keeps no [positions x vocab] tensor between forward and
+    backward (each chunk's logits are recomputed in backward)."""
+    from r4b_edge.train import scale
+
+    monkeypatch.setattr(scale, "CHUNK", 7)
+    torch.manual_seed(0)
+    head = scale.ChunkedHead(16, 50, bias=False)
+    h = torch.randn(30, 16, requires_grad=True)
+    t = torch.randint(0, 50, (30,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
+        lp = head(h, t)
+    assert not [s for s in saved if s and s[-1] == 50 and len(s) > 1 and s[0] > 1], saved
+    g, = torch.autograd.grad(lp.sum(), h)
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = torch.log_softmax(torch.nn.functional.linear(h2, head.weight).float(), -1).gather(-1, t[:, None]).squeeze(-1)
+    g2, = torch.autograd.grad(ref.sum(), h2)
+    assert torch.allclose(lp, ref, atol=1e-5) and torch.allclose(g, g2, atol=1e-5)
+
+
+def test_bpo_with_lora_uses_the_base_as_reference(tmp_path, narrow):
+    d = write_data(tmp_path / "d", user_records()[36:42])
+    finetune.main("bpo", ["--model", str(narrow), "--data", str(d), "--out", str(tmp_path / "r"), "--steps", "1",
+                          "--lora", "2", "--group", "2", "--prompts", "1", "--max-new-tokens", "4", "--threads", "1"])
+    r = [x for x in rows(tmp_path / "r", "bpo") if "step" in x]
+    assert len(r) == 1 and r[0]["kl"] < 1e-6  # step 0: the policy is its base (LoRA B starts at 0)
+    assert (tmp_path / "r" / "bpo" / "model" / "config.json").exists() and (tmp_path / "r" / "bpo" / "lora.pt").exists()
+
+
+@pytest.mark.slow
+def test_bpo_under_two_processes_steps_in_lockstep(runs, data, tmp_path):
+    """Rollouts end at different lengths on each rank; FSDP2's collectives still pair up."""
+    ann = runs[0] / "one" / "anneal" / "model"
+    cli(["bpo", "--model", str(ann), "--data", str(data), "--out", str(tmp_path / "rl2"), "--steps", "2",
+         "--group", "2", "--prompts", "2", "--max-new-tokens", "6", "--threads", "1", "--lr", "1e-3"], nproc=2)
+    assert len([r for r in rows(tmp_path / "rl2", "bpo") if "step" in r]) == 2
