@@ -138,5 +138,10 @@ def run(run_dir: Path, r: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`train anneal --run DIR [--preset ...] [--set k=v ...]` (needs the pretrain stage; torchrun-able)."""
+    """`train anneal --run DIR [--preset ...] [--set k=v ...]` (needs the pretrain stage; torchrun-able);
+    `train anneal --model M --data FILE.jsonl --out RUN ...`: a user's model and data (finetune.py)."""
+    from .finetune import main as user_main, wants_user_path
+
+    if wants_user_path(argv):
+        return user_main("anneal", argv)
     return stage_main("r4b-edge train anneal", main.__doc__ or "", argv, run)

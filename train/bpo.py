@@ -178,7 +178,12 @@ def run(run_dir: Path, r: Recipe, algo: str = "bpo") -> Path:
 
 
 def main(argv: list[str] | None = None, algo: str = "bpo") -> int:
-    """`train bpo|grpo --run DIR [--preset ...] [--set k=v ...]` (needs the anneal stage; torchrun-able)."""
+    """`train bpo|grpo --run DIR [--preset ...] [--set k=v ...]` (needs the anneal stage; torchrun-able);
+    `train bpo --model M --data FILE.jsonl --out RUN ...`: a user's model and data (finetune.py)."""
+    from .finetune import main as user_main, wants_user_path
+
+    if algo == "bpo" and wants_user_path(argv):
+        return user_main("bpo", argv)
     return stage_main(f"r4b-edge train {algo}", main.__doc__ or "", argv, lambda d, r: run(d, r, algo))
 
 

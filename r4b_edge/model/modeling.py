@@ -170,6 +170,14 @@ class RForConditionalGeneration(nn.Module):
         if pv.shape[0] != 1 + rows * cols:
             raise ImageError(f"pixel_values has {pv.shape[0]} views; grid {rows}x{cols} needs {1 + rows * cols}")
         feats = self.model.multi_modal_projector(self.vision_hidden_states(pv))  # [V, P*P, H]
+        return self.pack_image_features(feats, (rows, cols), orig_size)
+
+    def pack_image_features(self, feats: torch.Tensor, grid: Sequence[int], orig_size: Sequence[int]) -> torch.Tensor:
+        """One image's projected views [V, P*P, H] -> its packed features [n_tokens, H] (base view,
+        then the unpadded tile map with `image_newline` after every row); `image_features` without
+        the towers, so training can run every image's views through the tower in one call."""
+        P = self.config.image_size // self.config.patch_size
+        rows, cols = check_grid(grid)
         base = feats[0]
         if rows * cols == 0:
             return base
