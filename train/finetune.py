@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.reply import THINK_OPEN, forced_opening, split_reply
+from r4b_edge.model.reply import forced_opening, split_reply
 from r4b_edge.model.template import Message, render_prompt, template_mode
 
 from .checks import PASS, check

@@ -163,7 +163,7 @@ class RForConditionalGeneration(nn.Module):
         from `grid` (the one the image was prepared with: a budget may choose a smaller one than
         the full pinpoint list; (0, 0) is the base view alone)."""
         pv = torch.as_tensor(pixel_values).to(device=self.device, dtype=self.dtype)
-        S, P = self.config.image_size, self.config.image_size // self.config.patch_size
+        S = self.config.image_size
         if pv.ndim != 4 or tuple(pv.shape[1:]) != (3, S, S):
             raise ImageError(f"pixel_values must be [views, 3, {S}, {S}] (got {tuple(pv.shape)})")
         rows, cols = check_grid(grid)
