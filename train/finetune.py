@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from r4b_edge.errors import TrainingError
-from r4b_edge.model.reply import forced_opening, split_reply
+from r4b_edge.model.reply import ENDOFTEXT, forced_opening, split_reply
 from r4b_edge.model.template import Message, render_prompt, template_mode
 
 from .checks import PASS, check
@@ -314,7 +314,7 @@ class Run:
         self.dir = Path(a.out) / stage
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics(self.dir / "metrics.jsonl")
-        self.pad = self.tok.token_to_id("<|endoftext|>")
+        self.pad = self.tok.token_to_id(ENDOFTEXT)
         if self.pad is None:
             self.pad = self.tok.im_end
         self.mb, self.accum = a.micro_batch, a.grad_accum

@@ -40,11 +40,13 @@ def _same(entries, want, top: int) -> None:
     """openai-parsed logprob entries == the API's TokenLogprob entries."""
     assert [e.token for e in entries] == [w.token for w in want]
     assert [e.bytes for e in entries] == [list(w.bytes) for w in want]
-    assert [e.logprob for e in entries] == pytest.approx([w.logprob for w in want], abs=1e-9)
+    # float32 rounding: the server's model reuses cached prefixes (prefix reuse), the reference
+    # prefills from an empty cache, so the same positions are summed in other chunks
+    assert [e.logprob for e in entries] == pytest.approx([w.logprob for w in want], abs=1e-5)
     for e, w in zip(entries, want):
         assert len(e.top_logprobs) == top
         assert [(t.token, t.bytes) for t in e.top_logprobs] == [(x.token, list(x.bytes)) for x in w.top_logprobs]
-        assert [t.logprob for t in e.top_logprobs] == pytest.approx([x.logprob for x in w.top_logprobs], abs=1e-9)
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx([x.logprob for x in w.top_logprobs], abs=1e-5)
 
 
 def test_non_stream_logprobs_match_api(client, ref):
