@@ -10,16 +10,21 @@ import torch
 import torch.distributed as dist
 
 
-def setup_dist() -> tuple[int, int, torch.device]:
-    """Init torch.distributed from torchrun's env (gloo on CPU, NCCL on GPU); (rank, world, device)."""
+def setup_dist(always_group: bool = False) -> tuple[int, int, torch.device]:
+    """Init torch.distributed from torchrun's env (gloo on CPU, NCCL on GPU); (rank, world, device).
+    `always_group`: a 1-process run joins a 1-rank group too (FSDP2 needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = torch.device("cpu")
     if torch.cuda.is_available():
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if world > 1:
+            dist.init_process_group(backend)
+        elif always_group:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, dev
 
 

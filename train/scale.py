@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +39,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def init_group() -> tuple[int, int, torch.device]:
     """(rank, world, device). FSDP2 runs on every process count: a 1-process run joins a 1-rank
     group too (so 1 and N processes run the same code and the same numerics)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = torch.device("cpu")
-    if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if world > 1:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, dev
+    from .dist import setup_dist
+
+    return setup_dist(always_group=True)
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
