@@ -173,6 +173,25 @@ def test_output_loads_in_the_runtime_and_exports_to_gguf(runs, data, tmp_path):
     assert any(Path(g.out_dir).glob("*.gguf"))
 
 
+def test_output_loads_in_transformers_with_the_same_logits(runs):
+    """The fine-tuned folder is a Hugging Face repo: transformers' AutoModel (remote code) loads it
+    and computes the same logits as r4b-edge's torch model on a text prompt."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+
+    from r4b_edge.model.checkpoint import load_checkpoint
+
+    out = runs[0] / "one" / "anneal" / "model"
+    hf = transformers.AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ours, _, tok = load_checkpoint(out, device="cpu", dtype=torch.float32)
+    ids = torch.tensor([tok.encode("<|im_start|>user\nhow many shapes?<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.inference_mode():
+        want = ours.forward(ours.embed_tokens(ids), use_cache=False)[0]
+        got = hf(input_ids=ids).logits
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+
+
 @pytest.mark.slow
 def test_kill_9_and_the_same_command_resumes(runs, narrow, data, tmp_path):
     base, _ = runs
