@@ -172,24 +172,28 @@ class Backend(abc.ABC):
         tm = PrefillTimings(positions_reused=keep, positions_evaluated=len(keys) - keep)
         parts = yield from self._tail_inputs(segments, keep, tm)
         done, total = 0, len(keys) - keep
-        yield Progress("prefill", 0, total, (time.perf_counter() - t0) * 1000.0)
-        logits = None
+        t1 = time.perf_counter()
+        yield Progress("prefill", 0, total, 0.0)
+        logits, chunk = None, []
         try:
             for p, (kind, x, pkeys) in enumerate(parts):
                 for s in range(0, len(pkeys), self.prefill_chunk):
                     k = min(self.prefill_chunk, len(pkeys) - s)
                     last = p == len(parts) - 1 and s + k == len(pkeys)
+                    chunk = pkeys[s:s + k]
                     out = self._eval(kind, x[s:s + k], last)
-                    self._keys.extend(pkeys[s:s + k])
+                    self._keys.extend(chunk)
+                    chunk = []
                     done += k
                     if last:
                         logits = out
-                    yield Progress("prefill", done, total, (time.perf_counter() - t0) * 1000.0)
-        except GeneratorExit:
-            raise
-        except BaseException:
-            self._reset()  # the cache may hold part of a chunk: start clean next time
-            self._keys = []
+                    yield Progress("prefill", done, total, (time.perf_counter() - t1) * 1000.0)
+        except BaseException:  # an error, Ctrl-C, or the consumer leaving: keep what is consistent
+            if chunk and self.n_past == len(self._keys) + len(chunk):
+                self._keys.extend(chunk)  # the chunk was evaluated just before the interruption
+            elif self.n_past != len(self._keys):  # part of a chunk: start clean next time
+                self._reset()
+                self._keys = []
             raise
         tm.prefill_ms = (time.perf_counter() - t0) * 1000.0 - tm.vision_encode_ms
         self.timings = tm

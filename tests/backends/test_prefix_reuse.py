@@ -137,3 +137,34 @@ def test_the_prefix_cache_serves_alternating_conversations(pair) -> None:
         assert be.prefix_cache.hits >= 1 and len(be.prefix_cache) >= 1
     finally:
         be.prefix_cache = None
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_ctrl_c_inside_a_chunk_keeps_a_consistent_cache(tiny_ckpt, after) -> None:
+    """Ctrl-C lands in the middle of the prefill's loop (after a chunk was evaluated, or before):
+    the cache keeps exactly the chunks that are in it, and the same prompt again resumes there."""
+    model = r4b_edge.load(tiny_ckpt, backend="torch", device="cpu")
+    be, tok = model.backend, model.tokenizer
+    segs = [tok.encode("a long prompt " * 8)]
+    want = be.prefill(segs)
+    be.prefill([[1]])  # something else in the cache
+    be.prefill_chunk = 8
+    real, calls = be._eval, []
+
+    def interrupted(kind, rows, want_logits):
+        calls.append(1)
+        if len(calls) == 3:
+            if after:
+                real(kind, rows, want_logits)
+            raise KeyboardInterrupt
+        return real(kind, rows, want_logits)
+
+    be._eval = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        be.prefill(segs, reuse=True)
+    del be._eval
+    assert be.n_past == len(be.cached_keys) == (24 if after else 16)
+    got = be.prefill(segs, reuse=True)
+    assert be.timings.positions_reused == be.n_past - be.timings.positions_evaluated == (24 if after else 16)
+    assert np.abs(got - want).max() < 1e-4
+    model.close()
